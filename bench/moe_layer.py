@@ -1,0 +1,178 @@
+"""MoE layer forward + backward, side by side (issue 6, item 1).
+
+At the reference dims (d 1024, FFN 4096, 10 experts, top-2) it times, on the same tokens and routing:
+  ours          moechat's torch MoE block (tokens sorted by expert, one matmul per expert)
+  dense_ffn     a dense GPT-2 MLP with FFN top_k * 4096 = 8192: the same active FLOPs per token
+  naive_masked  a loop over all experts, each run on every token and masked by its routing weight
+  hf_<impl>     transformers' own experts implementations (NemotronHExperts: an un-gated up/down
+                MLP like GPT-2's, no biases) with experts_implementation eager | grouped_mm
+and writes metrics/bench_moe_layer.json with the device name, date, times and ratios.
+
+    python bench/moe_layer.py --device cuda                  # bf16, 4 x 1024 tokens
+    python bench/moe_layer.py                                # CPU, fp32, 256 tokens (a smoke figure)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from moechat.modeling import MoeChatConfig
+from moechat.modeling_moechat import MoeChatMLP, MoeChatSparseMoeBlock
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
+                 params: list[torch.nn.Parameter], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time of y = fn(x); y.backward(grad), and peak device memory on CUDA."""
+    device = x.device
+    for _ in range(warmup):
+        fn(x).backward(grad)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        for p in params:  # fresh gradients each step, as after optimizer.zero_grad(set_to_none=True)
+            p.grad = None
+        x.grad = None
+        start = time.perf_counter()
+        fn(x).backward(grad)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    result = {"ms": statistics.median(times), "ms_all": [round(t, 3) for t in times]}
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def build_variants(block: MoeChatSparseMoeBlock, d: int, ffn: int, device: torch.device, dtype: torch.dtype
+                   ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    top_k = block.top_k
+    dense = MoeChatMLP(d, top_k * ffn, 0.0).to(device, dtype)
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        return block(x.unsqueeze(0))[0][0]
+
+    def naive_masked(x: torch.Tensor) -> torch.Tensor:
+        _, _, weights, experts = block.route(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(block.experts):
+            w_e = (weights * (experts == e)).sum(-1, keepdim=True).to(x.dtype)
+            out = out + w_e * expert(x)
+        return out
+
+    variants = {"ours": ours, "dense_ffn": dense, "naive_masked": naive_masked}
+    for impl in ("eager", "grouped_mm"):
+        config = SimpleNamespace(n_routed_experts=block.num_experts, hidden_size=d, moe_intermediate_size=ffn,
+                                 moe_latent_size=None, mlp_hidden_act="gelu_pytorch_tanh",
+                                 _experts_implementation=impl)
+        hf = NemotronHExperts(config).to(device, dtype)
+        with torch.no_grad():
+            hf.up_proj.normal_(std=0.02)
+            hf.down_proj.normal_(std=0.02)
+
+        def hf_forward(x: torch.Tensor, hf=hf) -> torch.Tensor:
+            _, _, weights, experts = block.route(x)
+            return hf(x, experts, weights.to(x.dtype))
+
+        hf_forward.hf = hf
+        variants[f"hf_{impl}"] = hf_forward
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 on cuda, fp32 on cpu (bf16 matmuls are ~100x slower on AVX2 CPUs)")
+    parser.add_argument("--tokens", type=int, default=None, help="default: 4 x 1024 on cuda, 256 on cpu")
+    parser.add_argument("--d", type=int, default=1024)
+    parser.add_argument("--ffn", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=None, help="default: 5 on cuda, 1 on cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
+    parser.add_argument("--out", type=Path, default=Path("metrics/bench_moe_layer.json"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if cuda else torch.float32)
+    tokens = args.tokens or (4 * 1024 if cuda else 256)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    repeats = args.repeats or (20 if cuda else 3)
+
+    torch.manual_seed(0)
+    config = MoeChatConfig(n_embd=args.d, n_inner=args.ffn, num_experts=args.experts,
+                           num_experts_per_tok=args.top_k, n_head=1)
+    block = MoeChatSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(std=0.02)
+    block = block.to(device, dtype)
+    block.router.float()
+    x = torch.randn(tokens, args.d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, args.d, device=device, dtype=dtype)
+
+    results: dict[str, dict] = {}
+    variants = build_variants(block, args.d, args.ffn, device, dtype)
+    params = [p for fn in variants.values() for p in getattr(fn, "parameters", lambda: [])()]
+    params += list(block.parameters()) + [p for fn in variants.values() if hasattr(fn, "hf") for p in fn.hf.parameters()]
+    for name, fn in variants.items():
+        try:
+            results[name] = time_fwd_bwd(fn, x, grad, params, warmup, repeats)
+        except (RuntimeError, NotImplementedError) as err:  # recorded, not hidden: e.g. no CPU kernel
+            results[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"{name:>14}: " + (f"{results[name]['ms']:9.2f} ms" if "ms" in results[name]
+                                 else results[name]["error"]))
+
+    ours = results["ours"]["ms"]
+    ratios = {f"{name}_over_ours": round(r["ms"] / ours, 3) for name, r in results.items()
+              if name != "ours" and "ms" in r}
+    report = {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": tokens, "d": args.d, "ffn": args.ffn, "experts": args.experts, "top_k": args.top_k,
+        "what": "forward + backward of one layer, median over repeats",
+        "results": results,
+        "ratios": ratios,
+        "targets": {"ours_over_dense_ffn_max": 1.3, "naive_masked_over_ours_min": 3.0},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"moe_layer on {report['device']} ({report['dtype']}, {tokens} tokens): ours {ours:.2f} ms; "
+          f"ratios {ratios} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Crash-safe training checkpoints: safetensors for tensors, JSON for everything else, never pickle.
+
+Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
+  model.safetensors                 the weights (the module's state dict)
+  optimizer.safetensors + .json     the optimizer state dict (bnb 8-bit state included), tensors by name
+  rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R
+  state.json                        step, data cursor, scheduler, python/numpy RNG per rank, counters
+
+A checkpoint is written into `.tmp-step_<NNNNNNNN>` and renamed into place, so a folder named
+`step_*` is always complete; a leftover temp folder from a crash is ignored and overwritten later.
+The fingerprint (train params + init weights + data) keeps a changed experiment from resuming
+another run's checkpoint; other fingerprints' folders are left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import importlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Train keys that change bookkeeping only, not the optimisation trajectory: editing them keeps resuming.
+TRUSTED_OBJECT_MODULES = ("deepspeed.",)
+NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read back; the message names the file and the fix."""
+
+
+@dataclass
+class Cursor:
+    """Where the data stream stands: `position` rows into the seeded permutation of `epoch`."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue bit-for-bit."""
+
+    step: int = 0
+    cursor: Cursor = field(default_factory=Cursor)
+    tokens_seen: int = 0
+    target_tokens_seen: int = 0
+    train_seconds: float = 0.0
+    fingerprint: str = ""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
+        return cls(**{**raw, "cursor": Cursor(**raw["cursor"])})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def fingerprint(train_params: dict[str, Any], seed: int, init_dir: Path, data_dir: Path,
+                world_size: int) -> str:
+    """12 hex digits identifying an experiment: train params (minus bookkeeping keys), seed, world size,
+    the init weights' bytes and the prepared data's dataset fingerprints."""
+    h = hashlib.sha256()
+    trajectory = {k: v for k, v in sorted(train_params.items()) if k not in NON_TRAJECTORY_KEYS}
+    h.update(json.dumps({"train": trajectory, "seed": seed, "world_size": world_size}, sort_keys=True).encode())
+    weights = sorted(Path(init_dir).glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{init_dir}: no *.safetensors weights to fingerprint; run the init stage first")
+    for path in weights:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    for state in sorted(Path(data_dir).glob("*/state.json")):
+        h.update(state.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nested state dicts <-> (JSON, safetensors)
+
+
+def encode_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """JSON-able copy of `tree` with every tensor moved into `tensors` under its path.
+
+    Tuples and dicts with non-string keys (optimizer state is keyed by int) are tagged so that
+    `decode_tree` gives back exactly the same Python types."""
+    if isinstance(tree, torch.Tensor):
+        name = path or "tensor"
+        tensors[name] = tree.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(tree, dict):
+        if all(isinstance(k, str) for k in tree):
+            return {k: encode_tree(v, tensors, f"{path}.{k}" if path else k) for k, v in tree.items()}
+        return {"__items__": [[encode_tree(k, tensors, f"{path}.key"), encode_tree(v, tensors, f"{path}.{k}")]
+                              for k, v in tree.items()]}
+    if isinstance(tree, tuple):
+        return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(tree)]}
+    if isinstance(tree, list):
+        return [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(tree)]
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    if isinstance(tree, (np.integer, np.floating)):
+        return tree.item()
+    cls = type(tree)
+    if cls.__module__.startswith(TRUSTED_OBJECT_MODULES):
+        # DeepSpeed ZeRO state holds a few small objects (loss scaler, stage enum, slice addresses): stored
+        # as class name + plain attributes and rebuilt only for classes from these modules (no pickle).
+        name = f"{cls.__module__}:{cls.__qualname__}"
+        if isinstance(tree, enum.Enum):
+            return {"__enum__": name, "value": encode_tree(tree.value, tensors, path)}
+        if dataclasses.is_dataclass(tree) or hasattr(tree, "__dict__"):
+            attrs = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)} \
+                if dataclasses.is_dataclass(tree) else vars(tree)
+            return {"__object__": name, "state": encode_tree(dict(attrs), tensors, path)}
+    raise CheckpointError(f"cannot store {type(tree).__name__} at state path {path!r}: only tensors, numbers, "
+                          f"strings, lists, tuples and dicts go into a checkpoint")
+
+
+def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `encode_tree`."""
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__items__" in tree:
+            return {decode_tree(k, tensors): decode_tree(v, tensors) for k, v in tree["__items__"]}
+        if "__tuple__" in tree:
+            return tuple(decode_tree(v, tensors) for v in tree["__tuple__"])
+        if "__enum__" in tree:
+            return _trusted_class(tree["__enum__"])(decode_tree(tree["value"], tensors))
+        if "__object__" in tree:
+            obj = object.__new__(_trusted_class(tree["__object__"]))
+            for key, value in decode_tree(tree["state"], tensors).items():
+                object.__setattr__(obj, key, value)
+            return obj
+        return {k: decode_tree(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [decode_tree(v, tensors) for v in tree]
+    return tree
+
+
+def _trusted_class(name: str) -> type:
+    module, qualname = name.split(":")
+    if not module.startswith(TRUSTED_OBJECT_MODULES):
+        raise CheckpointError(f"checkpoint names class {name}, outside {TRUSTED_OBJECT_MODULES}; refusing to build it")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def save_tree(tree: Any, folder: Path, stem: str) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = encode_tree(tree, tensors)
+    save_file(tensors, str(folder / f"{stem}.safetensors"))
+    (folder / f"{stem}.json").write_text(json.dumps(encoded))
+
+
+def load_tree(folder: Path, stem: str) -> Any:
+    return decode_tree(json.loads((folder / f"{stem}.json").read_text()),
+                       load_file(str(folder / f"{stem}.safetensors")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensor states, JSON states) of torch CPU/CUDA, Python and NumPy generators of this process."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    np_state = np.random.get_state()
+    plain = {
+        "python": encode_tree(random.getstate(), {}),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    random.setstate(decode_tree(plain["python"], {}))
+    name, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Save / find / load
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path, fp: str) -> list[Path]:
+    """Complete checkpoints of fingerprint `fp`, oldest first; temp folders never match."""
+    folder = Path(root) / fp
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path, fp: str) -> Optional[Path]:
+    found = complete_checkpoints(root, fp)
+    return found[-1] if found else None
+
+
+def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optimizer_state: Any,
+                    scheduler_state: dict[str, Any], keep: int, rank: int = 0, world_size: int = 1,
+                    barrier: Callable[[], None] = lambda: None, per_rank_optimizer: bool = False) -> Path:
+    """Write one checkpoint atomically and prune to the newest `keep` of this fingerprint.
+
+    Collective under several processes: every rank calls it (each writes its own RNG file; with
+    `per_rank_optimizer`, as for DeepSpeed ZeRO partitions, its own optimizer shard); rank 0 writes
+    the weights, state.json last, and renames the folder into place."""
+    folder = Path(root) / state.fingerprint
+    final = folder / step_dir_name(state.step)
+    tmp = folder / f".tmp-{final.name}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    rng_tensors, rng_plain = capture_rng()
+    save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"))
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_plain))
+    if per_rank_optimizer:
+        save_tree(optimizer_state, tmp, f"optimizer_rank{rank}")
+    elif rank == 0:
+        save_tree(optimizer_state, tmp, "optimizer")
+    if rank == 0:
+        # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
+        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,
+                "per_rank_optimizer": per_rank_optimizer}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    barrier()
+    if rank == 0:
+        if final.exists():  # the same step saved again by a rerun that resumed from it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        for old in complete_checkpoints(root, state.fingerprint)[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class LoadedCheckpoint:
+    state: TrainState
+    optimizer_state: Any
+    scheduler_state: dict[str, Any]
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> LoadedCheckpoint:
+    """Load weights into `model` (in place) and return the optimizer/scheduler state and counters.
+
+    The caller restores RNG with `restore_rank_rng` as the last thing before the loop continues."""
+    path = Path(path)
+    meta = json.loads((path / "state.json").read_text())
+    stored = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(stored, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}/model.safetensors does not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); delete {path.parent} to start over")
+    stem = f"optimizer_rank{rank}" if meta.pop("per_rank_optimizer") else "optimizer"
+    optimizer_state = load_tree(path, stem)
+    scheduler_state = decode_tree(meta.pop("scheduler"), {})
+    meta.pop("world_size")
+    return LoadedCheckpoint(TrainState.from_dict(meta), optimizer_state, scheduler_state)
+
+
+def restore_rank_rng(path: Path, rank: int) -> None:
+    tensors = load_file(str(Path(path) / f"rng_rank{rank}.safetensors"))
+    restore_rng(tensors, json.loads((Path(path) / f"rng_rank{rank}.json").read_text()))

@@ -1,0 +1,108 @@
+"""MoeChatConfig: a GPT-2 layout in which every `moe_every`-th block has a Mixture-of-Experts MLP.
+
+Self-contained (imports only transformers) so that a saved folder loads with `trust_remote_code=True`
+in a process where the moechat package is not installed.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+MOE_BACKENDS = ("torch", "tutel")
+
+
+class MoeChatConfigError(ValueError):
+    """A MoeChatConfig value that no model can be built from; the message names the field and the fix."""
+
+
+class MoeChatConfig(PretrainedConfig):
+    """Hyper-parameters of MoeChatForCausalLM.
+
+    Block `i` (0-based) has an MoE MLP when `(i + 1) % moe_every == 0`: with `moe_every=2` and 8 layers the
+    MoE blocks are 1, 3, 5, 7 (the 2nd, 4th, 6th and 8th). `capacity_factor=0` routes dropless; a positive
+    value caps each expert at `ceil(capacity_factor * tokens * num_experts_per_tok / num_experts)` assignments.
+    `num_experts_per_tok` is params.yaml's `model.top_k` (renamed so that generate() does not read it as
+    its top-k sampling flag).
+    """
+
+    model_type = "moechat"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+        "intermediate_size": "n_inner",
+        "num_local_experts": "num_experts",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 1024
+    n_layer: int = 8
+    n_head: int = 16
+    n_inner: int = 4096
+    num_experts: int = 10
+    num_experts_per_tok: int = 2  # "top_k" would collide with the sampling flag of generate()
+    moe_every: int = 2
+    capacity_factor: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    moe_backend: str = "torch"
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_epsilon: float = 1e-5
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_experts",
+                     "num_experts_per_tok", "moe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MoeChatConfigError(f"MoeChatConfig.{name}={value!r} must be an integer >= 1")
+        if self.n_embd % self.n_head:
+            raise MoeChatConfigError(
+                f"MoeChatConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}; "
+                f"pick n_head from the divisors of n_embd")
+        if self.num_experts_per_tok > self.num_experts:
+            raise MoeChatConfigError(
+                f"MoeChatConfig.num_experts_per_tok={self.num_experts_per_tok} must be <= "
+                f"num_experts={self.num_experts}; lower it (model.top_k) or add experts")
+        if self.capacity_factor < 0:
+            raise MoeChatConfigError(
+                f"MoeChatConfig.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            raise MoeChatConfigError(
+                f"MoeChatConfig.aux_loss_coef={self.aux_loss_coef} and z_loss_coef={self.z_loss_coef} "
+                f"must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MoeChatConfigError(f"MoeChatConfig.dropout={self.dropout} must be in [0, 1)")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise MoeChatConfigError(
+                f"MoeChatConfig.moe_backend={self.moe_backend!r} is not one of {' | '.join(MOE_BACKENDS)}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise MoeChatConfigError(
+                    f"MoeChatConfig.{name}={value} lies outside the vocabulary [0, {self.vocab_size}); "
+                    f"build the config from the tokenizer the model is trained with")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` (0-based) has an MoE MLP: the `moe_every`-th, 2·`moe_every`-th, ... block."""
+        return (layer_idx + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the MoE blocks."""
+        return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
+
+
+__all__ = ["MoeChatConfig", "MoeChatConfigError"]

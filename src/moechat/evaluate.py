@@ -1,0 +1,235 @@
+"""Evaluate a trained model: assistant-token loss and perplexity, next-token accuracy, router health per MoE
+layer, and chat samples through the chat template.
+
+Every figure is accumulated as sums over the whole split (never a mean of batch means), so the result does
+not depend on the batch size. Router statistics come from the model's own `output_router_stats`, i.e. the
+exact top-k assignments it made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from moechat.config import EvalConfig
+
+IGNORE = -100
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` = the GPU when one is visible, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+    return torch.device(device)
+
+
+@dataclass
+class _LayerTally:
+    """Running sums for one MoE layer."""
+
+    tokens_per_expert: torch.Tensor
+    dropped: int = 0
+    entropy_sum: float = 0.0  # entropy (nats) times routed tokens, summed over batches
+    routed_tokens: int = 0
+
+
+@dataclass
+class _Tally:
+    nll_sum: float = 0.0
+    targets: int = 0
+    correct: int = 0
+    batches: int = 0
+    layers: dict[int, _LayerTally] = field(default_factory=dict)
+
+
+def iter_batches(dataset: Any, batch_size: int, max_batches: Optional[int]) -> Iterable[dict[str, torch.Tensor]]:
+    """Consecutive rows of a torch-formatted packed Dataset, `max_batches` at most (None = all)."""
+    n_rows = len(dataset)
+    n_batches = math.ceil(n_rows / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        yield dataset[b * batch_size:(b + 1) * batch_size]
+
+
+@torch.no_grad()
+def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batches: Optional[int] = None,
+                dead_expert_threshold: float = 0.01, desc: str = "eval") -> dict[str, Any]:
+    """Loss over assistant tokens (labels != -100), perplexity, next-token accuracy and router statistics.
+
+    `dataset` rows hold `input_ids`, `labels`, `position_ids` (packed blocks; position ids restarting at
+    0 keep attention inside each conversation). Returns a JSON-ready dict; `layers` has one entry per
+    MoE layer (see `layer_metrics`).
+    """
+    if len(dataset) == 0:
+        raise ValueError("the evaluation split is empty; check data/prepared/val (prepare stage)")
+    model.eval()
+    device = next(model.parameters()).device
+    tally = _Tally()
+    n_batches = math.ceil(len(dataset) / batch_size) if max_batches is None else min(
+        max_batches, math.ceil(len(dataset) / batch_size))
+    for batch in tqdm(iter_batches(dataset, batch_size, max_batches), total=n_batches, desc=desc, disable=None):
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), use_cache=False,
+                    output_router_stats=True)
+        _add_batch(tally, out.logits, labels, out.router_stats or [])
+    if tally.targets == 0:
+        raise ValueError("the evaluation split has no assistant tokens (every label is -100); check prepare")
+    loss = tally.nll_sum / tally.targets
+    metrics: dict[str, Any] = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "accuracy": tally.correct / tally.targets,
+        "tokens": tally.targets,
+        "batches": tally.batches,
+    }
+    layers = [layer_metrics(i, t, dead_expert_threshold) for i, t in sorted(tally.layers.items())]
+    if layers:
+        metrics["layers"] = layers
+        metrics["router"] = {
+            "mean_cv": sum(l["cv"] for l in layers) / len(layers),
+            "dead_experts": sum(l["dead_experts"] for l in layers),
+            "dropped_share": sum(l["dropped_share"] for l in layers) / len(layers),
+            "mean_entropy": sum(l["entropy"] for l in layers) / len(layers),
+        }
+    return metrics
+
+
+def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+               router_stats: list[dict[str, Any]]) -> None:
+    """Add one batch's summed NLL, correct predictions and router counts (labels shifted: t predicts t+1)."""
+    logits = logits_BTV[:, :-1].float()
+    targets = labels_BT[:, 1:]
+    keep = targets != IGNORE
+    tally.nll_sum += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+    tally.correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
+    tally.targets += int(keep.sum())
+    tally.batches += 1
+    for s in router_stats:
+        counts = s["tokens_per_expert"].detach().cpu().long()
+        layer = tally.layers.setdefault(int(s["layer"]), _LayerTally(torch.zeros_like(counts)))
+        layer.tokens_per_expert += counts
+        layer.dropped += int(s["dropped_tokens"])
+        # Assignments = routed tokens * top_k; weight the batch's mean entropy by its routed tokens.
+        routed = int(counts.sum())
+        layer.entropy_sum += float(s["entropy"]) * routed
+        layer.routed_tokens += routed
+
+
+def layer_metrics(layer: int, t: _LayerTally, dead_expert_threshold: float) -> dict[str, Any]:
+    """One MoE layer: expert shares (of all top-k assignments), their coefficient of variation
+    (std / mean, population std; 0 = perfectly balanced), dead experts (share < threshold), the share
+    of assignments dropped by capacity routing, and the mean router entropy in nats and relative to ln E."""
+    counts = t.tokens_per_expert.double()
+    assigned = float(counts.sum())
+    n_experts = counts.numel()
+    shares = (counts / assigned) if assigned > 0 else torch.zeros_like(counts)
+    mean = 1.0 / n_experts
+    cv = float(shares.std(unbiased=False) / mean) if assigned > 0 else 0.0
+    dead = [e for e in range(n_experts) if float(shares[e]) < dead_expert_threshold]
+    entropy = t.entropy_sum / t.routed_tokens if t.routed_tokens else 0.0
+    return {
+        "layer": layer,
+        "expert_share": [float(s) for s in shares],
+        "tokens_per_expert": [int(c) for c in t.tokens_per_expert],
+        "cv": cv,
+        "dead_experts": len(dead),
+        "dead_expert_ids": dead,
+        "dropped_share": t.dropped / assigned if assigned > 0 else 0.0,
+        "entropy": entropy,
+        "entropy_normalized": entropy / math.log(n_experts) if n_experts > 1 else 0.0,
+    }
+
+
+def share_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows `{layer, expert, share}` for the DVC bar/heatmap plot of expert shares."""
+    return [{"slot": f"layer {l['layer']} / expert {e}", "layer": f"layer {l['layer']}", "expert": f"expert {e}",
+             "share": share}
+            for l in metrics.get("layers", []) for e, share in enumerate(l["expert_share"])]
+
+
+@torch.no_grad()
+def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: Optional[int] = None, streamer: Any = None) -> str:
+    """One assistant turn for `messages` through the chat template. temperature 0 = greedy; otherwise
+    sampling with `seed` (torch.manual_seed, so the same seed gives the same text on the same device).
+    The prompt is cut from the left (whole tokens) so prompt + reply fits the model's positions."""
+    device = next(model.parameters()).device
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    input_ids = enc["input_ids"]
+    limit = getattr(model.config, "n_positions", None)
+    if limit is not None:
+        if max_new_tokens >= limit:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be < the model's n_positions={limit}")
+        input_ids = input_ids[:, -(limit - max_new_tokens):]
+    input_ids = input_ids.to(device)
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if seed is not None:
+            torch.manual_seed(seed)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def generate_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
+                     seed: int) -> list[dict[str, Any]]:
+    """Greedy and seeded-sampling replies to each of `cfg.prompts` (single-turn chats)."""
+    samples = []
+    for i, prompt in enumerate(tqdm(cfg.prompts, desc="samples", disable=None)):
+        messages = [{"role": "user", "content": prompt}]
+        greedy = generate_reply(model, tokenizer, messages, cfg.max_new_tokens)
+        sampled = generate_reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                 seed=seed + i)
+        samples.append({"prompt": prompt, "mode": "greedy", "response": greedy})
+        samples.append({"prompt": prompt, "mode": f"sample (T={cfg.temperature}, top_p={cfg.top_p}, "
+                                                  f"seed={seed + i})", "response": sampled})
+    return samples
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, val: Any, cfg: EvalConfig,
+             seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The evaluate stage's work: val metrics (eval.json) and chat samples (samples.json)."""
+    metrics = evaluate_lm(model, val, cfg.batch_size, cfg.max_batches, cfg.dead_expert_threshold)
+    metrics["dead_expert_threshold"] = cfg.dead_expert_threshold
+    samples = generate_samples(model, tokenizer, cfg, seed)
+    return metrics, samples
+
+
+def write_json_atomic(data: Any, path: str | Path) -> None:
+    """Write JSON to a temporary sibling, then rename: a crash never leaves a half-written metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_model(model_dir: str | Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A moechat save_pretrained folder (weights + tokenizer) in fp32 on `device` (fp32 because this
+    project's CPUs run bf16/fp16 matmuls ~100x slower; on a GPU fp32 evaluation is exact and cheap)."""
+    import moechat.modeling  # noqa: F401  (registers MoeChatConfig / MoeChatForCausalLM)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no config.json; run the stage that writes it (dvc repro)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return model.eval(), tokenizer

@@ -1,0 +1,204 @@
+"""The init stage: build the MoE model from params (from scratch) or by sparse upcycling a dense GPT-2.
+
+Scratch: GPT-2 initialisation (N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)), seeded.
+Upcycling (Komatsuzaki et al. 2022, "Sparse Upcycling"): embeddings, attention and norms are copied
+from the dense parent, every expert of an MoE block is a copy of the dense MLP it replaces, and the
+router is freshly initialised. With all experts equal and the top-k weights renormalised to 1 the
+upcycled model computes exactly its parent's function at step 0 (tested).
+
+Layer policy: `model.n_layer` may be smaller than the parent's; the first `n_layer` blocks are taken
+(set n_layer to the parent's depth, e.g. 24 for gpt2-medium, to keep all of it). Vocabulary: the
+tokenizer may extend the parent's (the chat tokens ChatML adds); new rows of wte / lm_head start at
+the mean of the parent's embeddings (Hewitt 2021), so they do not skew the softmax.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from moechat.config import ConfigError, ModelConfig
+from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+class UpcycleError(ConfigError):
+    """The dense parent cannot be upcycled into the configured model; names the key and both values."""
+
+
+def build_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> MoeChatConfig:
+    """MoeChatConfig from params.yaml's `model` section; vocabulary and special ids from the tokenizer."""
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"tokenizer has pad_token_id={tokenizer.pad_token_id}, eos_token_id={tokenizer.eos_token_id}; "
+            f"both are needed (prepare adds <|pad|> and sets eos to <|im_end|>): rerun `dvc repro prepare`")
+    return MoeChatConfig(
+        vocab_size=len(tokenizer),
+        n_positions=model.n_positions,
+        n_embd=model.n_embd,
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        n_inner=model.n_inner,
+        num_experts=model.num_experts,
+        num_experts_per_tok=model.top_k,
+        moe_every=model.moe_every,
+        capacity_factor=model.capacity_factor,
+        aux_loss_coef=model.aux_loss_coef,
+        z_loss_coef=model.z_loss_coef,
+        moe_backend=model.moe_backend,
+        tie_word_embeddings=model.tie_word_embeddings,
+        dropout=model.dropout,
+        initializer_range=model.initializer_range,
+        layer_norm_epsilon=model.layer_norm_epsilon,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def init_scratch(config: MoeChatConfig, seed: int) -> MoeChatForCausalLM:
+    """A freshly initialised model; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return MoeChatForCausalLM(config)
+
+
+def load_dense_parent(source: str) -> GPT2LMHeadModel:
+    """A dense GPT-2 from a Hub id (e.g. `gpt2-medium`) or a local save_pretrained folder, safetensors only."""
+    path = Path(source)
+    if path.exists() and not path.is_dir():
+        raise UpcycleError(f"model.init_from={source!r} is a file; pass the folder that save_pretrained wrote "
+                           f"(config.json + model.safetensors) or a Hub id such as gpt2-medium")
+    try:
+        return GPT2LMHeadModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
+    except OSError as err:
+        raise UpcycleError(
+            f"model.init_from={source!r}: could not load a GPT-2 checkpoint with safetensors weights ({err}); "
+            f"pass a Hub id such as gpt2-medium (needs network) or a local folder, or null to start from "
+            f"scratch") from err
+
+
+def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int) -> MoeChatForCausalLM:
+    """Sparse upcycling of `parent` into a model built from `config` (see the module docstring)."""
+    _check_compatible(config, parent.config)
+    model = init_scratch(config, seed)  # seeded: fixes the routers (and nothing else survives the copy)
+    src = parent.transformer
+    dst = model.transformer
+    with torch.no_grad():
+        v_parent = src.wte.weight.shape[0]
+        dst.wte.weight[:v_parent] = src.wte.weight
+        dst.wte.weight[v_parent:] = src.wte.weight.mean(dim=0)
+        dst.wpe.weight.copy_(src.wpe.weight[: config.n_positions])
+        for i, block in enumerate(dst.h):
+            parent_block = src.h[i]
+            for name in ("ln_1", "ln_2"):
+                getattr(block, name).load_state_dict(getattr(parent_block, name).state_dict())
+            _copy_conv1d(block.attn.c_attn, parent_block.attn.c_attn)
+            _copy_conv1d(block.attn.c_proj, parent_block.attn.c_proj)
+            mlps = block.mlp.experts if block.is_moe else [block.mlp]
+            for mlp in mlps:
+                _copy_conv1d(mlp.c_fc, parent_block.mlp.c_fc)
+                _copy_conv1d(mlp.c_proj, parent_block.mlp.c_proj)
+        dst.ln_f.load_state_dict(src.ln_f.state_dict())
+        if not config.tie_word_embeddings:  # GPT-2's head is tied to wte: the untied head starts as a copy
+            model.lm_head.weight.copy_(dst.wte.weight)
+    return model
+
+
+def _copy_conv1d(linear: torch.nn.Linear, conv1d: torch.nn.Module) -> None:
+    """transformers' GPT-2 Conv1D stores weight as [in, out]; nn.Linear wants [out, in]."""
+    linear.weight.copy_(conv1d.weight.t())
+    linear.bias.copy_(conv1d.bias)
+
+
+def _check_compatible(config: MoeChatConfig, parent: Any) -> None:
+    parent_inner = parent.n_inner if parent.n_inner is not None else 4 * parent.n_embd
+    checks = [
+        ("model.n_embd", config.n_embd, parent.n_embd, config.n_embd == parent.n_embd),
+        ("model.n_head", config.n_head, parent.n_head, config.n_head == parent.n_head),
+        ("model.n_inner", config.n_inner, parent_inner, config.n_inner == parent_inner),
+        ("model.n_layer", config.n_layer, parent.n_layer, config.n_layer <= parent.n_layer),
+        ("model.n_positions", config.n_positions, parent.n_positions, config.n_positions <= parent.n_positions),
+        ("model.layer_norm_epsilon", config.layer_norm_epsilon, parent.layer_norm_epsilon,
+         config.layer_norm_epsilon == parent.layer_norm_epsilon),
+    ]
+    for key, ours, theirs, ok in checks:
+        if not ok:
+            relation = "<=" if key in ("model.n_layer", "model.n_positions") else "=="
+            raise UpcycleError(
+                f"{key}={ours} cannot be upcycled from the dense parent, which has {theirs}: set {key} "
+                f"{relation} {theirs} in params.yaml, or pick another model.init_from")
+    if config.vocab_size < parent.vocab_size:
+        raise UpcycleError(
+            f"the tokenizer has {config.vocab_size} tokens but the dense parent {parent.vocab_size}: upcycling "
+            f"needs the parent's tokenizer (tokenizer.source: gpt2) plus the chat tokens, not a new one")
+    if parent.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UpcycleError(f"the dense parent uses activation_function={parent.activation_function!r}; "
+                           f"moechat's MLP is GPT-2's gelu_new (tanh GELU), so its outputs would differ")
+    if parent.scale_attn_by_inverse_layer_idx or parent.reorder_and_upcast_attn or not parent.scale_attn_weights:
+        raise UpcycleError("the dense parent uses non-standard GPT-2 attention scaling flags "
+                           "(scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn / scale_attn_weights)")
+
+
+def model_report(model: MoeChatForCausalLM, seq_len: int, init_from: str | None) -> dict[str, Any]:
+    """What metrics/model.json records: parameter counts, which blocks are MoE, training FLOPs per token."""
+    cfg = model.config
+    return {
+        "init_from": init_from,
+        "params": model.parameter_counts(),
+        "layers": ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layer)],
+        "moe_layers": cfg.moe_layers,
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "vocab_size": cfg.vocab_size,
+        "seq_len": seq_len,
+        "train_flops_per_token": model.flops_per_token(seq_len),
+    }
+
+
+def save_atomic(model: MoeChatForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """save_pretrained (safetensors + the two code files) and the tokenizer into a temporary sibling
+    folder, then swap it into place, so a crash never leaves a half-written models/init."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def initialize(model_cfg: ModelConfig, seed: int, seq_len: int, tokenizer_dir: Path, out_dir: Path
+               ) -> dict[str, Any]:
+    """Build (scratch or upcycled), save to `out_dir` with the tokenizer, and return the model report."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = build_config(model_cfg, tokenizer)
+    if model_cfg.init_from is None:
+        model = init_scratch(config, seed)
+    else:
+        model = upcycle(config, load_dense_parent(model_cfg.init_from), seed)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    save_atomic(model, tokenizer, out_dir)
+    return model_report(model, seq_len, model_cfg.init_from)

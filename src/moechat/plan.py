@@ -1,0 +1,217 @@
+"""`moechat plan`: estimate peak GPU memory of a training config before anything is allocated.
+
+The estimate adds up what a training step keeps resident on one GPU, in bytes:
+  weights      4 B/param (fp32 master weights; autocast computes in bf16/fp16)
+  grads        4 B/param (fp32, like the weights)
+  optimizer    adamw: 8 B/param (two fp32 moments); adamw_8bit: 2 B/param (two uint8 moments) plus one
+               fp32 absmax per 256-value block and moment (bitsandbytes blockwise quantisation);
+               zero2_offload: 0 on the GPU (DeepSpeed CPU Adam keeps it in host memory)
+  casts        16-bit copies of the matmul weights that autocast keeps for backward (2 B/param)
+  activations  per token and layer, from the layer's saved tensors (residual stream fp32, matmul
+               inputs/outputs in the compute dtype; SDPA stores no T x T scores), MoE layers counting
+               top_k copies of the expert MLP activations; with gradient checkpointing only each block's
+               fp32 input is kept plus one block's activations during its recomputation
+  logits       the lm_head output in the compute dtype, its fp32 upcast for the loss and that upcast's
+               gradient: tokens x vocab x (a + 4 + 4) B
+Under DeepSpeed ZeRO-2 over W GPUs, grads and optimizer state are divided by W.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from moechat.config import ConfigError, ModelConfig, TrainConfig, load_params
+
+GIB = 1024**3
+CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
+BNB_BLOCK = 256  # bitsandbytes 8-bit optimizer block size (one fp32 absmax per block and moment)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    embedding: int  # wte + wpe
+    lm_head: int  # 0 when tied to wte
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    micro_batch_size: int
+    seq_len: int
+    precision: str
+    optimizer: str
+    gradient_checkpointing: bool
+    params: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    casts_gb: float
+    activations_gb: float
+    logits_gb: float
+    total_gb: float
+    budget_gb: float
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb <= self.budget_gb
+
+
+def count_params(model: ModelConfig, vocab_size: int) -> ParamCount:
+    """Parameter count of MoeChatForCausalLM from its config, layer by layer (GPT-2 layout, biases on
+    every Linear except the router and lm_head)."""
+    d, f, e = model.n_embd, model.n_inner, model.num_experts
+    embedding = vocab_size * d + model.n_positions * d
+    attn = (d * 3 * d + 3 * d) + (d * d + d)
+    mlp = (d * f + f) + (f * d + d)
+    norms = 2 * (2 * d)
+    n_moe = sum(1 for i in range(model.n_layer) if (i + 1) % model.moe_every == 0)
+    n_dense = model.n_layer - n_moe
+    blocks = n_dense * (attn + mlp + norms) + n_moe * (attn + norms + d * e + e * mlp)
+    lm_head = 0 if model.tie_word_embeddings else vocab_size * d
+    return ParamCount(total=embedding + blocks + 2 * d + lm_head, embedding=embedding, lm_head=lm_head)
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes per activation element: 4 in fp32, 2 under bf16/fp16 autocast (`auto` assumes a GPU: 2)."""
+    return 4 if precision == "fp32" else 2
+
+
+def activation_bytes_per_token(model: ModelConfig, precision: str, checkpointing: bool) -> float:
+    """Saved-for-backward bytes per token for the whole stack (without the logits)."""
+    a = compute_bytes(precision)
+    d, f, k = model.n_embd, model.n_inner, model.top_k
+    resid = 4 * d  # fp32 residual stream at each LayerNorm input
+    attn = resid + 4 * d + a * d + 3 * a * d + a * d  # ln_1 in/out, cast input, qkv, sdpa out
+    dense_mlp = resid + 4 * d + a * d + 2 * a * f  # ln_2 in/out, cast input, c_fc out, gelu out
+    moe_mlp = resid + 4 * d + k * (a * d + 2 * a * f + a * d) + k * 16  # k copies: in, c_fc, gelu, out; routing
+    per_layer = [attn + (moe_mlp if (i + 1) % model.moe_every == 0 else dense_mlp) for i in range(model.n_layer)]
+    if checkpointing:
+        return model.n_layer * resid + max(per_layer)
+    return float(sum(per_layer))
+
+
+def estimate(model: ModelConfig, train: TrainConfig, vocab_size: int, micro_batch_size: Optional[int] = None,
+             world_size: int = 1) -> MemoryPlan:
+    """Peak GPU memory of one training process (see the module docstring for each term)."""
+    mb = micro_batch_size or train.micro_batch_size
+    precision = train.precision
+    a = compute_bytes(precision)
+    pc = count_params(model, vocab_size)
+    p = pc.total
+    offload = train.deepspeed == "zero2_offload"
+    shard = world_size if train.deepspeed in ("zero2", "zero2_offload") else 1
+    if offload:
+        opt_bytes = 0.0
+    elif train.optimizer == "adamw_8bit":
+        opt_bytes = 2 * p + 2 * 4 * p / BNB_BLOCK
+    else:
+        opt_bytes = 8 * p
+    tokens = mb * train.seq_len
+    casts = 0 if a == 4 else a * (p - pc.embedding)
+    acts = tokens * activation_bytes_per_token(model, precision, train.gradient_checkpointing)
+    logits = tokens * vocab_size * (a + 4 + 4)
+    parts = dict(weights_gb=4 * p, grads_gb=4 * p / shard, optimizer_gb=opt_bytes / shard, casts_gb=casts,
+                 activations_gb=acts, logits_gb=logits)
+    gb = {k: v / GIB for k, v in parts.items()}
+    return MemoryPlan(micro_batch_size=mb, seq_len=train.seq_len, precision=precision, optimizer=train.optimizer,
+                      gradient_checkpointing=train.gradient_checkpointing, params=p, total_gb=sum(gb.values()),
+                      budget_gb=train.gpu_memory_gb, **gb)
+
+
+def largest_micro_batch(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
+                        limit: int = 1024) -> int:
+    """Largest micro-batch (<= limit) whose estimate fits train.gpu_memory_gb; 0 when even 1 does not."""
+    best = 0
+    for mb in range(1, limit + 1):
+        if not estimate(model, train, vocab_size, mb, world_size).fits:
+            break
+        best = mb
+    return best
+
+
+class MemoryBudgetError(RuntimeError):
+    """The config does not fit train.gpu_memory_gb; the message says what to lower."""
+
+
+def advice(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> str:
+    """What to lower, with the largest micro-batch that fits."""
+    best = largest_micro_batch(model, train, vocab_size, world_size)
+    if best:
+        return (f"set train.micro_batch_size: {best} (the largest that fits; raise train.grad_accum to keep "
+                f"the global batch)")
+    hints = ["lower train.seq_len"]
+    if not train.gradient_checkpointing:
+        hints.insert(0, "set train.gradient_checkpointing: true")
+    if train.optimizer != "adamw_8bit":
+        hints.append("use train.optimizer: adamw_8bit")
+    return "even micro-batch 1 does not fit: " + ", ".join(hints) + ", or use a smaller model"
+
+
+def check(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> MemoryPlan:
+    """Pre-flight: raise MemoryBudgetError before allocating when the estimate exceeds the budget."""
+    plan = estimate(model, train, vocab_size, world_size=world_size)
+    if not plan.fits:
+        raise MemoryBudgetError(
+            f"estimated peak GPU memory {plan.total_gb:.2f} GiB > train.gpu_memory_gb={train.gpu_memory_gb} "
+            f"(micro_batch_size={plan.micro_batch_size}, seq_len={plan.seq_len}, "
+            f"gradient_checkpointing={plan.gradient_checkpointing}, optimizer={plan.optimizer}): "
+            f"{advice(model, train, vocab_size, world_size)}. Run `moechat plan` for the breakdown.")
+    return plan
+
+
+def vocab_size_for(params_tokenizer_source: str, tokenizer_vocab: int, tokenizer_dir: Optional[Path]) -> int:
+    """Model vocabulary: the saved tokenizer's length when it exists, else the params' base vocab plus the
+    three chat tokens (the base vocab is 50257 for gpt2 or tokenizer.vocab_size when trained)."""
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
+        raw = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+        vocab = raw["model"]["vocab"]
+        ids = list(vocab.values()) + [t["id"] for t in raw.get("added_tokens", [])]
+        return max(ids) + 1
+    base = tokenizer_vocab if params_tokenizer_source == "train" else 50257
+    return base + CHAT_TOKENS
+
+
+def render(plan: MemoryPlan) -> str:
+    rows = [("weights", plan.weights_gb), ("grads", plan.grads_gb), (f"optimizer ({plan.optimizer})", plan.optimizer_gb),
+            ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb), ("logits", plan.logits_gb)]
+    lines = [f"{plan.params / 1e6:.1f}M params, micro-batch {plan.micro_batch_size} x seq {plan.seq_len}, "
+             f"{plan.precision}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}"]
+    lines += [f"  {name:<24} {gb:8.2f} GiB" for name, gb in rows]
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"  {'total':<24} {plan.total_gb:8.2f} GiB  ({verdict} in {plan.budget_gb:g} GiB)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="moechat plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--preset", default=None, help="YAML merged over the params file, e.g. presets/tiny.yaml")
+    ap.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch_size")
+    ap.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir for the exact vocab, if built")
+    ap.add_argument("--world-size", type=int, default=1, help="GPUs sharing ZeRO-2 state (with train.deepspeed)")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = ap.parse_args(argv)
+    overrides = yaml.safe_load(Path(args.preset).read_text()) if args.preset else None
+    try:
+        params = load_params(args.params, overrides)
+    except ConfigError as err:
+        print(f"moechat plan: {err}")
+        return 2
+    if args.micro_batch is not None and args.micro_batch < 1:
+        print(f"moechat plan: --micro-batch={args.micro_batch} must be >= 1")
+        return 2
+    vocab = vocab_size_for(params.tokenizer.source, params.tokenizer.vocab_size, Path(args.tokenizer))
+    plan = estimate(params.model, params.train, vocab, args.micro_batch, args.world_size)
+    best = largest_micro_batch(params.model, params.train, vocab, args.world_size)
+    if args.json:
+        print(json.dumps({**asdict(plan), "fits": plan.fits, "largest_micro_batch": best}, indent=1))
+    else:
+        print(render(plan))
+        print(f"largest micro-batch that fits: {best}" if best else advice(params.model, params.train, vocab))
+    return 0 if plan.fits else 1

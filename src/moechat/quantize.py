@@ -1,0 +1,338 @@
+"""GPTQ 4-bit quantization of the exported model with GPTQModel, MoE-aware, in the standard GPTQ format.
+
+Why GPTQModel: it is the maintained successor of auto-gptq (archived; 0.7.1 does not import with
+transformers 5), quantizes and runs on CPU here (7.6.0; 7.7.0 needs a newer torch), writes the
+standard on-disk format (`qweight`, `qzeros`, `scales`, `g_idx` per Linear, `quantization_config` with
+`quant_method: gptq`) that vLLM / SGLang / transformers read, and knows MoE experts: each expert's
+Hessian is built from the calibration tokens the router actually sends it.
+
+What is quantized (`MOECHAT_MODULE_TREE`): per block `attn.c_attn`, `attn.c_proj`, and either the dense
+`mlp.c_fc` / `mlp.c_proj` or every expert's `c_fc` / `c_proj`. The router, embeddings, LayerNorms and
+lm_head stay in full precision.
+
+Fallback rule: an expert (any quantized Linear, in fact) whose calibration inputs number fewer than
+`quantize.min_expert_tokens` tokens is quantized with RTN (round-to-nearest, same bits / group size /
+format, no Hessian) instead of GPTQ, because a Hessian from a handful of tokens is rank-deficient and
+over-fits them. An expert that receives no token at all always falls back (GPTQ is undefined there).
+Both the router-side counts and the fallbacks are reported in metrics/quantize.json.
+
+The 4-bit perplexity is measured by unpacking the saved tensors (`dequantize_gptq`) into the fp32 model:
+exactly the weights every GPTQ kernel multiplies by, independent of which kernel a machine has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from moechat.config import QuantizeConfig
+
+# GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
+# modules of one block are quantized (inputs before outputs); ":!" = run but do not quantize; "mlp:moe"
+# holds either the dense MLP ("") or the router plus the experts ("experts" -> "#" = expert index).
+MOECHAT_MODULE_TREE = [
+    "transformer", "h", "#",
+    {
+        "ln_1": ("ln_1:!",),
+        "attn": ("c_attn:0", "c_proj:1"),
+        "ln_2": ("ln_2:!",),
+        "mlp:moe": {
+            "": ("c_fc:0", "c_proj:1"),
+            "router": ("router:!",),
+            "experts": {"#": ("c_fc:0", "c_proj:1")},
+        },
+    },
+]
+CALIB_MIN_TOKENS = 2  # a calibration conversation needs at least one next-token pair
+
+
+class QuantizeError(RuntimeError):
+    """Quantization cannot run on this input; the message names the file, row or value and the fix."""
+
+
+def _require_gptqmodel():
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError as err:
+        raise QuantizeError(f"the quantize stage needs GPTQModel ({err}); install the extra: "
+                            f"pip install -e \".[gptq]\" (gptqmodel==7.6.0)") from err
+    # GPTQModel sizes its CPU worker pool from this; on a 2-core machine the default stalls.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+
+@functools.cache
+def qmodel_class() -> type:
+    """GPTQModel's model definition for moechat (built on first use: importing gptqmodel takes seconds)."""
+    _require_gptqmodel()
+    from gptqmodel.models.base import BaseQModel
+
+    class MoeChatQModel(BaseQModel):
+        pre_lm_head_norm_module = "transformer.ln_f"
+        dynamic_expert_index = "num_experts"  # config attribute with the expert count
+        layer_modules_strict = False  # a block has either the dense MLP or the experts
+        module_tree = MOECHAT_MODULE_TREE
+
+        def prepare_layer_replay_kwargs(self, layer, layer_input, additional_inputs, target_device):
+            """GPTQModel replays each block with HF-style kwargs (attention_mask, position_ids, use_cache);
+            MoeChatBlock takes the mask it was captured with (`mask_B1TK`, `token_mask_BT`), so pass only
+            the keywords its forward accepts."""
+            accepted = set(inspect.signature(type(layer).forward).parameters)
+            return {k: v for k, v in additional_inputs.items() if k in accepted}
+
+    return MoeChatQModel
+
+
+# ---------------------------------------------------------------------------------------- calibration
+def read_conversations(path: Path) -> list[list[dict[str, str]]]:
+    """The `messages` lists of a conversations_*.jsonl file written by the prepare stage."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run `dvc repro prepare` (it writes conversations_train.jsonl)")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise QuantizeError(f"{path}:{n}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}, "
+                                f"got keys {sorted(row)}; regenerate it with `dvc repro prepare`")
+        out.append(messages)
+    if not out:
+        raise QuantizeError(f"{path}: no conversations; check the prepare stage's output")
+    return out
+
+
+def calibration_set(conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase, n: int,
+                    max_tokens: int, seed: int) -> list[list[int]]:
+    """`n` conversations drawn with `seed`, rendered through the chat template and cut to `max_tokens`."""
+    rng = random.Random(seed)
+    picked = rng.sample(conversations, min(n, len(conversations)))
+    ids = [list(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])[:max_tokens]
+           for m in picked]
+    ids = [x for x in ids if len(x) >= CALIB_MIN_TOKENS]
+    if not ids:
+        raise QuantizeError("no calibration conversation has 2 or more tokens; check conversations_train.jsonl")
+    return ids
+
+
+@torch.no_grad()
+def router_token_counts(model: PreTrainedModel, calib: list[list[int]]) -> dict[int, list[int]]:
+    """Tokens each expert receives from the full-precision router over the calibration set, per MoE layer
+    (each conversation run alone, as GPTQModel feeds them)."""
+    device = next(model.parameters()).device
+    totals: dict[int, torch.Tensor] = {}
+    for ids in calib:
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=False, output_router_stats=True)
+        for s in out.router_stats or []:
+            counts = s["tokens_per_expert"].long().cpu()
+            totals[s["layer"]] = totals.get(s["layer"], torch.zeros_like(counts)) + counts
+    return {layer: [int(c) for c in counts] for layer, counts in sorted(totals.items())}
+
+
+# ------------------------------------------------------------------------------------------- quantize
+def gptq_config(cfg: QuantizeConfig):
+    """GPTQModel's QuantizeConfig from params.yaml's `quantize` section (plus the fallback rule)."""
+    _require_gptqmodel()
+    from gptqmodel import QuantizeConfig as GPTQConfig
+    from gptqmodel.quantization.config import Fallback, FallbackStrategy
+
+    # threshold: observed < min_expert_tokens falls back; `True` = only modules that saw no token at all.
+    threshold: Any = cfg.min_expert_tokens if cfg.min_expert_tokens > 0 else True
+    return GPTQConfig(bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym,
+                      fallback=Fallback(strategy=FallbackStrategy.RTN, threshold=threshold),
+                      # plain GPTQ column order (g_idx = i // group_size when desc_act is off): the layout
+                      # every GPTQ kernel and loader expects
+                      act_group_aware=False, offload_to_disk=False)
+
+
+def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[list[int]], cfg: QuantizeConfig,
+             out_dir: Path, device: str = "cpu") -> tuple[list[dict[str, Any]], float]:
+    """Quantize `model_dir` and save it to `out_dir` atomically; returns GPTQModel's per-module log
+    (one dict per quantized Linear: layer, module, samples, loss) and the seconds spent quantizing."""
+    qcls = qmodel_class()
+    dtype = torch.float32 if device == "cpu" else torch.float16  # fp32 on CPUs without fast fp16
+    start = time.perf_counter()
+    qmodel = qcls.from_pretrained(str(model_dir), quantize_config=gptq_config(cfg), trust_remote_code=True,
+                                  device=device, dtype=dtype)
+    data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
+    # GPTQModel writes a per-run log file under ./logs; keep it out of the user's project folder
+    with tempfile.TemporaryDirectory(prefix="moechat-gptq-") as scratch, contextlib.chdir(scratch):
+        log = qmodel.quantize(data, batch_size=1, tokenizer=tokenizer, calibration_data_min_length=CALIB_MIN_TOKENS)
+    seconds = time.perf_counter() - start
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    qmodel.save(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    rows = log.get("gptq", []) if isinstance(log, dict) else []
+    if not rows:
+        raise QuantizeError(f"GPTQModel returned no per-module log ({type(log).__name__}); no module was quantized "
+                            f"— check that the model at {model_dir} is a moechat model")
+    return rows, seconds
+
+
+def expert_report(rows: list[dict[str, Any]], fp_counts: dict[int, list[int]], num_experts: int
+                  ) -> dict[str, Any]:
+    """Per-expert calibration tokens (router count in full precision, and what GPTQModel saw after the
+    earlier blocks were quantized) and the fallback flag, from GPTQModel's per-module log."""
+    by_module = {(int(r["layer"]), r["module"]): r for r in rows}
+    experts: dict[str, dict[str, Any]] = {}
+    for layer, counts in fp_counts.items():
+        per_layer = {}
+        for e in range(num_experts):
+            entries = [by_module.get((layer, f"mlp.experts.{e}.{m}")) for m in ("c_fc", "c_proj")]
+            if any(x is None for x in entries):
+                raise QuantizeError(f"GPTQModel did not quantize expert {e} of block {layer}; "
+                                    f"the module tree does not match the model")
+            per_layer[f"expert_{e}"] = {
+                "calib_tokens_router": counts[e],
+                "calib_tokens_gptq": int(entries[0]["samples"]),
+                "fallback": int(any(_is_fallback(x) for x in entries)),
+            }
+        experts[f"layer_{layer}"] = per_layer
+    return experts
+
+
+def _is_fallback(row: dict[str, Any]) -> bool:
+    return str(row.get("loss", "")).startswith("fallback")
+
+
+# ------------------------------------------------------------------------------------- 4-bit weights
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """Unpack one GPTQ Linear (checkpoint_format "gptq", int32 packing) into a float weight [out, in].
+
+    qweight [in * bits / 32, out] packs `32 / bits` input rows per int32 (low bits first); qzeros
+    [groups, out * bits / 32] packs zero points along the output dim and stores zero - 1 (the v1 format
+    auto-gptq established); W[o, i] = scales[g_idx[i], o] * (q[i, o] - (z[g_idx[i], o] + 1)).
+    """
+    per_int = 32 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    q = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [in / per_int, per_int, out]
+    q = q.reshape(-1, qweight.shape[1])  # [in, out]
+    z = (qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask  # [groups, out / per_int, per_int]
+    z = z.reshape(qzeros.shape[0], -1) + 1  # [groups, out]
+    g = g_idx.long()
+    w = scales.float()[g] * (q.float() - z.float()[g])  # [in, out]
+    return w.t().contiguous()
+
+
+def quantized_tensor_names(quant_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """All tensors of a saved quantized folder, grouped by module prefix for the GPTQ ones."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(quant_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        prefix, _, leaf = k.rpartition(".")
+        modules.setdefault(prefix, {})[leaf] = v
+    return modules
+
+
+def dequantized_model(fp_model: PreTrainedModel, quant_dir: Path) -> tuple[PreTrainedModel, int]:
+    """A copy of `fp_model` carrying the saved 4-bit weights (unpacked to fp32) and every other saved
+    tensor; returns it and the number of quantized Linears. This is the function the GPTQ kernels compute."""
+    bits = json.loads((Path(quant_dir) / "config.json").read_text())["quantization_config"]["bits"]
+    model = copy.deepcopy(fp_model)
+    modules = quantized_tensor_names(quant_dir)
+    n_quant = 0
+    with torch.no_grad():
+        for prefix, parts in modules.items():
+            module = model.get_submodule(prefix)
+            if "qweight" in parts:
+                w = dequantize_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], bits)
+                if tuple(w.shape) != tuple(module.weight.shape):
+                    raise QuantizeError(f"{quant_dir}: {prefix} unpacks to {tuple(w.shape)}, the model has "
+                                        f"{tuple(module.weight.shape)}; the folder does not match the model")
+                module.weight.copy_(w)
+                n_quant += 1
+            else:
+                for leaf, tensor in parts.items():
+                    getattr(module, leaf).copy_(tensor)
+                continue
+            if "bias" in parts and module.bias is not None:
+                module.bias.copy_(parts["bias"])
+    return model, n_quant
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the safetensors weight files in a folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ inference
+def is_quantized_dir(folder: Path) -> bool:
+    config = Path(folder) / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_quantized(quant_dir: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a quantized folder for inference through GPTQModel's kernels; returns the HF model (with
+    `generate`) and its tokenizer. CPU: fp32 activations with GPTQModel's CPU kernel (TorchInt8Linear,
+    which repacks the 4-bit weights per channel to int8 for `_weight_int8pack_mm`); GPU: fp16 with the
+    fastest kernel GPTQModel finds."""
+    from transformers import AutoTokenizer
+
+    qcls = qmodel_class()
+    from gptqmodel import BACKEND
+
+    if device == "cpu":
+        backend, dtype = BACKEND.GPTQ_TORCH_INT8, torch.float32
+    else:
+        backend, dtype = BACKEND.AUTO, torch.float16
+    wrapper = qcls.from_quantized(str(quant_dir), device=device, backend=backend, dtype=dtype,
+                                  trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(quant_dir), trust_remote_code=True)
+    return wrapper.model.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: QuantizeConfig, seed: int,
+                   out_dir: Path, batch_size: int = 4, max_batches: Optional[int] = None) -> dict[str, Any]:
+    """Calibrate, quantize, save, and measure: returns the metrics/quantize.json dict."""
+    from moechat.evaluate import evaluate_lm, load_model
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    fp_model, tokenizer = load_model(model_dir, torch.device("cpu"))
+    calib = calibration_set(read_conversations(conversations_path), tokenizer, cfg.calib_samples,
+                            cfg.calib_max_tokens, seed)
+    fp_counts = router_token_counts(fp_model, calib)
+    rows, seconds = run_gptq(model_dir, tokenizer, calib, cfg, out_dir)
+    experts = expert_report(rows, fp_counts, fp_model.config.num_experts)
+    q_model, n_quant = dequantized_model(fp_model, out_dir)
+    fp_eval = evaluate_lm(fp_model, val, batch_size, max_batches, desc="val fp")
+    q_eval = evaluate_lm(q_model, val, batch_size, max_batches, desc=f"val {cfg.bits}-bit")
+    fp_bytes, q_bytes = weight_bytes(model_dir), weight_bytes(out_dir)
+    fallback_experts = sum(e["fallback"] for layer in experts.values() for e in layer.values())
+    return {
+        "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act, "sym": cfg.sym,
+        "calib_samples": len(calib), "calib_tokens": sum(len(x) for x in calib),
+        "quantize_seconds": seconds,
+        "quantized_linears": n_quant,
+        "loss_fp": fp_eval["loss"], "loss_quantized": q_eval["loss"],
+        "perplexity_fp": fp_eval["perplexity"], "perplexity_quantized": q_eval["perplexity"],
+        "perplexity_ratio": q_eval["perplexity"] / fp_eval["perplexity"],
+        "weight_bytes_fp": fp_bytes, "weight_bytes_quantized": q_bytes, "size_ratio": q_bytes / fp_bytes,
+        "fallback": {"strategy": "rtn", "min_expert_tokens": cfg.min_expert_tokens,
+                     "experts": fallback_experts, "modules": sum(_is_fallback(r) for r in rows)},
+        "experts": experts,
+    }

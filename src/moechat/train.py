@@ -1,0 +1,564 @@
+"""The training loop: `train -> train_step -> evaluate`, one loop for every engine.
+
+accelerate is the one seam for the engine: device placement, autocast (bf16/fp16 with a GradScaler),
+gradient accumulation, DDP (NCCL, or gloo on CPU) and DeepSpeed ZeRO-2 all come from `Accelerator`, so
+the loop below reads the same on one CPU and on many GPUs. The data order is ours (a seeded permutation
+per epoch and a cursor into it), so a resumed run sees exactly the rows an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, set_seed
+from tqdm.auto import tqdm
+
+from moechat import checkpoint as ckpt
+from moechat import plan
+from moechat.config import ConfigError, ModelConfig, TrainConfig
+
+COLUMNS = ("input_ids", "labels", "position_ids")
+# Dense 16-bit tensor-core peaks (no sparsity) from NVIDIA's datasheets, matched against the CUDA device
+# name in this order. MFU against an unknown device is null rather than a guess.
+PEAK_FLOPS_16BIT = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
+    ("V100", 125e12), ("T4", 65e12),
+)
+LIVE_METRICS_SUBDIR = Path("plots") / "metrics"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss went NaN/inf; the message names the step and the checkpoint that survives."""
+
+
+class TrainOOMError(RuntimeError):
+    """CUDA ran out of memory; the message says what to lower, with the planner's estimate."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engine setup
+
+
+def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
+    """`auto` -> bf16 on GPUs that have it, fp16 (loss-scaled) on older GPUs, fp32 on CPU."""
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and not cuda:
+            raise ConfigError(f"train.precision={requested} needs a CUDA GPU (CPU 16-bit matmuls are ~100x "
+                              f"slower here); use precision: fp32 or auto on CPU")
+        return requested
+    if not cuda:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any]]:
+    """The DeepSpeed config for `train.deepspeed`, or None without DeepSpeed.
+
+    zero2: ZeRO stage 2 (optimizer state and grads sharded over GPUs) with our optimizer as the client
+    optimizer; bnb's 8-bit AdamW is not on DeepSpeed's tested list, hence `zero_allow_untested_optimizer`.
+    zero2_offload: stage 2 with the optimizer state and step on the CPU, which needs DeepSpeed's CPU Adam
+    (a fused fp32 AdamW): 8-bit AdamW cannot run there, so this choice replaces train.optimizer.
+    A path: that JSON file, with batch/clip/precision keys checked against params.
+    """
+    if cfg.deepspeed is None:
+        return None
+    base = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed in ("zero2", "zero2_offload"):
+        zero: dict[str, Any] = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+        if cfg.deepspeed == "zero2_offload":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        else:
+            base["zero_allow_untested_optimizer"] = True
+        return {**base, "zero_optimization": zero}
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed={cfg.deepspeed!r} is not null, zero2, zero2_offload or an existing "
+                          f"JSON file; fix the path or pick one of those")
+    try:
+        given = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed={cfg.deepspeed}: not valid JSON ({err})") from err
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        if key in given and given[key] not in ("auto", base[key]):
+            raise ConfigError(f"{path}: {key}={given[key]} disagrees with params.yaml ({base[key]}); set it to "
+                              f"\"auto\" or to the params value")
+    merged = {**given, **{k: base[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                               "gradient_clipping")}}
+    merged.setdefault("bf16", base["bf16"])
+    merged.setdefault("fp16", base["fp16"])
+    merged.setdefault("zero_allow_untested_optimizer", True)
+    return merged
+
+
+def offloads_optimizer(ds_config: Optional[dict[str, Any]]) -> bool:
+    zero = (ds_config or {}).get("zero_optimization", {})
+    return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
+def build_accelerator(cfg: TrainConfig, precision: str, ds_config: Optional[dict[str, Any]]) -> Accelerator:
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config is not None else None
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+    # cpu=True on a machine without CUDA makes accelerate pick gloo DDP under torchrun/accelerate launch;
+    # DeepSpeed initialises its own process group (and refuses cpu=True).
+    cpu = not torch.cuda.is_available() and plugin is None
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, deepspeed_plugin=plugin,
+                       step_scheduler_with_optimizer=False, cpu=cpu)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matmul weights only; none on biases, LayerNorms and embeddings (GPT-2/nanoGPT
+    practice: decaying them shrinks scales and lookup rows without regularising anything)."""
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in no_decay_ids or name.endswith("bias") or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def lr_multiplier(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at `total_steps` (nanoGPT's schedule),
+    as a multiple of train.lr for LambdaLR. `step` counts optimizer steps already taken."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    ratio = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    lr = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+    return lr / cfg.lr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_blocks(data_dir: Path, split: str, seq_len: int) -> dict[str, torch.Tensor]:
+    """The packed blocks of `split` as int64 tensors [rows, seq_len] (held in memory: OASST is small)."""
+    from moechat.data.chat import load_packed
+
+    path = Path(data_dir) / split
+    ds = load_packed(data_dir, split)
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (has {ds.column_names}); rerun the prepare stage")
+    blocks = {c: t.long() for c, t in ds.with_format("torch", columns=list(COLUMNS))[:].items()}
+    if blocks["input_ids"].ndim != 2 or blocks["input_ids"].shape[1] != seq_len:
+        raise ValueError(f"{path}: blocks have shape {tuple(blocks['input_ids'].shape)}, expected [rows, "
+                         f"train.seq_len={seq_len}]; rerun `dvc repro prepare` after changing train.seq_len")
+    return blocks
+
+
+class BatchStream:
+    """Seeded, resumable order over the train blocks: epoch e visits rows in `randperm(seed + e)` order,
+    one global batch (micro_batch x grad_accum x world) per optimizer step; a tail shorter than a global
+    batch is skipped (every step sees the same number of rows)."""
+
+    def __init__(self, n_rows: int, global_batch: int, seed: int):
+        if n_rows < global_batch:
+            raise ValueError(f"the train split has {n_rows} blocks, fewer than one global batch of {global_batch} "
+                             f"(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
+                             f"train.grad_accum, or prepare more data")
+        self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_rows // self.global_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self._perm
+
+    def next_rows(self, cursor: ckpt.Cursor) -> tuple[torch.Tensor, ckpt.Cursor]:
+        """Row ids of the next global batch and the cursor after it."""
+        epoch, pos = cursor.epoch, cursor.position
+        if pos + self.global_batch > self.n_rows:
+            epoch, pos = epoch + 1, 0
+        rows = self.permutation(epoch)[pos:pos + self.global_batch]
+        return rows, ckpt.Cursor(epoch, pos + self.global_batch)
+
+
+def micro_batches(blocks: dict[str, torch.Tensor], rows: torch.Tensor, micro_batch: int, rank: int,
+                  world: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of a global batch: micro-batch i of rank r holds rows[(i*world + r)*mb:...],
+    so one process with grad_accum=a*w and w processes with grad_accum=a see the same row groups."""
+    n_micro = rows.numel() // (micro_batch * world)
+    out = []
+    for i in range(n_micro):
+        start = (i * world + rank) * micro_batch
+        idx = rows[start:start + micro_batch]
+        out.append({c: blocks[c][idx] for c in COLUMNS})
+    return out
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss after the model's shift (labels[:, 1:] != -100)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step, evaluation
+
+
+@dataclass
+class StepStats:
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    z_loss: float
+    grad_norm: Optional[float]
+    tokens: int  # all positions processed, every process
+    targets: int  # positions with a loss, every process
+    router: list[dict[str, Any]]  # per MoE layer: layer, expert_share (list), dropped_share
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+               batches: list[dict[str, torch.Tensor]], n_targets_global: int, grad_clip: float,
+               step: int) -> StepStats:
+    """One optimizer step over this rank's micro-batches (forward, backward, clip, step).
+
+    The LM loss is the mean over every target token of the global batch: each micro-batch's token sum is
+    divided by N_global / (micro-batches x processes), which the accumulation (/ micro-batches) and DDP's
+    gradient average (/ processes) turn back into sum / N_global."""
+    world, accum = accelerator.num_processes, len(batches)
+    device = accelerator.device
+    norm = torch.tensor(max(n_targets_global, 1) / (accum * world), device=device, dtype=torch.float32)
+    sums = torch.zeros(4, device=device)  # loss, lm, aux, z summed over micro-batches
+    tokens_per_expert: dict[int, torch.Tensor] = {}
+    dropped: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with accelerator.accumulate(model):
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                        num_items_in_batch=norm, output_router_stats=True, use_cache=False)
+            accelerator.backward(out.loss)
+        sums += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
+                             out.aux_loss.detach().float(), out.z_loss.detach().float()])
+        for s in out.router_stats or []:
+            layer = s["layer"]
+            tokens_per_expert[layer] = tokens_per_expert.get(layer, 0) + s["tokens_per_expert"].to(device)
+            dropped[layer] = dropped.get(layer, 0) + torch.tensor(s["dropped_tokens"], device=device)
+    means = accelerator.reduce(sums / accum, reduction="mean")
+    if not torch.isfinite(means).all():
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"step {step}: non-finite loss (loss={means[0].item()}, lm={means[1].item()}, "
+                                 f"aux={means[2].item()}, z={means[3].item()})")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    router = []
+    for layer in sorted(tokens_per_expert):
+        counts = accelerator.reduce(tokens_per_expert[layer], reduction="sum").float()
+        lost = accelerator.reduce(dropped[layer], reduction="sum").float()
+        assigned = counts.sum().clamp(min=1)
+        router.append({"layer": layer, "expert_share": (counts / assigned).tolist(),
+                       "dropped_share": float(lost / assigned)})
+    tokens = sum(b["input_ids"].numel() for b in batches) * world
+    loss, lm, aux, z = means.tolist()
+    gn = None if grad_norm is None else float(grad_norm)
+    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, router)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
+             max_batches: int) -> dict[str, float]:
+    """Token-weighted LM loss over the first `max_batches` val micro-batches (fixed rows, shared over
+    processes) plus the mean router losses."""
+    model.eval()
+    n_batches = min(max_batches, math.ceil(val["input_ids"].shape[0] / micro_batch))
+    sums = torch.zeros(4, device=accelerator.device)  # lm token sum, targets, aux, z
+    for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
+        batch = {c: val[c][b * micro_batch:(b + 1) * micro_batch].to(accelerator.device) for c in COLUMNS}
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                    num_items_in_batch=1, use_cache=False)
+        sums += torch.stack([out.lm_loss.float(), torch.tensor(float(count_targets(batch["labels"])),
+                                                               device=sums.device),
+                             out.aux_loss.float(), out.z_loss.float()])
+    sums = accelerator.reduce(sums, reduction="sum")
+    model.train()
+    lm_sum, targets, aux, z = sums.tolist()
+    return {"lm_loss": lm_sum / max(targets, 1), "aux_loss": aux / max(n_batches, 1), "z_loss": z / max(n_batches, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging, accounting
+
+
+def truncate_live_history(live_dir: Path, last_step: int) -> None:
+    """Drop DVCLive rows logged after `last_step` (by a run that crashed past its last checkpoint), so the
+    resumed curves continue without duplicates. A kill -9 can land mid-write: a torn last row is dropped,
+    and a torn summary (metrics.json, rewritten by DVCLive on every step) is removed, not parsed."""
+    for tsv in (Path(live_dir) / LIVE_METRICS_SUBDIR).rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        header = lines[0].rstrip("\n").split("\t")
+        step_col = header.index("step")
+        kept = [lines[0]] + [
+            ln for ln in lines[1:]
+            if ln.endswith("\n") and len(ln.split("\t")) == len(header)
+            and int(ln.split("\t")[step_col]) <= last_step
+        ]
+        tmp = tsv.with_suffix(".tsv.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, tsv)
+    summary = Path(live_dir) / "metrics.json"
+    if summary.exists():
+        try:
+            json.loads(summary.read_text())
+        except json.JSONDecodeError:
+            summary.unlink()
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[str, Optional[float], str]:
+    """(device name, peak FLOP/s for this precision or None, why None)."""
+    if device.type != "cuda":
+        return "cpu", None, "CPU run: no tensor-core peak to compare against; MFU is reported on GPUs"
+    name = torch.cuda.get_device_name(device)
+    if precision == "fp32":
+        return name, None, "fp32 run: the 16-bit tensor-core peak does not apply"
+    for key, peak in PEAK_FLOPS_16BIT:
+        if key in name:
+            return name, peak, f"dense 16-bit peak of {key} from NVIDIA's datasheet"
+    return name, None, f"no datasheet peak known for {name!r}; add it to moechat.train.PEAK_FLOPS_16BIT"
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / plan.GIB, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / plan.GIB, "host max RSS (CPU run)"
+
+
+def model_config_of(hf_config: Any) -> ModelConfig:
+    """The planner's ModelConfig from a loaded model's config (the init stage may differ from params)."""
+    return ModelConfig(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(ModelConfig)
+                          if hasattr(hf_config, f.name) and f.name != "init_from"})
+
+
+def load_model(init_dir: Path) -> torch.nn.Module:
+    import moechat.modeling  # noqa: F401  (registers the moechat Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
+
+
+def save_final(model: torch.nn.Module, accelerator: Accelerator, init_dir: Path, out_dir: Path) -> None:
+    """save_pretrained (safetensors) plus the tokenizer files of the init folder, renamed into place."""
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+    for f in Path(init_dir).iterdir():
+        if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" \
+                and not f.name.endswith(".index.json"):
+            shutil.copy2(f, tmp / f.name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoint_dir: Path, out_dir: Path,
+          live_dir: Path) -> dict[str, Any]:
+    """Train the init model on the packed blocks, resuming from the newest checkpoint of this experiment.
+
+    Side effects: checkpoints under `checkpoint_dir/<fingerprint>/`, DVCLive curves under `live_dir`, the
+    final model in `out_dir`. Returns the metrics for metrics/train.json."""
+    wall_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    ds_config = deepspeed_config(cfg, precision)
+    offload = offloads_optimizer(ds_config)
+    accelerator = build_accelerator(cfg, precision, ds_config)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    set_seed(seed)
+
+    model = load_model(init_dir)
+    model_cfg = model_config_of(model.config)
+    if accelerator.device.type == "cuda":
+        plan.check(model_cfg, dataclasses.replace(cfg, precision=precision), model.config.vocab_size, world)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
+    val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
+    stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * stream.steps_per_epoch
+
+    optimizer = build_optimizer(model, cfg, offload)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    per_rank_optimizer = ds_config is not None  # ZeRO shards the optimizer state: one file per rank
+
+    fp = ckpt.fingerprint(dataclasses.asdict(cfg), seed, init_dir, data_dir, world)
+    state = ckpt.TrainState(fingerprint=fp)
+    resume = ckpt.latest_checkpoint(checkpoint_dir, fp)
+    if resume is not None:
+        loaded = ckpt.load_checkpoint(resume, raw_model, rank)
+        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        if per_rank_optimizer:  # ZeRO takes one state dict per saved rank; ours are saved with the same world
+            inner.load_state_dict([loaded.optimizer_state] * world, load_from_fp32_weights=True)
+        else:
+            inner.load_state_dict(loaded.optimizer_state)
+        scheduler.load_state_dict(loaded.scheduler_state)
+        state = loaded.state
+    live = None
+    if main:
+        from dvclive import Live
+
+        if resume is not None:
+            truncate_live_history(live_dir, state.step)
+        live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
+    if resume is not None:
+        ckpt.restore_rank_rng(resume, rank)
+        accelerator.print(f"resuming {fp} from {resume} (step {state.step}/{total_steps})")
+    start_step = state.step
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    device_name, peak, mfu_note = device_peak_flops(accelerator.device, precision)
+
+    stats: Optional[StepStats] = None
+    val: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", unit="step")
+    model.train()
+    try:
+        while state.step < total_steps:
+            step = state.step + 1
+            rows, cursor = stream.next_rows(state.cursor)
+            batches = micro_batches(train_blocks, rows, cfg.micro_batch_size, rank, world)
+            n_targets = count_targets(train_blocks["labels"][rows])
+            t0 = time.perf_counter()
+            stats = train_step(model, optimizer, accelerator, batches, n_targets, cfg.grad_clip, step)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            state = dataclasses.replace(state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
+                                        target_tokens_seen=state.target_tokens_seen + stats.targets,
+                                        train_seconds=state.train_seconds + dt)
+            if live is not None:
+                log_step(live, step, stats, lr, stats.tokens / dt)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
+                if live is not None:
+                    live.step = step
+                    live.log_metric("val/lm_loss", val["lm_loss"])
+                    live.log_metric("val/aux_loss", val["aux_loss"])
+            if live is not None:
+                live.next_step()
+            if step % cfg.save_every == 0 or step == total_steps:
+                inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+                ckpt.save_checkpoint(checkpoint_dir, state, raw_model, inner.state_dict(), scheduler.state_dict(),
+                                     cfg.keep_checkpoints, rank, world, accelerator.wait_for_everyone,
+                                     per_rank_optimizer)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
+    except NonFiniteLossError as err:
+        last = ckpt.latest_checkpoint(checkpoint_dir, fp)
+        raise NonFiniteLossError(f"{err}; stopped without saving. Last good checkpoint: {last or 'none'}. "
+                                 f"Lower train.lr, or use train.precision: bf16/fp32 if this was fp16") from None
+    except torch.OutOfMemoryError as err:
+        estimate = plan.estimate(model_cfg, dataclasses.replace(cfg, precision=precision), model.config.vocab_size,
+                                 world_size=world)
+        raise TrainOOMError(
+            f"CUDA out of memory at step {state.step + 1}: the planner estimated {estimate.total_gb:.2f} GiB for "
+            f"micro_batch_size={cfg.micro_batch_size}, seq_len={cfg.seq_len}, gradient_checkpointing="
+            f"{cfg.gradient_checkpointing}. Lower train.micro_batch_size (raise grad_accum to keep the batch), "
+            f"lower train.seq_len, or set train.gradient_checkpointing: true; "
+            f"{plan.advice(model_cfg, cfg, model.config.vocab_size, world)}. ({err})") from err
+    finally:
+        bar.close()
+        if live is not None:
+            live.end()
+
+    if not val:
+        val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
+    save_final(model, accelerator, init_dir, out_dir)
+    mem_gb, mem_kind = peak_memory(accelerator.device)
+    tokens_per_s = state.tokens_seen / state.train_seconds if state.train_seconds else None
+    mfu = flops_per_token * tokens_per_s / (peak * world) if peak and tokens_per_s else None
+    return {
+        "steps": state.step, "resumed_from_step": start_step or None, "fingerprint": fp,
+        "loss": stats.loss if stats else None, "lm_loss": stats.lm_loss if stats else None,
+        "aux_loss": stats.aux_loss if stats else None, "z_loss": stats.z_loss if stats else None,
+        "val_lm_loss": val["lm_loss"], "tokens_seen": state.tokens_seen,
+        "target_tokens_seen": state.target_tokens_seen, "train_seconds": state.train_seconds,
+        "wall_seconds": time.perf_counter() - wall_start, "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token, "mfu": mfu, "device": device_name, "processes": world,
+        "peak_flops_per_device": peak, "mfu_note": mfu_note, "peak_memory_gb": mem_gb, "peak_memory_kind": mem_kind,
+        "precision": precision, "optimizer": "deepspeed_cpu_adam" if offload else cfg.optimizer,
+        "deepspeed": cfg.deepspeed, "parameters": raw_model.parameter_counts(),
+    }
+
+
+def log_step(live: Any, step: int, s: StepStats, lr: float, tokens_per_s: float) -> None:
+    live.step = step
+    for name, value in (("loss", s.loss), ("lm_loss", s.lm_loss), ("aux_loss", s.aux_loss), ("z_loss", s.z_loss),
+                        ("lr", lr), ("tokens_per_s", tokens_per_s)):
+        live.log_metric(f"train/{name}", value)
+    if s.grad_norm is not None:
+        live.log_metric("train/grad_norm", s.grad_norm)
+    for r in s.router:
+        for e, share in enumerate(r["expert_share"]):
+            live.log_metric(f"moe/layer{r['layer']}/expert{e}_share", share)
+        live.log_metric(f"moe/layer{r['layer']}/dropped_share", r["dropped_share"])
+
+
+def write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    """JSON, written to a temp file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["train", "train_step", "evaluate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
+           "resolve_precision", "param_groups", "lr_multiplier", "BatchStream", "write_metrics"]

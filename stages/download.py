@@ -1,0 +1,41 @@
+"""download stage: read `data.source` (Hub id, local message rows, or a trees export) into data/raw.
+
+Writes canonical message rows (`messages.parquet`) and metrics/download.json with counts and a content hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moechat.config import load_params
+from moechat.data.oasst import download
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the canonical message rows")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file for counts and content hash")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    metrics = download(params.data, args.out)
+    write_json(args.metrics, metrics)
+    print(f"download: {metrics['rows']} messages in {metrics['trees']} trees from {metrics['source']} "
+          f"({metrics['kind']}) -> {args.out} sha256={metrics['sha256'][:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""evaluate stage: val loss/perplexity over assistant tokens, accuracy, router health, chat samples.
+
+Usage (see dvc.yaml): python stages/evaluate.py --model models/final --data data/prepared
+    --metrics metrics/eval.json --samples metrics/samples.json --plots metrics/eval [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moechat.config import load_params
+from moechat.data.chat import load_packed
+from moechat.evaluate import evaluate, load_model, pick_device, share_rows, write_json_atomic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="save_pretrained folder of the trained model")
+    parser.add_argument("--data", type=Path, required=True, help="prepared data folder (packed val split)")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON with loss, perplexity, router stats")
+    parser.add_argument("--samples", type=Path, required=True, help="JSON with the generated chat samples")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for DVC plot data files")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    model, tokenizer = load_model(args.model, pick_device(args.device))
+    metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
+    write_json_atomic(metrics, args.metrics)
+    write_json_atomic(samples, args.samples)
+    write_json_atomic(share_rows(metrics), args.plots / "expert_shares.json")
+    write_json_atomic(samples, args.plots / "samples_table.json")
+    router = metrics.get("router", {})
+    print(f"evaluate: loss {metrics['loss']:.4f} ppl {metrics['perplexity']:.2f} acc {metrics['accuracy']:.3f} "
+          f"on {metrics['tokens']:,} assistant tokens; router cv {router.get('mean_cv', 0):.3f}, "
+          f"dead experts {router.get('dead_experts', 0)}; {len(samples)} samples -> {args.samples}")
+
+
+if __name__ == "__main__":
+    main()

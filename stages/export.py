@@ -1,0 +1,33 @@
+"""export stage: a self-contained Hugging Face folder (code, sharded safetensors, tokenizer, model card).
+
+Usage (see dvc.yaml): python stages/export.py --model models/final --metrics-dir metrics --out models/export
+    [--params params.yaml] [--max-shard-size 2GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moechat.config import load_params
+from moechat.export import export_model, load_trained, read_metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="trained save_pretrained folder")
+    parser.add_argument("--metrics-dir", type=Path, required=True, help="folder with the pipeline's *.json metrics")
+    parser.add_argument("--out", type=Path, required=True, help="export folder to write")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB or 2GB")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    model, tokenizer = load_trained(args.model)
+    summary = export_model(model, tokenizer, params, read_metrics(args.metrics_dir), args.out, args.max_shard_size)
+    print(f"export: {args.out}: {len(summary['shards'])} safetensors shard(s), {summary['weight_bytes']:,} bytes, "
+          f"{summary['params']['total']:,} params ({summary['params']['active']:,} active per token)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""init stage: build the MoE model (from scratch or upcycled from a dense GPT-2) and write models/init.
+
+Usage (see dvc.yaml): python stages/init.py --tokenizer data/tokenizer --out models/init
+    --metrics metrics/model.json [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moechat.config import load_params
+from moechat.init import initialize, write_json_atomic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder written by prepare")
+    parser.add_argument("--out", type=Path, required=True, help="save_pretrained folder to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON with parameter counts and FLOPs")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    report = initialize(params.model, params.seed, params.train.seq_len, args.tokenizer, args.out)
+    write_json_atomic(report, args.metrics)
+    counts = report["params"]
+    print(f"init: {report['init_from'] or 'scratch'} -> {args.out}: {counts['total']:,} params, "
+          f"{counts['active']:,} active per token, MoE blocks {report['moe_layers']}, "
+          f"{report['train_flops_per_token']:.3g} train FLOPs/token at seq_len {report['seq_len']}")
+
+
+if __name__ == "__main__":
+    main()

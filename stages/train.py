@@ -1,0 +1,43 @@
+"""Stage `train`: train the init model on the packed blocks; checkpoints, DVCLive curves, final model.
+
+Resumes on its own from the newest complete checkpoint of the same experiment (see README, Training).
+Multi-GPU: launch this same script with `accelerate launch`, `torchrun` or `deepspeed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from moechat.config import load_params
+from moechat.train import train, write_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", type=Path, required=True, help="prepared data folder (train/ and val/)")
+    ap.add_argument("--init", type=Path, required=True, help="init model folder (save_pretrained)")
+    ap.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root (persists across runs)")
+    ap.add_argument("--out", type=Path, required=True, help="final model folder")
+    ap.add_argument("--live", type=Path, required=True, help="DVCLive folder")
+    ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)
+    if os.environ.get("RANK", "0") != "0":  # set by torchrun / accelerate launch / deepspeed
+        return 0
+    write_metrics(m, args.metrics)
+    mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
+    speed = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.0f}"
+    print(f"train: {m['steps']} steps, val lm loss {m['val_lm_loss']:.4f}, {speed} tok/s, MFU {mfu} "
+          f"on {m['device']}, peak {m['peak_memory_gb']:.2f} GiB ({m['peak_memory_kind']}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

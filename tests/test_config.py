@@ -1,0 +1,89 @@
+"""params.yaml validation: every bad value fails before any work, naming the key, the value and the fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moechat.config import ConfigError, Params, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(section: str, key: str, value) -> dict:
+    raw = reference()
+    raw[section][key] = value
+    return raw
+
+
+def test_reference_params_load_into_typed_sections():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert (params.model.n_layer, params.model.n_embd, params.model.n_head) == (8, 1024, 16)
+    assert (params.model.num_experts, params.model.top_k, params.model.moe_every) == (10, 2, 2)
+    assert params.data.langs == ("en",) and params.tokenizer.source == "gpt2"
+    assert params.train.seq_len == 1024 and params.train.optimizer == "adamw_8bit"
+
+
+def test_tiny_preset_is_valid_and_overrides_only_what_it_names():
+    tiny = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+    params = load_params(ROOT / "params.yaml", overrides=tiny)
+    assert params.model.n_embd == 64 and params.train.seq_len == 256
+    assert params.model.aux_loss_coef == 0.01  # untouched keys keep the reference value
+
+
+def test_sections_are_frozen():
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(AttributeError):
+        params.model.top_k = 3
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("model", "top_k", 11, "model.top_k=11 must be <= model.num_experts=10"),
+        ("model", "n_head", 7, "model.n_embd=1024 must be divisible by model.n_head=7"),
+        ("model", "n_positions", 512, "train.seq_len=1024 must be <= model.n_positions=512"),
+        ("data", "val_fraction", 1.0, "data.val_fraction=1.0 must lie strictly between 0 and 1"),
+        ("data", "val_fraction", 0, "data.val_fraction=0.0 must lie strictly between 0 and 1"),
+        ("data", "thread_policy", "longest", "data.thread_policy='longest' is not one of best | all"),
+        ("model", "num_experts", "10", "model.num_experts='10' must be of type int, got str"),
+        ("train", "gradient_checkpointing", "yes", "train.gradient_checkpointing='yes' must be of type bool"),
+        ("model", "n_layer", True, "model.n_layer=True must be of type int, got bool"),
+        ("data", "langs", "en", "data.langs='en' must be a list of strings"),
+        ("train", "optimizer", "sgd", "train.optimizer='sgd' is not one of adamw_8bit | adamw"),
+        ("quantize", "bits", 5, "quantize.bits=5 must be one of 2, 3, 4, 8"),
+    ],
+)
+def test_bad_values_name_key_value_and_fix(section, key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(with_change(section, key, value))
+    assert expected in str(err.value)
+
+
+def test_unknown_key_is_named_with_the_known_ones():
+    raw = reference()
+    raw["model"]["n_experts"] = 8
+    with pytest.raises(ConfigError, match=r"unknown key model\.n_experts; known keys in model: init_from"):
+        params_from_dict(raw)
+
+
+def test_unknown_section_is_named():
+    raw = reference()
+    raw["optimizer"] = {"lr": 1}
+    with pytest.raises(ConfigError, match="unknown key optimizer"):
+        params_from_dict(raw)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    params = params_from_dict(with_change("train", "lr", 1))
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+
+
+def test_missing_file_says_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="not found; run from the project root"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,114 @@
+"""evaluate: packed-split metrics against conversation-by-conversation references, router statistics,
+chat samples, and the stage script end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moechat.config import EvalConfig
+from moechat.data.chat import tokenize_conversation
+from moechat.evaluate import _LayerTally, evaluate_lm, generate_samples, layer_metrics, share_rows
+from tests._release_tiny import conversations, packed, save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok, seed=3)
+
+
+def test_packed_loss_and_accuracy_equal_each_conversation_run_alone(tok, model):
+    convs = conversations(6)
+    metrics = evaluate_lm(model, packed(tok, convs), batch_size=2)
+    nll, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for c in convs:
+            t = tokenize_conversation(tok, c["messages"])
+            logits = model(input_ids=torch.tensor([t.input_ids])).logits[0, :-1]
+            targets = torch.tensor(t.labels[1:])
+            keep = targets != -100
+            nll += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+            correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
+            count += int(keep.sum())
+    assert metrics["tokens"] == count
+    assert metrics["loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(correct / count)
+
+
+def test_metrics_do_not_depend_on_batch_size(tok, model):
+    ds = packed(tok, conversations(6))
+    a, b = evaluate_lm(model, ds, batch_size=1), evaluate_lm(model, ds, batch_size=3)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["layers"][0]["tokens_per_expert"] == b["layers"][0]["tokens_per_expert"]
+    assert a["layers"][0]["entropy"] == pytest.approx(b["layers"][0]["entropy"], rel=1e-5)
+
+
+def test_router_counts_cover_every_real_token_top_k_times(tok, model):
+    convs = conversations(6)
+    ds = packed(tok, convs)
+    metrics = evaluate_lm(model, ds, batch_size=2)
+    real_tokens = sum(len(tokenize_conversation(tok, c["messages"]).input_ids) for c in convs)
+    (layer,) = metrics["layers"]
+    assert layer["layer"] == 1  # moe_every=2: the second block
+    assert sum(layer["tokens_per_expert"]) == real_tokens * model.config.num_experts_per_tok
+    assert sum(layer["expert_share"]) == pytest.approx(1.0)
+    assert 0.0 < layer["entropy"] <= math.log(4) + 1e-6
+    rows = share_rows(metrics)
+    assert [r["expert"] for r in rows] == [f"expert {e}" for e in range(4)]
+
+
+def test_layer_metrics_balanced_and_collapsed():
+    balanced = layer_metrics(0, _LayerTally(torch.tensor([10, 10, 10, 10])), 0.01)
+    assert balanced["cv"] == pytest.approx(0.0) and balanced["dead_experts"] == 0
+    collapsed = layer_metrics(0, _LayerTally(torch.tensor([40, 0, 0, 0]), dropped=8), 0.01)
+    # shares (1, 0, 0, 0): population std sqrt(3)/4 over mean 1/4 = sqrt(3)
+    assert collapsed["cv"] == pytest.approx(math.sqrt(3))
+    assert collapsed["dead_expert_ids"] == [1, 2, 3]
+    assert collapsed["dropped_share"] == pytest.approx(8 / 40)
+    # threshold is strict "below": a share exactly at it is alive
+    edge = layer_metrics(0, _LayerTally(torch.tensor([1, 99])), 0.01)
+    assert edge["dead_experts"] == 0
+
+
+def test_samples_greedy_is_deterministic_and_seeded_sampling_repeats(tok, model):
+    cfg = EvalConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, prompts=("Tell me about the sea.", "More?"))
+    a = generate_samples(model, tok, cfg, seed=7)
+    b = generate_samples(model, tok, cfg, seed=7)
+    assert [s["mode"].split()[0] for s in a] == ["greedy", "sample", "greedy", "sample"]
+    assert a == b
+    assert all(isinstance(s["response"], str) for s in a)
+
+
+def test_stage_writes_metrics_samples_and_plot_data(tok, tmp_path):
+    model_dir = save_model(tiny_model(tok, seed=1), tok, tmp_path / "final")
+    prepared = write_prepared(tok, tmp_path / "prepared")
+    params = tiny_params(tmp_path / "params.yaml", eval={"max_new_tokens": 4, "prompts": ["Hi?"]})
+    out = tmp_path / "metrics"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "--model", str(model_dir), "--data",
+                    str(prepared), "--metrics", str(out / "eval.json"), "--samples", str(out / "samples.json"),
+                    "--plots", str(out / "eval"), "--params", str(params), "--device", "cpu"],
+                   check=True, env=env, cwd=tmp_path)
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["tokens"] > 0 and math.isfinite(metrics["perplexity"])
+    assert metrics["dead_expert_threshold"] == 0.01
+    samples = json.loads((out / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["Hi?", "Hi?"]
+    shares = json.loads((out / "eval" / "expert_shares.json").read_text())
+    assert len(shares) == 4 and sum(r["share"] for r in shares) == pytest.approx(1.0)

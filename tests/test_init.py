@@ -1,0 +1,157 @@
+"""The init stage: config from params + tokenizer, seeded GPT-2 init, sparse upcycling, the saved folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from moechat.config import ModelConfig
+from moechat.init import UpcycleError, build_config, init_scratch, initialize, load_dense_parent, upcycle
+from moechat.modeling import MoeChatConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PARENT_VOCAB = 40
+
+
+def make_tokenizer(n_words: int = PARENT_VOCAB) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose first n_words ids play the dense parent's vocabulary, plus chat tokens."""
+    vocab = {f"w{i}": i for i in range(n_words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    return fast
+
+
+def tiny_params(**overrides) -> ModelConfig:
+    base = ModelConfig(n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=128, num_experts=4, top_k=2)
+    return dataclasses.replace(base, **overrides)
+
+
+def dense_parent(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=PARENT_VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_build_config_takes_vocab_and_special_ids_from_tokenizer():
+    tok = make_tokenizer()
+    config = build_config(tiny_params(top_k=1), tok)
+    assert config.vocab_size == len(tok) == PARENT_VOCAB + 3
+    assert config.pad_token_id == tok.convert_tokens_to_ids("<|pad|>")
+    assert config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert config.num_experts_per_tok == 1 and config.moe_layers == [1]
+
+
+def test_scratch_init_is_seeded_and_scales_residual_projections():
+    config = build_config(tiny_params(n_layer=4, n_embd=64, n_inner=256), make_tokenizer())
+    a, b, c = init_scratch(config, 1), init_scratch(config, 1), init_scratch(config, 2)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
+    std = 0.02 / math.sqrt(2 * 4)
+    expert = a.transformer.h[1].mlp.experts[2]
+    for residual in (a.transformer.h[0].attn.c_proj, a.transformer.h[0].mlp.c_proj, expert.c_proj):
+        assert residual.weight.std().item() == pytest.approx(std, rel=0.05)
+        assert torch.all(residual.bias == 0)
+    assert expert.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert a.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycled_model_reproduces_its_dense_parent(top_k):
+    parent = dense_parent()
+    config = build_config(tiny_params(top_k=top_k), make_tokenizer())
+    model = upcycle(config, parent, seed=0).eval()
+    x = torch.randint(0, PARENT_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x).logits
+        theirs = parent(x).logits
+    torch.testing.assert_close(ours[..., :PARENT_VOCAB], theirs, rtol=1e-5, atol=1e-5)
+    experts = model.transformer.h[1].mlp.experts
+    assert all(torch.equal(e.c_fc.weight, experts[0].c_fc.weight) for e in experts)
+    torch.testing.assert_close(experts[0].c_fc.weight, parent.transformer.h[1].mlp.c_fc.weight.t())
+    assert model.transformer.h[1].mlp.router.weight.std() > 0  # fresh router, not copied zeros
+    new_rows = model.transformer.wte.weight[PARENT_VOCAB:]
+    torch.testing.assert_close(new_rows, parent.transformer.wte.weight.mean(0).expand_as(new_rows))
+
+
+def test_upcycle_takes_the_first_n_layer_blocks_of_a_deeper_parent():
+    parent = dense_parent(n_layer=3)
+    model = upcycle(build_config(tiny_params(n_layer=2), make_tokenizer()), parent, seed=0)
+    torch.testing.assert_close(model.transformer.h[1].attn.c_attn.weight, parent.transformer.h[1].attn.c_attn.weight.t())
+    torch.testing.assert_close(model.transformer.ln_f.weight, parent.transformer.ln_f.weight)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"n_embd": 64}, "model.n_embd=64"),
+    ({"n_inner": 64}, "model.n_inner=64"),
+    ({"n_head": 8}, "model.n_head=8"),
+    ({"n_layer": 4}, "model.n_layer=4"),
+    ({"n_positions": 64}, "model.n_positions=64"),
+])
+def test_upcycle_dimension_mismatch_is_a_named_error(overrides, key):
+    config = build_config(tiny_params(**overrides), make_tokenizer())
+    with pytest.raises(UpcycleError, match=key):
+        upcycle(config, dense_parent(), seed=0)
+
+
+def test_upcycle_rejects_a_smaller_vocabulary():
+    config = build_config(tiny_params(), make_tokenizer(n_words=20))
+    with pytest.raises(UpcycleError, match="tokenizer has 23 tokens"):
+        upcycle(config, dense_parent(), seed=0)
+
+
+def test_load_dense_parent_errors_name_the_key(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(UpcycleError, match="model.init_from=.*is a file"):
+        load_dense_parent(str(tmp_path / "weights.bin"))
+    with pytest.raises(UpcycleError, match="model.init_from="):
+        load_dense_parent(str(tmp_path / "missing_dir"))
+
+
+def test_initialize_upcycles_from_a_local_folder_and_writes_a_loadable_model(tmp_path):
+    parent = dense_parent()
+    parent.save_pretrained(tmp_path / "parent")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    report = initialize(tiny_params(init_from=str(tmp_path / "parent")), seed=3, seq_len=16,
+                        tokenizer_dir=tmp_path / "tokenizer", out_dir=tmp_path / "init")
+    assert report["layers"] == ["dense", "moe"] and report["moe_layers"] == [1]
+    assert report["params"]["active"] < report["params"]["total"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "init").eval()
+    x = torch.randint(0, PARENT_VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits[..., :PARENT_VOCAB], parent(x).logits, rtol=1e-5, atol=1e-5)
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "init")) == len(tokenizer)
+    assert report["train_flops_per_token"] == model.flops_per_token(16)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".init")]  # no temp folder left
+
+
+def test_init_stage_script_writes_model_and_metrics(tmp_path):
+    make_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(n_positions=32, n_embd=32, n_layer=4, n_head=4, n_inner=64, num_experts=4)
+    params["train"]["seq_len"] = 32
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, str(ROOT / "stages" / "init.py"), "--tokenizer", "tokenizer", "--out", "models/init",
+           "--metrics", "metrics/model.json", "--params", "params.yaml"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("init: scratch -> models/init")
+    metrics = json.loads((tmp_path / "metrics" / "model.json").read_text())
+    assert metrics["layers"] == ["dense", "moe", "dense", "moe"]
+    config = MoeChatConfig.from_pretrained(tmp_path / "models" / "init")
+    assert config.n_layer == 4 and config.pad_token_id == 41

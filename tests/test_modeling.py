@@ -1,0 +1,372 @@
+"""MoeChatForCausalLM on tiny configs: MoE correctness, losses, masks, cache, save/load, accounting."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import site
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moechat.config import ConfigError, params_from_dict
+from moechat.modeling import MoeChatBackendError, MoeChatConfig, MoeChatConfigError, MoeChatForCausalLM
+from moechat.modeling_moechat import MoeChatMLP, MoeChatSparseMoeBlock
+
+PAD, EOS = 60, 61
+
+
+def tiny_config(**overrides) -> MoeChatConfig:
+    kwargs = dict(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64, num_experts=4,
+                  num_experts_per_tok=2, moe_every=2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    kwargs.update(overrides)
+    return MoeChatConfig(**kwargs)
+
+
+def tiny_model(seed: int = 0, **overrides) -> MoeChatForCausalLM:
+    torch.manual_seed(seed)
+    return MoeChatForCausalLM(tiny_config(**overrides))
+
+
+def moe_block(seed: int = 0, **overrides) -> MoeChatSparseMoeBlock:
+    torch.manual_seed(seed)
+    block = MoeChatSparseMoeBlock(tiny_config(**overrides))
+    for p in block.parameters():  # nn.Linear's default init is too flat to make routing interesting
+        torch.nn.init.normal_(p, std=0.3)
+    return block
+
+
+def tokens(n: int, seed: int, high: int = PAD) -> torch.Tensor:
+    return torch.randint(0, high, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# --- layout ---------------------------------------------------------------------------------------
+
+
+def test_moe_blocks_are_every_moe_every_th_block_one_based():
+    assert tiny_config(n_layer=8, moe_every=2).moe_layers == [1, 3, 5, 7]
+    assert tiny_config(n_layer=7, moe_every=3).moe_layers == [2, 5]
+    assert tiny_config(n_layer=3, moe_every=1).moe_layers == [0, 1, 2]
+    names = dict(tiny_model(n_layer=4).named_parameters())
+    assert "transformer.h.0.mlp.c_fc.weight" in names and "transformer.h.2.mlp.c_proj.bias" in names
+    assert "transformer.h.1.mlp.router.weight" in names and "transformer.h.1.mlp.router.bias" not in names
+    assert "transformer.h.3.mlp.experts.3.c_fc.weight" in names
+    assert "transformer.h.0.mlp.router.weight" not in names and "lm_head.bias" not in names
+
+
+# --- the MoE layer --------------------------------------------------------------------------------
+
+
+def test_one_expert_top1_equals_dense_mlp_in_outputs_and_grads():
+    block = moe_block(num_experts=1, num_experts_per_tok=1)
+    dense = MoeChatMLP(32, 64, 0.0)
+    dense.load_state_dict(block.experts[0].state_dict())
+    x1 = torch.randn(2, 7, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y_moe, _ = block(x1)
+    y_dense = dense(x2)
+    torch.testing.assert_close(y_moe, y_dense, rtol=0, atol=1e-6)
+    grad_out = torch.randn_like(y_dense)
+    y_moe.backward(grad_out)
+    y_dense.backward(grad_out)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-6)
+    for (name, p_moe), p_dense in zip(block.experts[0].named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p_moe.grad, p_dense.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def naive_moe(block: MoeChatSparseMoeBlock, x_ND: torch.Tensor) -> torch.Tensor:
+    """Reference: per token, the renormalised top-k weighted sum of its experts' outputs."""
+    probs = torch.softmax(x_ND @ block.router.weight.t(), dim=-1)
+    out = torch.zeros_like(x_ND)
+    for n in range(x_ND.shape[0]):
+        w, idx = probs[n].topk(block.top_k)
+        w = w / w.sum()
+        for weight, e in zip(w, idx):
+            out[n] += weight * block.experts[int(e)](x_ND[n : n + 1])[0]
+    return out
+
+
+def test_sorted_dispatch_equals_per_token_reference():
+    block = moe_block(num_experts=4, num_experts_per_tok=2)
+    x = torch.randn(3, 5, 32)
+    y, result = block(x)
+    torch.testing.assert_close(y.view(15, 32), naive_moe(block, x.view(15, 32)), rtol=1e-5, atol=1e-5)
+    assert int(result.tokens_per_expert.sum()) == 15 * 2 and int(result.dropped) == 0
+
+
+def test_aux_and_z_loss_match_hand_computation_and_reach_the_router():
+    block = moe_block(num_experts=3, num_experts_per_tok=2)
+    x = torch.randn(1, 6, 32)
+    mask = torch.tensor([[True, True, False, True, True, False]])
+    _, r = block(x, mask)
+    kept = x[0, mask[0]].double()
+    logits = kept @ block.router.weight.detach().double().t()
+    rows = [[math.exp(v) for v in row] for row in logits.tolist()]
+    probs = [[v / sum(row) for v in row] for row in rows]
+    counts = [0, 0, 0]
+    for row in probs:
+        for e in sorted(range(3), key=lambda e: -row[e])[:2]:
+            counts[e] += 1
+    n = len(probs)
+    aux = 3 * sum(counts[e] / (n * 2) * sum(row[e] for row in probs) / n for e in range(3))
+    z = sum(math.log(sum(row)) ** 2 for row in rows) / n
+    assert r.tokens_per_expert.tolist() == counts
+    assert r.aux_loss.item() == pytest.approx(aux, rel=1e-5)
+    assert r.z_loss.item() == pytest.approx(z, rel=1e-5)
+    (r.aux_loss + r.z_loss).backward()
+    assert block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0
+
+
+def test_router_gets_lm_gradient_with_top1():
+    block = moe_block(num_experts=4, num_experts_per_tok=1)
+    y, _ = block(torch.randn(1, 8, 32))
+    y.pow(2).sum().backward()  # the output only, no router loss
+    assert block.router.weight.grad.abs().sum() > 0
+
+
+def test_capacity_mode_drops_exactly_the_overflow_and_dropless_none():
+    n, cap_factor = 8, 1.0
+    x = torch.randn(1, n, 32)
+    x[..., 0] = 5.0  # with the router below every token ranks expert 0 first, expert 1 second
+    for kind in ("dropless", "capacity"):
+        block = moe_block(num_experts=4, num_experts_per_tok=2,
+                          capacity_factor=cap_factor if kind == "capacity" else 0.0)
+        with torch.no_grad():
+            block.router.weight.zero_()
+            block.router.weight[:, 0] = torch.tensor([3.0, 2.0, 0.0, -1.0])
+        y, r = block(x)
+        assert r.tokens_per_expert.tolist() == [n, n, 0, 0]
+        dense = naive_moe(block, x[0])
+        if kind == "dropless":
+            assert int(r.dropped) == 0
+            torch.testing.assert_close(y[0], dense, rtol=1e-5, atol=1e-5)
+        else:
+            capacity = math.ceil(cap_factor * n * 2 / 4)  # 4: experts 0 and 1 keep 4 of their 8 tokens
+            assert int(r.dropped) == 2 * (n - capacity)
+            torch.testing.assert_close(y[0, :capacity], dense[:capacity], rtol=1e-5, atol=1e-5)
+            assert torch.all(y[0, capacity:] == 0)  # overflow tokens pass through the residual only
+
+
+def test_capacity_drop_count_on_random_routing():
+    block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=0.75)
+    x = torch.randn(2, 16, 32)
+    _, r = block(x)
+    capacity = math.ceil(0.75 * 32 * 2 / 4)
+    expected = sum(max(0, c - capacity) for c in r.tokens_per_expert.tolist())
+    assert expected > 0 and int(r.dropped) == expected
+
+
+def test_tutel_backend_without_tutel_is_a_clear_error():
+    if importlib.util.find_spec("tutel") is not None:
+        pytest.skip("tutel is installed; the comparison test covers it")
+    with pytest.raises(MoeChatBackendError, match=r"pip install git\+https://github.com/microsoft/tutel@main"):
+        tiny_model(moe_backend="tutel")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tutel") is None, reason="tutel not installed (not on PyPI)")
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.75])
+def test_tutel_backend_matches_torch(capacity_factor):
+    torch_block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor)
+    tutel_block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor,
+                            moe_backend="tutel")
+    tutel_block.load_state_dict(torch_block.state_dict())
+    x = torch.randn(2, 8, 32)
+    y_torch, r_torch = torch_block(x)
+    y_tutel, r_tutel = tutel_block(x)
+    torch.testing.assert_close(y_tutel, y_torch, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r_tutel.aux_loss, r_torch.aux_loss)
+    assert int(r_tutel.dropped) == int(r_torch.dropped)
+
+
+# --- the causal LM --------------------------------------------------------------------------------
+
+
+def test_loss_is_lm_plus_weighted_router_losses_and_labels_are_shifted():
+    model = tiny_model()
+    x = tokens(12, seed=1)
+    labels = x.clone()
+    labels[0, :5] = -100
+    out = model(x, labels=labels)
+    logits = out.logits[0, :-1]
+    targets = labels[0, 1:]
+    keep = targets != -100
+    lm = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.lm_loss, lm)
+    torch.testing.assert_close(out.loss, lm + 0.01 * out.aux_loss + 0.001 * out.z_loss)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads():
+    x = tokens(16, seed=2)
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(n_layer=4).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(x, labels=x)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (plain, g_plain), (ckpt, g_ckpt) = results
+    for key in ("loss", "lm_loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(ckpt, key), getattr(plain, key), rtol=0, atol=1e-6, msg=key)
+    torch.testing.assert_close(ckpt.loss, ckpt.lm_loss + 0.01 * ckpt.aux_loss + 0.001 * ckpt.z_loss)
+    assert g_plain.keys() == g_ckpt.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_packed_block_equals_each_conversation_alone_and_pad_tail_is_not_routed():
+    model = tiny_model().eval()
+    a, b = tokens(5, seed=3), tokens(9, seed=4)
+    tail = torch.full((1, 4), PAD)
+    packed = torch.cat([a, b, tail], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(9), torch.arange(4)]).unsqueeze(0)
+    with torch.no_grad():
+        out = model(packed, position_ids=positions, output_router_stats=True)
+        alone_a, alone_b = model(a), model(b)
+    torch.testing.assert_close(out.logits[:, :5], alone_a.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[:, 5:14], alone_b.logits, rtol=1e-5, atol=1e-5)
+    (stats,) = out.router_stats
+    assert int(stats["tokens_per_expert"].sum()) == 14 * 2  # the 4 pad tokens are not routed
+    with torch.no_grad():
+        unpadded = model(torch.cat([a, b], 1), position_ids=positions[:, :14])
+    torch.testing.assert_close(out.aux_loss, unpadded.aux_loss)
+    torch.testing.assert_close(out.z_loss, unpadded.z_loss)
+
+
+def test_router_stats_are_consistent():
+    model = tiny_model(n_layer=4)
+    out = model(tokens(10, seed=5), output_router_stats=True)
+    assert [s["layer"] for s in out.router_stats] == [1, 3]
+    for s in out.router_stats:
+        assert s["tokens_per_expert"].dtype == torch.long and int(s["tokens_per_expert"].sum()) == 20
+        assert float(s["expert_share"].sum()) == pytest.approx(1.0)
+        assert s["dropped_tokens"] == 0 and s["dropped_share"] == 0.0
+        assert 0.0 < s["entropy"] <= math.log(4) + 1e-6
+
+
+def test_cached_greedy_equals_uncached_and_left_padding_equals_alone():
+    model = tiny_model().eval()
+    prompt = tokens(6, seed=6)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached) and cached.shape[1] == 14
+    short = prompt[:, :3]
+    batch = torch.cat([torch.cat([torch.full((1, 3), PAD), short], 1), prompt])
+    mask = torch.cat([torch.cat([torch.zeros(1, 3), torch.ones(1, 3)], 1), torch.ones(1, 6)]).long()
+    batched = model.generate(batch, attention_mask=mask, **kwargs)
+    alone = model.generate(short, **kwargs)
+    assert torch.equal(batched[0, 6:], alone[0, 3:])
+    assert torch.equal(batched[1], cached[0])
+
+
+def test_save_and_load_both_ways(tmp_path):
+    model = tiny_model().eval()
+    x = tokens(8, seed=7)
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert (saved / "model.safetensors").exists()
+    assert (saved / "modeling_moechat.py").exists() and (saved / "configuration_moechat.py").exists()
+    auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_moechat.MoeChatForCausalLM"
+    assert AutoConfig.from_pretrained(saved).model_type == "moechat"
+    reloaded = AutoModelForCausalLM.from_pretrained(saved).eval()
+    assert isinstance(reloaded, MoeChatForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, expected, rtol=0, atol=0)
+
+    # A process where moechat cannot be imported: isolated mode, no site processing (so the editable
+    # install's .pth is not read), only the interpreter's site-packages on the path, and an import
+    # blocker in case moechat is installed there as a regular package.
+    remote = tmp_path / "remote"
+    shutil.copytree(saved, remote / "model")
+    save_file({"input_ids": x, "logits": expected}, remote / "expected.safetensors")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = {site.getsitepackages()!r}
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "moechat" or name.startswith("moechat."):
+                    raise ModuleNotFoundError("moechat is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        try:
+            import moechat
+            sys.exit("moechat is importable")
+        except ModuleNotFoundError:
+            pass
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        ref = load_file("expected.safetensors")
+        model = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["input_ids"]).logits, ref["logits"], rtol=0, atol=0)
+        print("REMOTE_OK")
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=remote, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "REMOTE_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- accounting -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_active_params_equal_params_receiving_gradient_from_one_token(tied):
+    model = tiny_model(n_layer=4, tie_word_embeddings=tied)
+    out = model(tokens(1, seed=8))
+    (out.logits.sum() + out.aux_loss + out.z_loss).backward()
+    with_grad = sum(p.numel() for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0)
+    counts = model.parameter_counts()
+    assert with_grad == counts["active"] < counts["total"]
+
+
+def test_reference_config_counts_and_flops():
+    config = MoeChatConfig(vocab_size=50257, n_positions=1024)  # defaults are the reference model
+    with torch.device("meta"):
+        model = MoeChatForCausalLM(config)
+    counts = model.parameter_counts()
+    d, ffn, vocab, L, E, k = 1024, 4096, 50257, 8, 10, 2
+    attn_ln = (d * 3 * d + 3 * d) + (d * d + d) + 4 * d
+    mlp = (d * ffn + ffn) + (ffn * d + d)
+    moe_blocks = L // 2
+    total = 2 * vocab * d + 1024 * d + L * attn_ln + (L - moe_blocks) * mlp + moe_blocks * (E * mlp + E * d) + 2 * d
+    assert counts["total"] == total == 506_961_920
+    assert counts["active"] == total - moe_blocks * (E - k) * mlp == 238_362_624
+    assert counts["active_non_embedding"] == counts["active"] - vocab * d - 1024 * d
+    assert model.flops_per_token(1024) == 6 * counts["active_non_embedding"] + 12 * L * d * 1024
+
+
+# --- bad parameters -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
+    ({"n_embd": 30, "n_head": 4}, "n_embd"),
+    ({"moe_every": 0}, "moe_every"),
+    ({"capacity_factor": -1.0}, "capacity_factor"),
+    ({"moe_backend": "megablocks"}, "moe_backend"),
+    ({"pad_token_id": 64}, "pad_token_id"),
+])
+def test_bad_model_config_raises_named_error(overrides, field):
+    with pytest.raises(MoeChatConfigError, match=f"MoeChatConfig.{field}="):
+        tiny_config(**overrides)
+
+
+def test_bad_model_params_raise_config_error():
+    with pytest.raises(ConfigError, match="model.top_k=3"):
+        params_from_dict({"model": {"num_experts": 2, "top_k": 3}})
+    with pytest.raises(ConfigError, match="model.moe_backend"):
+        params_from_dict({"model": {"moe_backend": "megablocks"}})

@@ -1,0 +1,236 @@
+"""Message rows -> canonical schema, filters (counted by reason), threads, split by tree."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from moechat.config import ConfigError, DataConfig, load_params
+from moechat.data import fixture, oasst
+
+FIXTURE = Path(__file__).parent / "fixtures" / "oasst1_fixture.jsonl"
+PARAMS = Path(__file__).parent.parent / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    messages, _ = oasst.load_messages(str(FIXTURE))
+    return messages.to_list()
+
+
+def test_fixture_file_is_the_generator_output():
+    # The shipped file is exactly what fixture.py generates: regenerating it is reproducible.
+    shipped = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
+    assert shipped == fixture.generate()
+
+
+def test_canonical_schema_keeps_nulls_and_hub_layout(rows):
+    assert len(rows) == len(fixture.generate())
+    assert set(rows[0]) == set(oasst.FEATURES)
+    for column in ("rank", "labels", "emojis", "detoxify", "review_result"):
+        assert any(r[column] is None for r in rows), column
+    with_emojis = next(r for r in rows if r["emojis"] is not None)
+    assert set(with_emojis["emojis"]) == {"name", "count"}
+
+
+def _reference_reasons(rows: list[dict], cfg: DataConfig) -> dict[str, int]:
+    """Independent, naive reference: walk each message's ancestor chain from scratch."""
+    by_id = {r["message_id"]: r for r in rows}
+    counts = dict.fromkeys(oasst.REASONS, 0)
+    for row in rows:
+        own = oasst.own_reason(row, cfg)
+        if own:
+            counts[own] += 1
+            continue
+        node, ok = row, True
+        while node["parent_id"] is not None:
+            parent = by_id.get(node["parent_id"])
+            if parent is None or oasst.own_reason(parent, cfg):
+                ok = False
+                break
+            node = parent
+        counts["orphan"] += not ok
+    return counts
+
+
+def test_filter_counts_on_fixture(rows):
+    cfg = DataConfig(langs=("en",))
+    filtered = oasst.filter_messages(rows, cfg)
+    # Hand count from fixture.py: 2 growing; 21 in 7 foreign trees + Spanish root + German reply;
+    # 2 synthetic-tree rows + 1 synthetic sibling; 1 deleted; review false + null; orphans: 4 under the
+    # Spanish root, 2 under the deleted answer, 1 under the unreviewed prompt, 1 German-parented, 1 absent.
+    assert filtered.dropped == {"tree_state": 2, "lang": 23, "synthetic": 3, "deleted": 1, "review": 2,
+                                "orphan": 9}
+    assert filtered.orphans_parent_absent == 1
+    assert filtered.dropped == _reference_reasons(rows, cfg)
+    assert len(filtered.kept) + sum(filtered.dropped.values()) == len(rows)
+
+
+def test_filters_follow_params(rows):
+    everything = DataConfig(langs=(), include_synthetic=True)
+    filtered = oasst.filter_messages(rows, everything)
+    assert filtered.dropped["lang"] == 0 and filtered.dropped["synthetic"] == 0
+    assert filtered.dropped == _reference_reasons(rows, everything)
+    # The Spanish root's English replies are kept once Spanish is allowed.
+    spanish = oasst.filter_messages(rows, DataConfig(langs=("en", "es")))
+    assert spanish.dropped["orphan"] == 9 - 4
+
+
+def _hand_tree_threads(rows, policy):
+    kept = oasst.filter_messages(rows, DataConfig()).kept
+    hand = {mid: r for mid, r in kept.items() if r["message_tree_id"] == fixture.tree_id(fixture.HAND_TREE)}
+    return oasst.build_threads(hand, policy).conversations
+
+
+def test_best_thread_follows_rank_zero_at_each_branch(rows):
+    (best,) = _hand_tree_threads(rows, "best")
+    assert [m["content"] for m in best["messages"]] == [
+        "How do I reverse a list in Python?",
+        "Call numbers.reverse() to reverse it in place, or use numbers[::-1] for a reversed copy.",
+        "Which one is faster?",
+        "reverse() is a little faster because it makes no copy.",
+    ]
+    assert [m["role"] for m in best["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+def test_all_threads_end_at_every_assistant_without_assistant_below(rows):
+    threads = _hand_tree_threads(rows, "all")
+    last = sorted(t["messages"][-1]["content"] for t in threads)
+    assert last == sorted([
+        "reverse() is a little faster because it makes no copy.",          # A3
+        "Both are fast for small lists.",                                  # A4
+        "Slicing works on strings; reverse() exists only on lists.",       # A5
+        "Use reversed(numbers) to get an iterator.",                       # A1 (its prompter reply is a leaf)
+        "Slice it with a negative step.",                                  # A2 (unranked)
+    ])
+    assert all(t["messages"][-1]["role"] == "assistant" for t in threads)
+
+
+def test_unranked_sibling_comes_after_ranked_and_deleted_best_is_skipped(rows):
+    kept = oasst.filter_messages(rows, DataConfig()).kept
+    siblings = [kept[mid] for mid in kept if kept[mid]["parent_id"] == fixture.tree_id(fixture.HAND_TREE)]
+    ordered = sorted(siblings, key=oasst._sibling_key)
+    assert [r["rank"] for r in ordered] == [0, 1, None]
+    deleted_tree = {m: r for m, r in kept.items() if r["message_tree_id"] == fixture.tree_id("deleted-mid")}
+    (thread,) = oasst.build_threads(deleted_tree, "best").conversations
+    assert thread["messages"][1]["content"].startswith("It is a function")  # the rank-1 answer
+
+
+def test_split_is_disjoint_by_tree_and_deterministic(rows):
+    kept = oasst.filter_messages(rows, DataConfig()).kept
+    threads = oasst.build_threads(kept, "all").conversations
+    tree_ids = [t["message_tree_id"] for t in threads]
+    train, val = oasst.split_trees(tree_ids, 0.1, seed=7)
+    assert train.isdisjoint(val) and train | val == set(tree_ids)
+    assert len(val) == round(len(set(tree_ids)) * 0.1)
+    assert oasst.split_trees(reversed(tree_ids), 0.1, seed=7) == (train, val)
+    assert oasst.split_trees(tree_ids, 0.1, seed=8)[1] != val
+    with pytest.raises(oasst.DataError, match="at least 2"):
+        oasst.split_trees(tree_ids[:1], 0.1, seed=7)
+
+
+def test_trees_export_and_message_rows_give_the_same_canonical_rows(tmp_path, rows):
+    # Write the fixture as an Open-Assistant trees export (nested replies, trees-export emoji layout).
+    by_parent: dict = {}
+    for r in rows:
+        by_parent.setdefault(r["parent_id"], []).append(r)
+
+    def nest(r):
+        out = {k: v for k, v in r.items() if k not in ("message_tree_id", "tree_state", "parent_id")}
+        if r["emojis"] is not None:
+            out["emojis"] = dict(zip(r["emojis"]["name"], r["emojis"]["count"]))
+        out["replies"] = [nest(c) for c in by_parent.get(r["message_id"], [])]
+        return out
+
+    roots = [r for r in rows if r["parent_id"] is None]
+    path = tmp_path / "export.trees.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for root in roots:
+            f.write(json.dumps({"message_tree_id": root["message_tree_id"], "tree_state": root["tree_state"],
+                                "prompt": nest(root)}) + "\n")
+    loaded, info = oasst.load_messages(str(path))
+    assert info["kind"] == "trees"
+    reachable = {r["message_id"] for r in rows if r["parent_id"] is None}
+    expected = [r for r in rows if _reaches_root(r, {x["message_id"]: x for x in rows})]
+    assert sorted(loaded.to_list(), key=lambda r: r["message_id"]) == sorted(expected, key=lambda r: r["message_id"])
+    assert reachable <= {r["message_id"] for r in loaded.to_list()}
+
+
+def _reaches_root(row, by_id):
+    while row["parent_id"] is not None:
+        if row["parent_id"] not in by_id:
+            return False  # a trees export cannot hold a message whose parent is absent
+        row = by_id[row["parent_id"]]
+    return True
+
+
+def test_parquet_folder_source(tmp_path, rows):
+    from datasets import Dataset
+
+    folder = tmp_path / "oasst"
+    folder.mkdir()
+    Dataset.from_list(rows[:200], features=oasst.FEATURES).to_parquet(str(folder / "a.parquet"))
+    Dataset.from_list(rows[200:], features=oasst.FEATURES).to_parquet(str(folder / "b.parquet"))
+    loaded, info = oasst.load_messages(str(folder))
+    assert info["kind"] == "messages" and loaded.to_list() == rows
+
+
+def test_missing_required_field_is_a_named_error(tmp_path, rows):
+    bad = copy.deepcopy(rows[:10])
+    for r in bad[:3]:
+        del r["lang"]
+    bad[5]["text"] = None
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(oasst.DataError, match=r"'text' null in 1 of 10 rows.*'lang' missing in 3 of 10 rows"):
+        oasst.load_messages(str(path))
+
+
+def test_bad_role_duplicate_id_and_bad_json_are_named(tmp_path, rows):
+    path = tmp_path / "bad.jsonl"
+    bad = copy.deepcopy(rows[:4])
+    bad[1]["role"] = "system"
+    path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(oasst.DataError, match="'role' must be prompter|assistant, got 'system' in 1 rows"):
+        oasst.load_messages(str(path))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + rows[:1]))
+    with pytest.raises(oasst.DataError, match="appears 2 times"):
+        oasst.load_messages(str(path))
+    path.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(oasst.DataError, match=r"bad.jsonl:2: not valid JSON"):
+        oasst.load_messages(str(path))
+
+
+def test_missing_local_path_and_unreachable_hub_fail_fast(monkeypatch):
+    with pytest.raises(oasst.DownloadError, match="no such file or folder"):
+        oasst.load_messages("data/nowhere.jsonl")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(oasst, "_hub_reachable", lambda timeout_s=5.0: False)
+    with pytest.raises(oasst.DownloadError, match=r"data.source='OpenAssistant/oasst1'.*unreachable.*"
+                                                  r"local export"):
+        oasst.load_messages("OpenAssistant/oasst1", "main")
+
+
+def test_unreachable_endpoint_is_detected_quickly(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    start = time.perf_counter()
+    assert oasst._hub_reachable(timeout_s=2.0) is False
+    assert time.perf_counter() - start < 3.0
+
+
+def test_bad_data_params_are_named_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.thread_policy='longest' is not one of best | all"):
+        load_params(PARAMS, overrides={"data": {"thread_policy": "longest"}})
+    with pytest.raises(ConfigError, match="data.val_fraction=1.5 must lie strictly between 0 and 1"):
+        load_params(PARAMS, overrides={"data": {"val_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="data.overlong='wrap' is not one of truncate | drop"):
+        load_params(PARAMS, overrides={"data": {"overlong": "wrap"}})
+    with pytest.raises(ConfigError, match="unknown key data.lang"):
+        load_params(PARAMS, overrides={"data": {"lang": ["en"]}})

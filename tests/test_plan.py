@@ -1,0 +1,84 @@
+"""The memory planner against a hand calculation, the real model's parameter count, and its refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moechat import plan
+from moechat.config import ModelConfig, TrainConfig
+from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
+
+GIB = 1024**3
+MODEL = ModelConfig(n_positions=4, n_embd=8, n_layer=2, n_head=2, n_inner=16, num_experts=2, top_k=1, moe_every=2)
+VOCAB = 10
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(seq_len=4, micro_batch_size=2, precision="bf16", optimizer="adamw", gradient_checkpointing=False,
+                gpu_memory_gb=16.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_parameter_count_by_hand_and_by_the_model():
+    # wte 10*8 + wpe 4*8 = 112; attn 8*24+24 + 8*8+8 = 288; mlp 8*16+16 + 16*8+8 = 280; two LayerNorms 32;
+    # block 0 dense 600, block 1 MoE 288+32+router 16+2*280 = 896; ln_f 16; lm_head 80  -> 1704
+    pc = plan.count_params(MODEL, VOCAB)
+    assert (pc.total, pc.embedding, pc.lm_head) == (1704, 112, 80)
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=4, n_embd=8, n_layer=2, n_head=2,
+                                             n_inner=16, num_experts=2, num_experts_per_tok=1, moe_every=2))
+    assert model.parameter_counts()["total"] == pc.total
+    ref = ModelConfig()  # the reference config: 50257 GPT-2 ids + 3 chat tokens
+    with torch.device("meta"):
+        big = MoeChatForCausalLM(MoeChatConfig(vocab_size=50260, n_positions=1024, n_embd=1024, n_layer=8,
+                                               n_head=16, n_inner=4096, num_experts=10, num_experts_per_tok=2,
+                                               moe_every=2))
+    assert big.parameter_counts()["total"] == plan.count_params(ref, 50260).total == 506_968_064
+
+
+def test_estimate_matches_a_hand_calculation():
+    p = plan.estimate(MODEL, train_cfg(), VOCAB)
+    # bytes: weights 4*1704, grads 4*1704, AdamW 8*1704, bf16 casts 2*(1704-112)
+    # activations per token: attention 4d+4d+2d+3*2d+2d = 144; dense MLP 4d+4d+2d+2*2*16 = 144;
+    # MoE MLP 4d+4d + top1*(2d + 2*2*16 + 2d) + 16 = 176  -> 288 + 320 = 608 B/token, 8 tokens
+    # logits 8 tokens * 10 * (2 + 4 + 4)
+    expected = {"weights_gb": 6816, "grads_gb": 6816, "optimizer_gb": 13632, "casts_gb": 3184,
+                "activations_gb": 4864, "logits_gb": 800}
+    for key, value in expected.items():
+        assert getattr(p, key) * GIB == pytest.approx(value), key
+    assert p.total_gb * GIB == pytest.approx(36112)
+    ckpt = plan.estimate(MODEL, train_cfg(gradient_checkpointing=True), VOCAB)
+    assert ckpt.activations_gb * GIB == pytest.approx(8 * (2 * 32 + 320))  # block inputs + one MoE block
+    bnb = plan.estimate(MODEL, train_cfg(optimizer="adamw_8bit"), VOCAB)
+    assert bnb.optimizer_gb * GIB == pytest.approx(2 * 1704 + 8 * 1704 / 256)
+    fp32 = plan.estimate(MODEL, train_cfg(precision="fp32"), VOCAB)
+    assert fp32.casts_gb == 0 and fp32.logits_gb * GIB == pytest.approx(8 * 10 * 12)
+    zero = plan.estimate(MODEL, train_cfg(deepspeed="zero2"), VOCAB, world_size=4)
+    assert zero.grads_gb * GIB == pytest.approx(6816 / 4) and zero.optimizer_gb * GIB == pytest.approx(13632 / 4)
+    off = plan.estimate(MODEL, train_cfg(deepspeed="zero2_offload"), VOCAB)
+    assert off.optimizer_gb == 0
+
+
+def test_refuses_over_budget_and_suggests_the_largest_micro_batch():
+    # fixed 30448 B + 2832 B per micro-batch (608*4 activations + 400 logits): 36000 B fits micro-batch 1 only
+    cfg = train_cfg(gpu_memory_gb=36000 / GIB)
+    assert plan.largest_micro_batch(MODEL, cfg, VOCAB) == 1
+    with pytest.raises(plan.MemoryBudgetError, match=r"set train.micro_batch_size: 1 \(the largest that fits"):
+        plan.check(MODEL, cfg, VOCAB)
+    assert plan.check(MODEL, train_cfg(gpu_memory_gb=36112 / GIB), VOCAB).fits
+    hopeless = train_cfg(gpu_memory_gb=1000 / GIB)
+    with pytest.raises(plan.MemoryBudgetError, match="even micro-batch 1 does not fit: set "
+                                                     "train.gradient_checkpointing: true, lower train.seq_len"):
+        plan.check(MODEL, hopeless, VOCAB)
+
+
+def test_cli_reports_the_reference_config(capsys, tmp_path):
+    assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == 506_968_064 and out["fits"] and out["micro_batch_size"] == 4
+    assert out["largest_micro_batch"] >= 4
+    assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path), "--micro-batch", "64"]) == 1
+    text = capsys.readouterr().out
+    assert "DOES NOT FIT in 16 GiB" in text and f"largest micro-batch that fits: {out['largest_micro_batch']}" in text

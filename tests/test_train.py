@@ -1,0 +1,301 @@
+"""The training loop on a tiny MoE: loss falls, exact crash-resume, non-finite stop, weight decay groups,
+2-process DDP = 1 process, DeepSpeed config generation, precision choice, LR schedule."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+
+from moechat import checkpoint as ckpt
+from moechat.config import ConfigError, TrainConfig
+from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
+from moechat.train import (BatchStream, NonFiniteLossError, deepspeed_config, lr_multiplier, micro_batches,
+                           param_groups, resolve_precision, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, PAD, SEQ = 48, 47, 32
+
+TINY_TRAIN = dict(seq_len=SEQ, micro_batch_size=4, grad_accum=1, epochs=1, max_steps=12, lr=3e-3, min_lr=3e-4,
+                  warmup_steps=2, optimizer="adamw", precision="fp32", gradient_checkpointing=False,
+                  eval_every=4, eval_batches=2, save_every=4, keep_checkpoints=2)
+
+
+def tiny_cfg(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY_TRAIN, **overrides})
+
+
+def make_blocks(n_rows: int, seed: int) -> Dataset:
+    """Packed rows of 'conversations' that count upward mod PAD from a random start: learnable, so the loss
+    must fall. Each row holds 2-3 documents (position ids restart) and a pad tail with labels -100."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "labels": [], "position_ids": []}
+    for _ in range(n_rows):
+        ids, labels, pos = [], [], []
+        while len(ids) < SEQ - 6:
+            n = int(torch.randint(6, 14, (1,), generator=g))
+            n = min(n, SEQ - 4 - len(ids))
+            start = int(torch.randint(0, PAD, (1,), generator=g))
+            doc = [(start + i) % PAD for i in range(n)]
+            ids += doc
+            labels += [-100] + doc[1:]
+            pos += list(range(n))
+        tail = SEQ - len(ids)
+        ids += [PAD] * tail
+        labels += [-100] * tail
+        pos += list(range(tail))
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labels)
+        rows["position_ids"].append(pos)
+    return Dataset.from_dict(rows)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """models/init (a tiny MoE + a tokenizer file) and data/prepared (packed train/val)."""
+    root = tmp_path_factory.mktemp("ws")
+    torch.manual_seed(0)
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
+                                             n_inner=64, num_experts=4, num_experts_per_tok=2, moe_every=2,
+                                             pad_token_id=PAD, eos_token_id=PAD - 1))
+    model.save_pretrained(root / "models/init")
+    (root / "models/init/tokenizer_config.json").write_text(json.dumps({"model_max_length": SEQ}))
+    make_blocks(64, seed=1).save_to_disk(str(root / "data/prepared/train"))
+    make_blocks(16, seed=2).save_to_disk(str(root / "data/prepared/val"))
+    return root
+
+
+def run_inprocess(ws: Path, run: str, cfg: TrainConfig, seed: int = 7) -> dict:
+    out = ws / run
+    return train(cfg, seed, ws / "data/prepared", ws / "models/init", out / "checkpoints", out / "final",
+                 out / "live")
+
+
+def logged(live_dir: Path, name: str = "train/loss") -> list[tuple[int, float]]:
+    with open(live_dir / "plots/metrics" / f"{name}.tsv") as f:
+        return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_outputs_land(workspace):
+    m = run_inprocess(workspace, "falls", tiny_cfg(max_steps=30, eval_every=10, save_every=10))
+    losses = [v for _, v in logged(workspace / "falls/live", "train/lm_loss")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
+    val = [v for _, v in logged(workspace / "falls/live", "val/lm_loss")]
+    assert len(val) == 3 and val[-1] < val[0] and val[0] < math.log(VOCAB)
+    assert m["steps"] == 30 and m["tokens_seen"] == 30 * 4 * SEQ and m["mfu"] is None
+    assert "CPU" in m["mfu_note"] and m["tokens_per_s"] > 0 and m["peak_memory_gb"] > 0
+    final = workspace / "falls/final"
+    assert (final / "model.safetensors").exists() and (final / "tokenizer_config.json").exists()
+    reloaded = MoeChatForCausalLM.from_pretrained(final)
+    assert reloaded.transformer.wte.weight.shape == (VOCAB, 32)
+    # per-layer routing curves: 4 expert shares summing to 1, and the dropped share (dropless: 0)
+    shares = [logged(workspace / "falls/live", f"moe/layer1/expert{e}_share")[-1][1] for e in range(4)]
+    assert abs(sum(shares) - 1.0) < 1e-5
+    assert logged(workspace / "falls/live", "moe/layer1/dropped_share")[-1][1] == 0.0
+    lrs = [v for _, v in logged(workspace / "falls/live", "train/lr")]
+    assert lrs[0] == pytest.approx(3e-3 / 3) and lrs[-1] == pytest.approx(3e-4, rel=0.05)
+
+
+def write_params(ws: Path, name: str, **train_overrides) -> Path:
+    """A params.yaml for the stage script: the repo's params with the tiny train section."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update({**TINY_TRAIN, **train_overrides})
+    raw["seed"] = 7
+    path = ws / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def stage_cmd(ws: Path, run: str, params: Path, launcher: list[str] | None = None) -> list[str]:
+    out = ws / run
+    return (launcher or [sys.executable]) + [
+        str(ROOT / "stages/train.py"), "--params", str(params), "--data", str(ws / "data/prepared"),
+        "--init", str(ws / "models/init"), "--checkpoints", str(out / "checkpoints"), "--out", str(out / "final"),
+        "--live", str(out / "live"), "--metrics", str(out / "train.json")]
+
+
+def stage_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def test_kill_9_then_rerun_gives_the_same_per_step_losses(workspace):
+    reference = run_inprocess(workspace, "straight", tiny_cfg())
+    expected = logged(workspace / "straight/live")
+    assert [s for s, _ in expected] == list(range(1, 13))
+
+    params = write_params(workspace, "resume")
+    proc = subprocess.Popen(stage_cmd(workspace, "crash", params), cwd=workspace, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpts = workspace / "crash/checkpoints" / reference["fingerprint"]
+    deadline = time.time() + 120
+    while not (ckpts / "step_00000004/state.json").exists():
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workspace / "crash/final").exists(), "the run finished before the kill; the test proved nothing"
+
+    done = subprocess.run(stage_cmd(workspace, "crash", params), cwd=workspace, env=stage_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((workspace / "crash/train.json").read_text())
+    assert metrics["resumed_from_step"] in (4, 8) and metrics["fingerprint"] == reference["fingerprint"]
+    assert logged(workspace / "crash/live") == expected  # every step, bit for bit, no duplicates
+    assert logged(workspace / "crash/live", "val/lm_loss") == logged(workspace / "straight/live", "val/lm_loss")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000008", "step_00000012"]
+
+
+def test_changed_params_do_not_resume_another_experiment(workspace):
+    first = run_inprocess(workspace, "fp", tiny_cfg(max_steps=4, save_every=2))
+    second = run_inprocess(workspace, "fp", tiny_cfg(max_steps=4, save_every=2, lr=1e-3))
+    assert first["fingerprint"] != second["fingerprint"] and second["resumed_from_step"] is None
+    roots = sorted(p.name for p in (workspace / "fp/checkpoints").iterdir())
+    assert roots == sorted([first["fingerprint"], second["fingerprint"]])  # the old experiment is kept
+    # bookkeeping keys do not change the fingerprint: the finished run resumes at its end and re-exports
+    again = run_inprocess(workspace, "fp", tiny_cfg(max_steps=4, save_every=2, lr=1e-3, eval_every=3))
+    assert again["fingerprint"] == second["fingerprint"] and again["resumed_from_step"] == 4
+
+
+def test_non_finite_loss_stops_naming_the_step(workspace, monkeypatch):
+    real_forward = MoeChatForCausalLM.forward
+    calls = {"train": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 3:  # the 3rd optimizer step (grad_accum=1)
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MoeChatForCausalLM, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss .*Last good checkpoint: .*step_00000002"):
+        run_inprocess(workspace, "nan", tiny_cfg(max_steps=6, save_every=2))
+    saved = [p.name for p in next((workspace / "nan/checkpoints").iterdir()).iterdir()]
+    assert saved == ["step_00000002"] and not (workspace / "nan/final").exists()
+
+
+def test_no_weight_decay_on_biases_norms_and_embeddings():
+    torch.manual_seed(0)
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=2, n_head=2,
+                                             n_inner=32, num_experts=2, num_experts_per_tok=1, moe_every=2))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+            "transformer.h.0.ln_1.weight", "transformer.h.1.mlp.experts.1.c_fc.bias"} <= undecayed
+    assert {"lm_head.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.router.weight",
+            "transformer.h.1.mlp.experts.0.c_proj.weight"} <= decayed
+    assert all(n.endswith("weight") and "ln_" not in n and "wte" not in n and "wpe" not in n for n in decayed)
+    assert len(decayed) + len(undecayed) == len(list(model.parameters()))
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(workspace):
+    one = run_inprocess(workspace, "ddp1", tiny_cfg(max_steps=4, micro_batch_size=2, grad_accum=2, save_every=4))
+    params = write_params(workspace, "ddp2", max_steps=4, micro_batch_size=2, grad_accum=1, save_every=4)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    done = subprocess.run(stage_cmd(workspace, "ddp2", params, launcher), cwd=workspace, env=stage_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = json.loads((workspace / "ddp2/train.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1 and two["tokens_seen"] == one["tokens_seen"]
+    l1, l2 = logged(workspace / "ddp1/live"), logged(workspace / "ddp2/live")
+    assert [s for s, _ in l1] == [s for s, _ in l2] == [1, 2, 3, 4]
+    assert [v for _, v in l2] == pytest.approx([v for _, v in l1], rel=1e-5, abs=1e-6)
+    assert two["val_lm_loss"] == pytest.approx(one["val_lm_loss"], rel=1e-5)
+
+
+# --- pure pieces ---------------------------------------------------------------------------------------
+
+
+def test_deepspeed_configs_follow_params():
+    assert deepspeed_config(tiny_cfg(), "fp32") is None
+    z2 = deepspeed_config(tiny_cfg(deepspeed="zero2", micro_batch_size=3, grad_accum=5, grad_clip=0.5,
+                                   optimizer="adamw_8bit"), "bf16")
+    assert z2["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in z2["zero_optimization"]
+    assert (z2["train_micro_batch_size_per_gpu"], z2["gradient_accumulation_steps"], z2["gradient_clipping"]) \
+        == (3, 5, 0.5)
+    assert z2["bf16"]["enabled"] and not z2["fp16"]["enabled"]
+    assert z2["zero_allow_untested_optimizer"]  # bnb's 8-bit AdamW as the client optimizer
+    off = deepspeed_config(tiny_cfg(deepspeed="zero2_offload"), "fp16")
+    assert off["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert off["fp16"]["enabled"] and off["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert "zero_allow_untested_optimizer" not in off  # DeepSpeed's own CPU Adam, not bnb
+
+
+def test_deepspeed_json_file_is_checked_against_params(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    cfg = deepspeed_config(tiny_cfg(deepspeed=str(path), micro_batch_size=4), "bf16")
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["zero_optimization"] == {"stage": 2}
+    path.write_text(json.dumps({"gradient_accumulation_steps": 16}))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=16 disagrees with params.yaml"):
+        deepspeed_config(tiny_cfg(deepspeed=str(path)), "bf16")
+    with pytest.raises(ConfigError, match="train.deepspeed='zero3'"):
+        deepspeed_config(tiny_cfg(deepspeed="zero3"), "bf16")
+
+
+def test_precision_auto_choices():
+    assert resolve_precision("auto", cuda=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", cuda=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", cuda=True, bf16_supported=False) == "fp16"
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs a CUDA GPU"):
+        resolve_precision("bf16", cuda=False, bf16_supported=False)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    cfg = tiny_cfg(lr=1e-3, min_lr=1e-4, warmup_steps=4)
+    lrs = [cfg.lr * lr_multiplier(s, cfg, 24) for s in range(25)]
+    assert lrs[:4] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[14] == pytest.approx(5.5e-4) and lrs[24] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_batch_stream_is_a_seeded_permutation_per_epoch_and_shards_by_rank():
+    stream = BatchStream(n_rows=10, global_batch=4, seed=3)
+    cursor, seen = ckpt.Cursor(), []
+    for _ in range(4):
+        rows, cursor = stream.next_rows(cursor)
+        seen.append(rows.tolist())
+    assert sorted(seen[0] + seen[1]) == sorted(torch.randperm(10, generator=torch.Generator().manual_seed(3))[:8]
+                                               .tolist())
+    assert cursor == ckpt.Cursor(epoch=1, position=8)  # the tail of 2 rows in epoch 0 is skipped
+    assert seen[2] + seen[3] == torch.randperm(10, generator=torch.Generator().manual_seed(4))[:8].tolist()
+    blocks = {c: torch.arange(10).unsqueeze(1).repeat(1, 3) for c in ("input_ids", "labels", "position_ids")}
+    rows = torch.tensor([5, 1, 7, 2, 9, 0, 3, 8])
+    one = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=0, world=1)]
+    r0 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=0, world=2)]
+    r1 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=1, world=2)]
+    assert one == [[5, 1], [7, 2], [9, 0], [3, 8]] and r0 == [[5, 1], [9, 0]] and r1 == [[7, 2], [3, 8]]
+
+
+def test_resume_repairs_dvclive_files_torn_by_a_kill(tmp_path):
+    """kill -9 can land mid-write: the torn row and the torn summary must not stop the resumed run."""
+    from moechat.train import LIVE_METRICS_SUBDIR, truncate_live_history
+
+    tsv = tmp_path / LIVE_METRICS_SUBDIR / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("step\tloss\n1\t6.0\n2\t5.5\n3\t5.1\n4\t4.")  # step 4 torn, steps 3-4 past the checkpoint
+    (tmp_path / "metrics.json").write_text('{"step": 3, "train": {"lo')
+    truncate_live_history(tmp_path, last_step=2)
+    assert tsv.read_text() == "step\tloss\n1\t6.0\n2\t5.5\n"
+    assert not (tmp_path / "metrics.json").exists()
