@@ -19,7 +19,8 @@ from typing import Optional
 import yaml
 
 from moechat.config import load_params
-from moechat.train import train, write_metrics
+from moechat.io import write_json
+from moechat.train import train
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -43,8 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "val_lm_loss": m["val_lm_loss"], "aux_loss": m["aux_loss"]})
         print(rows[-1], flush=True)
     best = min(rows, key=lambda r: r["val_lm_loss"])
-    write_metrics({"date": datetime.date.today().isoformat(), "preset": args.preset, "rows": rows,
-                   "best_lr": best["lr"]}, Path(args.out))
+    write_json(Path(args.out), {"date": datetime.date.today().isoformat(), "preset": args.preset, "rows": rows,
+                                "best_lr": best["lr"]})
     print(f"best lr {best['lr']:g} (val lm loss {best['val_lm_loss']:.4f}) -> {args.out}")
     return 0
 

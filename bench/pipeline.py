@@ -39,7 +39,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="moechat-bench-") as tmp:
         repo = make_demo_repo(Path(tmp) / "repo")
-        env = demo_env()
+        env = demo_env(repo)
         stage_seconds = {}
         for stage in STAGES:
             start = time.perf_counter()

@@ -27,8 +27,9 @@ import yaml
 
 from moechat import plan
 from moechat.config import ModelConfig, TrainConfig, load_params
+from moechat.io import write_json
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
-from moechat.train import (build_accelerator, build_optimizer, device_peak_flops, train_step, write_metrics)
+from moechat.train import build_accelerator, build_optimizer, device_peak_flops, train_step
 
 VOCAB = 50260  # GPT-2's 50257 ids + the three chat tokens
 
@@ -175,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "config": "tiny preset (CPU smoke run)" if args.tiny else "reference (params.yaml), seq 1024",
               "timed_steps": steps, "rows": rows, "seed_recipe": seed_row, "real_data_comparison": comparison,
               "memory_measured_by": "torch.cuda.max_memory_allocated" if cuda else None}
-    write_metrics(result, Path(args.out))
+    write_json(Path(args.out), result)
     print(f"wrote {args.out}: {len(rows)} rows on {device}")
     return 0
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from moechat.config import load_params
 from moechat.data.chat import load_packed
-from moechat.evaluate import evaluate, load_model, pick_device, share_rows, write_json_atomic
+from moechat.evaluate import evaluate, load_model, pick_device, share_rows
+from moechat.io import write_json
 
 
 def main() -> None:
@@ -28,10 +29,10 @@ def main() -> None:
     params = load_params(args.params)
     model, tokenizer = load_model(args.model, pick_device(args.device))
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
-    write_json_atomic(metrics, args.metrics)
-    write_json_atomic(samples, args.samples)
-    write_json_atomic(share_rows(metrics), args.plots / "expert_shares.json")
-    write_json_atomic(samples, args.plots / "samples_table.json")
+    write_json(args.metrics, metrics)
+    write_json(args.samples, samples)
+    write_json(args.plots / "expert_shares.json", share_rows(metrics))
+    write_json(args.plots / "samples_table.json", samples)
     router = metrics.get("router", {})
     print(f"evaluate: loss {metrics['loss']:.4f} ppl {metrics['perplexity']:.2f} acc {metrics['accuracy']:.3f} "
           f"on {metrics['tokens']:,} assistant tokens; router cv {router.get('mean_cv', 0):.3f}, "

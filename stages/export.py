@@ -16,7 +16,8 @@ from moechat.export import export_model, load_trained, read_metrics
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="trained save_pretrained folder")
-    parser.add_argument("--metrics-dir", type=Path, required=True, help="folder with the pipeline's *.json metrics")
+    parser.add_argument("--metrics-dir", type=Path, required=True,
+                        help="folder with prepare.json, train.json and eval.json (the model card's figures)")
     parser.add_argument("--out", type=Path, required=True, help="export folder to write")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB or 2GB")

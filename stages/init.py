@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from moechat.config import load_params
-from moechat.init import initialize, write_json_atomic
+from moechat.init import initialize
+from moechat.io import write_json
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
 
     params = load_params(args.params)
     report = initialize(params.model, params.seed, params.train.seq_len, args.tokenizer, args.out)
-    write_json_atomic(report, args.metrics)
+    write_json(args.metrics, report)
     counts = report["params"]
     print(f"init: {report['init_from'] or 'scratch'} -> {args.out}: {counts['total']:,} params, "
           f"{counts['active']:,} active per token, MoE blocks {report['moe_layers']}, "

@@ -1,7 +1,8 @@
-"""quantize stage: GPTQ 4-bit (GPTQModel) of the exported model, MoE-aware, plus fp vs 4-bit perplexity.
+"""quantize stage: GPTQ 4-bit (GPTQModel) of the exported model, MoE-aware, plus fp32 vs 4-bit perplexity.
 
 Usage (see dvc.yaml): python stages/quantize.py --model models/export --data data/prepared
-    --out models/quantized --metrics metrics/quantize.json [--params params.yaml]
+    --out models/quantized --metrics metrics/quantize.json --experts metrics/quantize_experts.json
+    [--params params.yaml] [--device auto]
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from moechat.config import load_params
 from moechat.data.chat import load_packed
-from moechat.evaluate import write_json_atomic
+from moechat.evaluate import pick_device
+from moechat.io import write_json
 from moechat.quantize import quantize_stage
 
 
@@ -20,20 +22,26 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="exported full-precision folder")
     parser.add_argument("--data", type=Path, required=True, help="prepared data (conversations_train.jsonl, val)")
     parser.add_argument("--out", type=Path, required=True, help="quantized folder to write")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON: perplexity fp vs 4-bit, sizes, experts")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON totals: perplexity fp32 vs 4-bit, sizes")
+    parser.add_argument("--experts", type=Path, required=True,
+                        help="JSON per expert: calibration tokens (router, GPTQ) and the fallback flag")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--device", default="auto", help="auto (a visible GPU, else the CPU) | cpu | cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=4, help="val batch size for the perplexity runs")
     parser.add_argument("--max-batches", type=int, default=None, help="cap the val batches (default: all)")
     args = parser.parse_args()
 
     params = load_params(args.params)
     q = params.quantize
-    metrics = quantize_stage(args.model, args.data / "conversations_train.jsonl", load_packed(args.data, "val"),
-                             q, params.seed, args.out, args.batch_size, args.max_batches)
-    write_json_atomic(metrics, args.metrics)
-    print(f"quantize: {q.bits}-bit g{q.group_size} -> {args.out} in {metrics['quantize_seconds']:.1f}s; "
-          f"val ppl {metrics['perplexity_fp']:.3f} -> {metrics['perplexity_quantized']:.3f} "
-          f"(x{metrics['perplexity_ratio']:.4f}); weights {metrics['weight_bytes_fp']:,} -> "
+    metrics, experts = quantize_stage(args.model, args.data / "conversations_train.jsonl",
+                                      load_packed(args.data, "val"), q, params.seed, args.out, args.batch_size,
+                                      args.max_batches, pick_device(args.device))
+    write_json(args.experts, experts)
+    write_json(args.metrics, metrics)
+    print(f"quantize: {q.bits}-bit g{q.group_size} on {metrics['device']} -> {args.out} in "
+          f"{metrics['quantize_seconds']:.1f}s (+{metrics['load_seconds']:.1f}s load); "
+          f"val ppl {metrics['perplexity_fp32']:.3f} -> {metrics['perplexity_quantized']:.3f} "
+          f"(x{metrics['perplexity_ratio']:.4f}); weights {metrics['weight_bytes_fp32']:,} -> "
           f"{metrics['weight_bytes_quantized']:,} bytes; {metrics['fallback']['experts']} expert(s) on RTN fallback")
 
 

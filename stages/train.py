@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from moechat.config import load_params
-from moechat.train import train, write_metrics
+from moechat.io import write_json
+from moechat.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)
     if os.environ.get("RANK", "0") != "0":  # set by torchrun / accelerate launch / deepspeed
         return 0
-    write_metrics(m, args.metrics)
+    write_json(args.metrics, m)
     mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
     speed = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.0f}"
     print(f"train: {m['steps']} steps, val lm loss {m['val_lm_loss']:.4f}, {speed} tok/s, MFU {mfu} "

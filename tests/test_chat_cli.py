@@ -17,7 +17,7 @@ from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
 from moechat.export import export_model
 from moechat.config import load_params
-from tests._release_tiny import save_model, tiny_model, tiny_tokenizer, write_prepared
+from tests._release_tiny import tiny_model, tiny_tokenizer, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -63,7 +63,7 @@ def test_tree_encoding_keeps_types():
     back = ckpt.decode_tree(json.loads(json.dumps(ckpt.encode_tree(tree, tensors))), tensors)
     assert set(back["state"]) == {0, 7} and back["groups"][0]["betas"] == (0.9, 0.95)
     assert torch.equal(back["state"][0]["m"], torch.ones(2, 2)) and back["groups"][0]["params"] == [0, 7]
-    with pytest.raises(ckpt.CheckpointError, match="cannot store object at state path 'x'"):
+    with pytest.raises(ckpt.CheckpointError, match="cannot store object .builtins:object. at state path .x."):
         ckpt.encode_tree({"x": object()}, {})
 
 
@@ -124,3 +124,118 @@ def test_fingerprint_tracks_trajectory_params_and_init_weights(tmp_path):
     (data / "train/state.json").write_text('{"_fingerprint": "aaa"}')
     save_file({"w": torch.full((3,), 2.0)}, str(init / "model.safetensors"))
     assert ckpt.fingerprint(cfg, 1, init, data, 1) != base
+
+
+def test_fingerprint_covers_the_init_config_not_only_its_weights(tmp_path):
+    """Two inits that differ only in top_k have identical weights; they must not share checkpoints."""
+    from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train/state.json").write_text('{"_fingerprint": "aaa"}')
+    inits = []
+    for top_k in (1, 2):
+        torch.manual_seed(0)
+        model = MoeChatForCausalLM(MoeChatConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2,
+                                                 n_inner=16, num_experts=2, num_experts_per_tok=top_k, moe_every=2))
+        model.save_pretrained(tmp_path / f"init_k{top_k}")
+        inits.append(tmp_path / f"init_k{top_k}")
+    weights = [(p / "model.safetensors").read_bytes() for p in inits]
+    assert weights[0] == weights[1]  # same shapes, same seed: only config.json tells them apart
+    cfg = dataclasses.asdict(TrainConfig())
+    fps = [ckpt.fingerprint(cfg, 1, p, data, 1) for p in inits]
+    assert fps[0] != fps[1]
+    # the transformers version stamp alone does not restart a run
+    config = json.loads((inits[0] / "config.json").read_text())
+    (inits[0] / "config.json").write_text(json.dumps({**config, "transformers_version": "0.0.1"}))
+    assert ckpt.fingerprint(cfg, 1, inits[0], data, 1) == fps[0]
+
+
+def test_crafted_checkpoint_cannot_call_arbitrary_code(tmp_path):
+    exploit = {"__enum__": "deepspeed.utils:os.system", "value": "echo PWNED"}
+    with pytest.raises(ckpt.CheckpointError, match="not one of the classes a checkpoint may hold"):
+        ckpt.decode_tree(exploit, {})
+    for tree in ({"__object__": "deepspeed.utils:os.system", "state": {}},
+                 {"__object__": "deepspeed.utils.tensor_fragment:tensor_fragment", "state": {}},  # not listed
+                 {"__enum__": "deepspeed.runtime.fp16.loss_scaler:LossScaler", "value": 1},  # not an enum
+                 {"__dtype__": "manual_seed"}):
+        with pytest.raises(ckpt.CheckpointError):
+            ckpt.decode_tree(tree, {})
+    # read from a file, the refusal names that file
+    save_file({}, str(tmp_path / "optimizer.safetensors"))
+    (tmp_path / "optimizer.json").write_text(json.dumps({"state": exploit}))
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.json: checkpoint names 'deepspeed\.utils:os\.system'"):
+        ckpt.load_tree(tmp_path, "optimizer")
+
+
+def test_deepspeed_state_objects_round_trip():
+    """The objects ZeRO-2's optimizer state_dict really holds (fp16 loss scaler, stage enum, slice address)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    tree = {"loss_scaler": scaler, "zero_stage": ZeroStageEnum.gradients,
+            "param_slice_mappings": [{"w": fragment_address(numel=6, start=2)}]}
+    tensors: dict[str, torch.Tensor] = {}
+    back = ckpt.decode_tree(json.loads(json.dumps(ckpt.encode_tree(tree, tensors))), tensors)
+    assert type(back["loss_scaler"]) is DynamicLossScaler and vars(back["loss_scaler"]) == vars(scaler)
+    assert back["loss_scaler"].dtype is torch.half
+    assert back["zero_stage"] is ZeroStageEnum.gradients
+    assert back["param_slice_mappings"] == [{"w": fragment_address(numel=6, start=2)}]
+
+
+def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
+    """fp16 resume: the loss scale and growth tracker come back, not the initial 2**16."""
+    net = tiny_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=5)
+    x = torch.randn(4, 64)
+    scaler.scale(net(x).sum() * float("inf")).backward()  # overflow: step skipped, scale halved
+    scaler.step(opt), scaler.update(), opt.zero_grad()
+    scaler.scale(net(x).pow(2).mean()).backward()  # a good step: growth tracker 1
+    scaler.step(opt), scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    state = ckpt.TrainState(step=2, fingerprint="fp16fp16fp16")
+    path = ckpt.save_checkpoint(tmp_path, state, net, opt.state_dict(), {}, keep=1,
+                                scaler_state=scaler.state_dict())
+    loaded = ckpt.load_checkpoint(path, tiny_net(seed=2))
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=5)
+    resumed.load_state_dict(loaded.scaler_state)
+    assert resumed.state_dict() == scaler.state_dict()
+    assert resumed.get_scale() == 2.0**15 and resumed.state_dict()["_growth_tracker"] == 1
+    no_scaler = ckpt.save_checkpoint(tmp_path, dataclasses.replace(state, step=3), net, opt.state_dict(), {}, keep=1)
+    assert ckpt.load_checkpoint(no_scaler, tiny_net()).scaler_state is None
+
+
+def test_trash_and_weightless_folders_are_never_resumed(tmp_path):
+    net = tiny_net()
+    save(tmp_path, "abc123abc123", 2, keep=3, net=net)
+    folder = tmp_path / "abc123abc123"
+    # a crash while deleting a newer checkpoint: renamed to .trash-*, still holding state.json and weights
+    trash = folder / ".trash-step_00000006"
+    (folder / "step_00000002").rename(folder / "keep")
+    save(tmp_path, "abc123abc123", 6, keep=3, net=net)
+    (folder / "step_00000006").rename(trash)
+    (folder / "keep").rename(folder / "step_00000002")
+    # a half-deleted folder that lost its weights but kept state.json
+    weightless = folder / "step_00000004"
+    weightless.mkdir()
+    (weightless / "state.json").write_text((folder / "step_00000002/state.json").read_text())
+    assert (trash / "state.json").exists() and (trash / "model.safetensors").exists()
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path, "abc123abc123")] == ["step_00000002"]
+    # the next save clears the leftover trash; pruning leaves no trash of its own
+    save(tmp_path, "abc123abc123", 8, keep=1, net=net)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000004", "step_00000008"]
+    save(tmp_path, "abc123abc123", 8, keep=1, net=net)  # re-saving the same step replaces it
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000004", "step_00000008"]
+
+
+def test_other_fingerprints_lists_only_complete_experiments(tmp_path):
+    net = tiny_net()
+    save(tmp_path, "aaaaaaaaaaaa", 1, keep=1, net=net)
+    save(tmp_path, "bbbbbbbbbbbb", 1, keep=1, net=net)
+    (tmp_path / "cccccccccccc" / ".tmp-step_00000001").mkdir(parents=True)
+    assert ckpt.other_fingerprints(tmp_path, "aaaaaaaaaaaa") == ["bbbbbbbbbbbb"]
+    assert ckpt.other_fingerprints(tmp_path / "missing", "aaaaaaaaaaaa") == []

@@ -57,6 +57,9 @@ def test_sections_are_frozen():
         ("data", "langs", "en", "data.langs='en' must be a list of strings"),
         ("train", "optimizer", "sgd", "train.optimizer='sgd' is not one of adamw_8bit | adamw"),
         ("quantize", "bits", 5, "quantize.bits=5 must be one of 2, 3, 4, 8"),
+        ("model", "z_loss_coef", -0.1, "model.z_loss_coef=-0.1 must be >= 0"),
+        ("eval", "max_new_tokens", 0, "eval.max_new_tokens=0 must be >= 1"),
+        ("quantize", "calib_samples", 0, "quantize.calib_samples=0 must be >= 1"),
     ],
 )
 def test_bad_values_name_key_value_and_fix(section, key, value, expected):
@@ -87,3 +90,23 @@ def test_int_is_accepted_where_a_float_is_expected():
 def test_missing_file_says_how_to_fix(tmp_path):
     with pytest.raises(ConfigError, match="not found; run from the project root"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_missing_key_is_named_not_defaulted():
+    raw = reference()
+    del raw["train"]["lr"]
+    with pytest.raises(ConfigError, match=r"missing key train\.lr; every key of train must be set"):
+        params_from_dict(raw)
+
+
+def test_dataclass_defaults_are_the_reference_params():
+    """Code that builds a section directly (tests, notebooks) gets what params.yaml says."""
+    assert Params() == load_params(ROOT / "params.yaml")
+
+
+def test_upcycling_with_a_freshly_trained_tokenizer_is_refused():
+    raw = reference()
+    raw["model"]["init_from"] = "gpt2-medium"
+    raw["tokenizer"]["source"] = "train"
+    with pytest.raises(ConfigError, match="model.init_from='gpt2-medium' needs the parent's tokenizer"):
+        params_from_dict(raw)

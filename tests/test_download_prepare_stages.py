@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,8 @@ import pytest
 import yaml
 
 from moechat.config import load_params
+from moechat.demo import demo_env, make_demo_repo
 
-ROOT = Path(__file__).resolve().parent.parent
-COPY = ["dvc.yaml", ".dvcignore", "stages/download.py", "stages/prepare.py", "src/moechat/__init__.py",
-        "src/moechat/config.py", "src/moechat/data", "tests/fixtures/oasst1_fixture.jsonl"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -27,27 +24,11 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 @pytest.fixture()
 def repo(tmp_path) -> tuple[Path, dict]:
-    for rel in COPY:
-        src, dst = ROOT / rel, tmp_path / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    tiny = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
-    params = load_params(ROOT / "params.yaml", overrides=tiny)  # validates the merged file
-    merged = yaml.safe_load((ROOT / "params.yaml").read_text())
-    from moechat.config import merge
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(merged, tiny), sort_keys=False))
-    assert params.data.source == "tests/fixtures/oasst1_fixture.jsonl"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONPATH": str(tmp_path / "src"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "DVC_NO_ANALYTICS": "1"}
-    _run(["git", "init", "-q"], tmp_path, env)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path, env)
-    _run(["git", "add", "-A"], tmp_path, env)
-    _run(["git", "commit", "-q", "-m", "init"], tmp_path, env)
-    return tmp_path, env
+    """The same scratch repo `moechat demo` builds: the project, params.yaml merged with the tiny preset."""
+    path = make_demo_repo(tmp_path / "repo")
+    assert load_params(path / "params.yaml").data.source == "tests/fixtures/oasst1_fixture.jsonl"
+    env = {**demo_env(path), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return path, env
 
 
 def test_repro_download_prepare_then_nothing_then_only_prepare(repo):

@@ -81,9 +81,25 @@ def test_layer_metrics_balanced_and_collapsed():
     assert collapsed["cv"] == pytest.approx(math.sqrt(3))
     assert collapsed["dead_expert_ids"] == [1, 2, 3]
     assert collapsed["dropped_share"] == pytest.approx(8 / 40)
-    # threshold is strict "below": a share exactly at it is alive
-    edge = layer_metrics(0, _LayerTally(torch.tensor([1, 99])), 0.01)
+    # threshold is strict "below" threshold / E: a share exactly at it (0.4 / 4 = 0.1) is alive
+    edge = layer_metrics(0, _LayerTally(torch.tensor([1, 3, 3, 3])), 0.4)
     assert edge["dead_experts"] == 0
+
+
+def test_dead_experts_are_judged_against_the_uniform_share():
+    # E=4, threshold 0.01: dead below 0.01 / 4 = 0.0025. Shares 0.005 and 0.002: only the second is dead
+    # (an absolute 0.01 cut-off would call both dead).
+    small = layer_metrics(0, _LayerTally(torch.tensor([5000, 4030, 950, 20])), 0.01)
+    assert small["expert_share"][2:] == pytest.approx([0.095, 0.002])
+    alive = layer_metrics(0, _LayerTally(torch.tensor([5000, 4000, 950, 50])), 0.01)
+    assert alive["dead_experts"] == 0  # share 0.005 = 2% of the fair share 0.25
+    assert small["dead_expert_ids"] == [3]
+    # E=200, perfectly balanced: every share is 0.005 < 0.01, yet no expert is dead; one expert at 0.5% of
+    # its fair share is.
+    counts = torch.full((200,), 1000)
+    assert layer_metrics(0, _LayerTally(counts), 0.01)["dead_experts"] == 0
+    counts[7] = 5
+    assert layer_metrics(0, _LayerTally(counts), 0.01)["dead_expert_ids"] == [7]
 
 
 def test_samples_greedy_is_deterministic_and_seeded_sampling_repeats(tok, model):

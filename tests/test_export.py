@@ -10,12 +10,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from moechat.config import load_params
-from moechat.export import export_model, read_metrics
+from moechat.export import export_model, model_card, read_metrics
 from tests._release_tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +64,11 @@ def exported(tmp_path_factory):
     (metrics_dir / "eval.json").write_text(json.dumps({"loss": 2.5, "perplexity": 12.18, "accuracy": 0.41,
                                                        "tokens": 1234, "router": {"mean_cv": 0.2, "dead_experts": 1,
                                                                                   "dropped_share": 0.0, "mean_entropy": 1.3}}))
+    (metrics_dir / "prepare.json").write_text(json.dumps({"train_blocks": 4321}))
+    (metrics_dir / "train.json").write_text(json.dumps({"tokens_per_second": 987.5}))
+    # Not export deps: a stale figure from these must never reach the card.
+    for stage in ("download", "model", "quantize"):
+        (metrics_dir / f"{stage}.json").write_text(json.dumps({f"{stage}_sentinel": 777777}))
     params = load_params(ROOT / "params.yaml")
     summary = export_model(model, tok, params, read_metrics(metrics_dir), tmp / "export", max_shard_size="200KB")
     return tmp / "export", model, tok, summary
@@ -117,3 +125,30 @@ def test_loads_and_chats_without_moechat(exported):
     with torch.no_grad():
         expected = model(enc["input_ids"]).logits[0, -1]
     assert torch.allclose(torch.tensor(result["logits"]), expected, atol=1e-4)
+
+
+def _front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_card_reads_only_the_metrics_export_depends_on(exported, tmp_path):
+    out = exported[0]
+    card = (out / "README.md").read_text()
+    assert "| train blocks | 4,321 |" in card and "| tokens per second | 987.5 |" in card
+    assert "sentinel" not in card and "777,777" not in card
+    assert set(read_metrics(out.parent / "metrics")) == {"prepare", "train", "eval"}
+    (tmp_path / "eval.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="prepare.json.*dvc repro prepare"):
+        read_metrics(tmp_path)
+
+
+def test_card_datasets_come_from_data_source(exported, tmp_path):
+    out, model, tok, _ = exported
+    assert _front_matter((out / "README.md").read_text())["datasets"] == ["OpenAssistant/oasst1"]
+    local = tmp_path / "my_chats.jsonl"
+    local.write_text("")
+    params = load_params(ROOT / "params.yaml")
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=str(local)))
+    card = model_card(model, tok, params, {})
+    assert _front_matter(card)["datasets"] == ["my_chats.jsonl"]
+    assert f"| seed | {params.seed:,} |" in card

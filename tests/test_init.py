@@ -12,11 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from moechat.config import ModelConfig
-from moechat.init import UpcycleError, build_config, init_scratch, initialize, load_dense_parent, upcycle
+from moechat.init import (
+    UpcycleError,
+    build_config,
+    init_scratch,
+    initialize,
+    load_dense_parent,
+    upcycle,
+)
 from moechat.modeling import MoeChatConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +52,11 @@ def tiny_params(**overrides) -> ModelConfig:
     return dataclasses.replace(base, **overrides)
 
 
-def dense_parent(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
+def dense_parent(n_layer: int = 2, seed: int = 0, tied: bool = True) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=PARENT_VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied,
+                        bos_token_id=None, eos_token_id=None)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -87,6 +102,19 @@ def test_upcycled_model_reproduces_its_dense_parent(top_k):
     torch.testing.assert_close(new_rows, parent.transformer.wte.weight.mean(0).expand_as(new_rows))
 
 
+def test_upcycle_copies_an_untied_parent_head_and_refuses_to_tie_it():
+    parent = dense_parent(tied=False)
+    assert not torch.equal(parent.lm_head.weight, parent.transformer.wte.weight)
+    model = upcycle(build_config(tiny_params(), make_tokenizer()), parent, seed=0).eval()
+    x = torch.randint(0, PARENT_VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits[..., :PARENT_VOCAB], parent(x).logits, rtol=1e-5, atol=1e-5)
+    new_rows = model.lm_head.weight[PARENT_VOCAB:]
+    torch.testing.assert_close(new_rows, parent.lm_head.weight.mean(0).expand_as(new_rows))
+    with pytest.raises(UpcycleError, match="model.tie_word_embeddings=true"):
+        upcycle(build_config(tiny_params(tie_word_embeddings=True), make_tokenizer()), parent, seed=0)
+
+
 def test_upcycle_takes_the_first_n_layer_blocks_of_a_deeper_parent():
     parent = dense_parent(n_layer=3)
     model = upcycle(build_config(tiny_params(n_layer=2), make_tokenizer()), parent, seed=0)
@@ -119,6 +147,23 @@ def test_load_dense_parent_errors_name_the_key(tmp_path):
         load_dense_parent(str(tmp_path / "weights.bin"))
     with pytest.raises(UpcycleError, match="model.init_from="):
         load_dense_parent(str(tmp_path / "missing_dir"))
+
+
+def test_load_dense_parent_rejects_a_checkpoint_with_missing_tensors(tmp_path):
+    dense_parent().save_pretrained(tmp_path / "parent")
+    weights = tmp_path / "parent" / "model.safetensors"
+    tensors = load_file(weights)
+    assert "transformer.h.1.mlp.c_fc.weight" in tensors
+    # Old GPT-2 checkpoints (the Hub's gpt2-*) also carry the causal-mask buffers `attn.bias`, which
+    # transformers ignores by design: they must not count as a problem.
+    tensors["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert isinstance(load_dense_parent(str(tmp_path / "parent")), GPT2LMHeadModel)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("transformer.h.1.mlp.")}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(UpcycleError, match=r"missing keys: transformer\.h\.1\.mlp\.c_fc\.bias, "
+                                           r"transformer\.h\.1\.mlp\.c_fc\.weight, transformer\.h\.1\.mlp\.c_proj"):
+        load_dense_parent(str(tmp_path / "parent"))
 
 
 def test_initialize_upcycles_from_a_local_folder_and_writes_a_loadable_model(tmp_path):
@@ -155,3 +200,22 @@ def test_init_stage_script_writes_model_and_metrics(tmp_path):
     assert metrics["layers"] == ["dense", "moe", "dense", "moe"]
     config = MoeChatConfig.from_pretrained(tmp_path / "models" / "init")
     assert config.n_layer == 4 and config.pad_token_id == 41
+
+
+def test_unreachable_hub_parent_fails_fast_and_names_the_key(monkeypatch):
+    """A Hub id for model.init_from is checked before from_pretrained, which would retry for minutes."""
+    import httpx2
+    from huggingface_hub import HfApi
+
+    from moechat.hub import HubError
+    from moechat.init import load_dense_parent
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise httpx2.ConnectError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    with pytest.raises(HubError, match=r"model\.init_from='gpt2-medium'"):
+        load_dense_parent("gpt2-medium")

@@ -21,7 +21,7 @@ STAGES = ("download", "prepare", "init", "train", "evaluate", "export", "quantiz
 
 
 def dvc(repo: Path, *args: str) -> str:
-    env = demo_env()
+    env = demo_env(repo)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -61,8 +61,8 @@ def test_second_repro_does_nothing(repo):
 
 def test_experiment_reruns_init_onwards_and_metrics_diff_compares(repo):
     dvc(repo, "commit", "-f")
-    subprocess.run(["git", "add", "-A"], cwd=repo, env=demo_env(), check=True, capture_output=True)
-    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=demo_env(), check=True, capture_output=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
 
     exp = dvc(repo, "exp", "run", "-S", "model.num_experts=2")
     assert ran(exp) == {"init", "train", "evaluate", "export", "quantize"}, exp

@@ -43,18 +43,19 @@ def test_estimate_matches_a_hand_calculation():
     # bytes: weights 4*1704, grads 4*1704, AdamW 8*1704, bf16 casts 2*(1704-112)
     # activations per token: attention 4d+4d+2d+3*2d+2d = 144; dense MLP 4d+4d+2d+2*2*16 = 144;
     # MoE MLP 4d+4d + top1*(2d + 2*2*16 + 2d) + 16 = 176  -> 288 + 320 = 608 B/token, 8 tokens
-    # logits 8 tokens * 10 * (2 + 4 + 4)
+    # logits 8 tokens * 10 * 2 (bf16); loss 8 tokens * 10 * (4 saved log-softmax + 4 + 4 fp32 grads)
     expected = {"weights_gb": 6816, "grads_gb": 6816, "optimizer_gb": 13632, "casts_gb": 3184,
-                "activations_gb": 4864, "logits_gb": 800}
+                "activations_gb": 4864, "logits_gb": 160, "loss_gb": 960}
     for key, value in expected.items():
         assert getattr(p, key) * GIB == pytest.approx(value), key
-    assert p.total_gb * GIB == pytest.approx(36112)
+    assert p.total_gb * GIB == pytest.approx(36432)
     ckpt = plan.estimate(MODEL, train_cfg(gradient_checkpointing=True), VOCAB)
     assert ckpt.activations_gb * GIB == pytest.approx(8 * (2 * 32 + 320))  # block inputs + one MoE block
     bnb = plan.estimate(MODEL, train_cfg(optimizer="adamw_8bit"), VOCAB)
     assert bnb.optimizer_gb * GIB == pytest.approx(2 * 1704 + 8 * 1704 / 256)
     fp32 = plan.estimate(MODEL, train_cfg(precision="fp32"), VOCAB)
-    assert fp32.casts_gb == 0 and fp32.logits_gb * GIB == pytest.approx(8 * 10 * 12)
+    assert fp32.casts_gb == 0 and fp32.logits_gb * GIB == pytest.approx(8 * 10 * 4)
+    assert fp32.loss_gb * GIB == pytest.approx(8 * 10 * 12)
     zero = plan.estimate(MODEL, train_cfg(deepspeed="zero2"), VOCAB, world_size=4)
     assert zero.grads_gb * GIB == pytest.approx(6816 / 4) and zero.optimizer_gb * GIB == pytest.approx(13632 / 4)
     off = plan.estimate(MODEL, train_cfg(deepspeed="zero2_offload"), VOCAB)
@@ -62,12 +63,13 @@ def test_estimate_matches_a_hand_calculation():
 
 
 def test_refuses_over_budget_and_suggests_the_largest_micro_batch():
-    # fixed 30448 B + 2832 B per micro-batch (608*4 activations + 400 logits): 36000 B fits micro-batch 1 only
+    # fixed 30448 B + 2992 B per micro-batch (608*4 activations + 4*10*14 logits and loss): 36000 B fits
+    # micro-batch 1 only
     cfg = train_cfg(gpu_memory_gb=36000 / GIB)
     assert plan.largest_micro_batch(MODEL, cfg, VOCAB) == 1
     with pytest.raises(plan.MemoryBudgetError, match=r"set train.micro_batch_size: 1 \(the largest that fits"):
         plan.check(MODEL, cfg, VOCAB)
-    assert plan.check(MODEL, train_cfg(gpu_memory_gb=36112 / GIB), VOCAB).fits
+    assert plan.check(MODEL, train_cfg(gpu_memory_gb=36432 / GIB), VOCAB).fits
     hopeless = train_cfg(gpu_memory_gb=1000 / GIB)
     with pytest.raises(plan.MemoryBudgetError, match="even micro-batch 1 does not fit: set "
                                                      "train.gradient_checkpointing: true, lower train.seq_len"):
@@ -82,3 +84,46 @@ def test_cli_reports_the_reference_config(capsys, tmp_path):
     assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path), "--micro-batch", "64"]) == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT in 16 GiB" in text and f"largest micro-batch that fits: {out['largest_micro_batch']}" in text
+
+
+def test_loss_term_is_what_lm_loss_saves_for_backward():
+    """The model's own loss keeps one fp32 log-softmax of targets x vocab for backward (4 B each, the planner's
+    first 4 of LOSS_BYTES_PER_LOGIT); neither the bf16 logits' copy nor their fp32 upcast is saved."""
+    B, T, V = 3, 6, 11
+    logits = torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    saved: dict[int, tuple[torch.dtype, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        MoeChatForCausalLM.lm_loss(logits, labels)
+    # besides scalars (the target count): exactly one fp32 tensor of (B*(T-1)) x V
+    floating = [(dtype, n) for dtype, n in saved.values() if dtype.is_floating_point and n > 8]
+    assert floating == [(torch.float32, B * (T - 1) * V * 4)]
+    assert plan.LOSS_BYTES_PER_LOGIT == 12
+
+
+def test_reference_config_loss_term():
+    # cross_entropy's fp32 log-softmax at micro-batch 4 x 1024 x 50260: ~0.77 GiB of the 2.30 GiB loss term
+    p = plan.estimate(ModelConfig(), TrainConfig(precision="bf16"), 50260)
+    assert 4 * 1024 * 50260 * 4 / GIB == pytest.approx(0.767, abs=1e-3)
+    assert p.loss_gb == pytest.approx(3 * 4 * 1024 * 50260 * 4 / GIB)
+    assert p.logits_gb == pytest.approx(4 * 1024 * 50260 * 2 / GIB)
+
+
+def test_preflight_refuses_on_a_simulated_16_gib_gpu():
+    ref, big = ModelConfig(), TrainConfig(precision="bf16", micro_batch_size=32)
+    sixteen = 16 * GIB
+    with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 .*set train.micro_batch_size: 13"):
+        plan.preflight(ref, big, 50260, 1, "cuda", sixteen)
+    assert plan.preflight(ref, TrainConfig(precision="bf16"), 50260, 1, "cuda", sixteen).fits
+    # params promise 80 GiB, the device has 16: the device's memory is the budget
+    with pytest.raises(plan.MemoryBudgetError, match=r"this GPU's 16.00 GiB \(less than train.gpu_memory_gb=80\)"):
+        plan.preflight(ref, TrainConfig(precision="bf16", micro_batch_size=32, gpu_memory_gb=80), 50260, 1, "cuda",
+                       sixteen)
+    with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 "):  # a bigger GPU: params rule
+        plan.preflight(ref, big, 50260, 1, "cuda", 80 * GIB)
+    assert plan.preflight(ref, big, 50260, 1, "cpu", None) is None  # no GPU budget on CPU

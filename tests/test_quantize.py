@@ -3,8 +3,13 @@ reload + generate on CPU through GPTQModel, and the fp vs 4-bit perplexity."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +18,12 @@ from safetensors import safe_open
 
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
+import moechat.quantize
 from moechat.quantize import (calibration_set, dequantize_gptq, load_quantized, qmodel_class, quantize_stage,
-                              quantized_tensor_names,
-                              read_conversations, router_token_counts)
-from tests._release_tiny import save_model, tiny_model, tiny_tokenizer, write_prepared
+                              quantized_tensor_names, read_conversations, router_token_counts, run_gptq)
+from tests._release_tiny import save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CFG = QuantizeConfig(bits=4, group_size=32, desc_act=False, sym=True, calib_samples=8, calib_max_tokens=64,
                      min_expert_tokens=4)
@@ -40,20 +47,33 @@ def _dead_experts_model(tok):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """"normal" through the library function, "dead" through the stage script (metrics and experts files)."""
     tmp = tmp_path_factory.mktemp("quantize")
     tok = tiny_tokenizer()
     out = {}
     for name, model in (("normal", tiny_model(tok, seed=2)), ("dead", _dead_experts_model(tok))):
         folder = save_model(model, tok, tmp / name / "export")
         prepared = write_prepared(tok, tmp / name / "prepared")
-        metrics = quantize_stage(folder, prepared / "conversations_train.jsonl", load_packed(prepared, "val"), CFG,
-                                 seed=1337, out_dir=tmp / name / "quantized")
-        out[name] = (model, tok, tmp / name / "quantized", metrics, prepared)
+        if name == "normal":
+            metrics, experts = quantize_stage(folder, prepared / "conversations_train.jsonl",
+                                              load_packed(prepared, "val"), CFG, seed=1337,
+                                              out_dir=tmp / name / "quantized")
+        else:
+            params = tiny_params(tmp / "params.yaml", seed=1337, quantize=dataclasses.asdict(CFG))
+            files = tmp / name / "metrics"
+            subprocess.run([sys.executable, str(ROOT / "stages" / "quantize.py"), "--model", str(folder),
+                            "--data", str(prepared), "--out", str(tmp / name / "quantized"),
+                            "--metrics", str(files / "quantize.json"), "--experts", str(files / "experts.json"),
+                            "--params", str(params), "--device", "cpu"],
+                           check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=tmp)
+            metrics = json.loads((files / "quantize.json").read_text())
+            experts = json.loads((files / "experts.json").read_text())
+        out[name] = (model, tok, tmp / name / "quantized", metrics, prepared, experts)
     return out
 
 
 def test_standard_gptq_format_on_disk(run):
-    model, _, qdir, metrics, _ = run["normal"]
+    model, _, qdir, metrics, _, _ = run["normal"]
     qcfg = json.loads((qdir / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "gptq"
     assert (qcfg["bits"], qcfg["group_size"], qcfg["desc_act"], qcfg["sym"]) == (4, 32, False, True)
@@ -76,42 +96,58 @@ def test_standard_gptq_format_on_disk(run):
                  "transformer.h.0.ln_1.weight", "transformer.ln_f.weight", "lm_head.weight"):
         assert name in tensors, f"{name} must stay unquantized"
     assert metrics["quantized_linears"] == len(quantized)
-    assert metrics["weight_bytes_quantized"] < metrics["weight_bytes_fp"]
+    assert metrics["weight_bytes_quantized"] < metrics["weight_bytes_fp32"]
+    assert metrics["weight_bytes_fp32"] == sum(p.stat().st_size for p in (qdir.parent / "export").glob("*.safetensors"))
 
 
 def test_perplexity_ratio_is_finite_and_close_to_one(run):
     metrics = run["normal"][3]
     assert math.isfinite(metrics["perplexity_quantized"])
     assert 0.9 < metrics["perplexity_ratio"] < 1.1
-    assert metrics["loss_quantized"] != metrics["loss_fp"]  # the weights did change
+    assert metrics["loss_quantized"] != metrics["loss_fp32"]  # the weights did change
 
 
 def test_calibration_counts_sum_to_tokens_times_top_k(run):
-    model, tok, _, metrics, prepared = run["normal"]
+    model, tok, _, metrics, prepared, all_experts = run["normal"]
     calib = calibration_set(read_conversations(prepared / "conversations_train.jsonl"), tok, CFG.calib_samples,
                             CFG.calib_max_tokens, 1337)
     assert metrics["calib_tokens"] == sum(len(x) for x in calib)
-    experts = metrics["experts"]["layer_1"]
+    experts = all_experts["layer_1"]
     top_k = model.config.num_experts_per_tok
     assert sum(e["calib_tokens_router"] for e in experts.values()) == metrics["calib_tokens"] * top_k
     assert sum(e["calib_tokens_gptq"] for e in experts.values()) == metrics["calib_tokens"] * top_k
     assert router_token_counts(model, calib)[1] == [experts[f"expert_{e}"]["calib_tokens_router"] for e in range(4)]
     assert metrics["fallback"]["experts"] == 0
+    router = sorted(e["calib_tokens_router"] for e in experts.values())
+    assert metrics["calib_tokens_per_expert_min"] == router[0]
+    assert metrics["calib_tokens_per_expert_median"] == (router[1] + router[2]) / 2
+
+
+def test_metrics_hold_totals_only(run):
+    """metrics/quantize.json stays a short list of scalars for `dvc metrics show`; the detail is elsewhere."""
+    for name in ("normal", "dead"):
+        metrics, experts = run[name][3], run[name][5]
+        assert "experts" not in metrics
+        assert set(metrics["fallback"]) == {"strategy", "min_expert_tokens", "experts", "modules"}
+        assert len(metrics) <= 24
+        assert set(experts) == {"layer_1"} and len(experts["layer_1"]) == 4
+        assert metrics["device"] == "cpu"
 
 
 def test_experts_without_tokens_fall_back_to_rtn_and_are_counted(run):
-    _, _, qdir, metrics, _ = run["dead"]
-    experts = metrics["experts"]["layer_1"]
+    _, _, qdir, metrics, _, all_experts = run["dead"]
+    experts = all_experts["layer_1"]
     assert [experts[f"expert_{e}"]["calib_tokens_router"] for e in range(4)][2:] == [0, 0]
     assert [experts[f"expert_{e}"]["fallback"] for e in range(4)] == [0, 0, 1, 1]
     assert metrics["fallback"] == {"strategy": "rtn", "min_expert_tokens": 4, "experts": 2, "modules": 4}
+    assert metrics["calib_tokens_per_expert_min"] == 0
     assert math.isfinite(metrics["perplexity_quantized"])
     log = (qdir / "quant_log.csv").read_text()
     assert "mlp.experts.2.c_fc,fallback(rtn)" in log
 
 
 def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
-    model, tok, qdir, _, _ = run["normal"]
+    model, tok, qdir, _, _, _ = run["normal"]
     from gptqmodel import BACKEND
 
     # GPTQModel's own dequantization (reference kernel) equals ours for every quantized Linear.
@@ -138,3 +174,25 @@ def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
         fp_logits = model(enc["input_ids"]).logits[0, -1]
     assert torch.isfinite(q_logits).all()
     assert (q_logits - fp_logits).abs().max() < 0.25 * fp_logits.abs().max() + 0.05
+
+
+def test_quantize_seconds_exclude_model_loading(monkeypatch, tmp_path):
+    """A stand-in GPTQModel class whose load takes 0.6 s and whose quantization takes 0.05 s."""
+    class SlowLoad:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            time.sleep(0.6)
+            return cls()
+
+        def quantize(self, *args, **kwargs):
+            time.sleep(0.05)
+            return {"gptq": [{"layer": 0, "module": "attn.c_attn", "samples": 3, "loss": "0.1"}]}
+
+        def save(self, folder):
+            Path(folder, "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(moechat.quantize, "qmodel_class", lambda: SlowLoad)
+    tok = tiny_tokenizer()
+    _, seconds = run_gptq(tmp_path / "export", tok, [[1, 2, 3]], CFG, tmp_path / "quantized")
+    assert seconds["load_seconds"] >= 0.6
+    assert 0.05 <= seconds["quantize_seconds"] < 0.5

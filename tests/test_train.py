@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -22,8 +21,9 @@ from datasets import Dataset
 from moechat import checkpoint as ckpt
 from moechat.config import ConfigError, TrainConfig
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
-from moechat.train import (BatchStream, NonFiniteLossError, deepspeed_config, lr_multiplier, micro_batches,
-                           param_groups, resolve_precision, train)
+from moechat import plan
+from moechat.train import (BatchStream, NonFiniteLossError, TrainOOMError, deepspeed_config, lr_multiplier,
+                           match_peak_flops, micro_batches, param_groups, resolve_precision, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, PAD, SEQ = 48, 47, 32
@@ -162,15 +162,53 @@ def test_kill_9_then_rerun_gives_the_same_per_step_losses(workspace):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000008", "step_00000012"]
 
 
-def test_changed_params_do_not_resume_another_experiment(workspace):
+def test_changed_params_do_not_resume_another_experiment(workspace, capsys):
     first = run_inprocess(workspace, "fp", tiny_cfg(max_steps=4, save_every=2))
+    capsys.readouterr()
     second = run_inprocess(workspace, "fp", tiny_cfg(max_steps=4, save_every=2, lr=1e-3))
     assert first["fingerprint"] != second["fingerprint"] and second["resumed_from_step"] is None
+    # the fresh start is visible: one line naming the experiments whose checkpoints were not used
+    assert f"no checkpoint of experiment {second['fingerprint']}" in capsys.readouterr().out.replace("\n", " ")
     roots = sorted(p.name for p in (workspace / "fp/checkpoints").iterdir())
     assert roots == sorted([first["fingerprint"], second["fingerprint"]])  # the old experiment is kept
-    # bookkeeping keys do not change the fingerprint: the finished run resumes at its end and re-exports
+    # bookkeeping keys do not change the fingerprint: the finished run resumes at its end and re-exports,
+    # reporting the losses of its last step (kept in the checkpoint), not nulls
     again = run_inprocess(workspace, "fp", tiny_cfg(max_steps=4, save_every=2, lr=1e-3, eval_every=3))
     assert again["fingerprint"] == second["fingerprint"] and again["resumed_from_step"] == 4
+    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "val_lm_loss"):
+        assert again[key] is not None and again[key] == second[key], key
+
+
+def test_scheduler_holds_when_the_optimizer_step_was_skipped(workspace, monkeypatch):
+    """fp16: a step the GradScaler skipped must not advance the LR schedule (simulated: every step skipped)."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    run_inprocess(workspace, "skipped", tiny_cfg(max_steps=3, save_every=3))
+    lrs = [v for _, v in logged(workspace / "skipped/live", "train/lr")]
+    assert lrs == pytest.approx([3e-3 / 3] * 3)  # warmup's first value, never advanced
+
+
+def test_preflight_memory_check_runs_in_train(workspace, monkeypatch):
+    """The stage refuses before allocating when the (simulated) GPU is too small for the planner's estimate."""
+    import moechat.train as train_module
+
+    monkeypatch.setattr(train_module, "device_memory", lambda device: ("cuda", 1000))
+    with pytest.raises(plan.MemoryBudgetError, match=r"this GPU's 0.00 GiB \(less than train.gpu_memory_gb=16\)"):
+        run_inprocess(workspace, "preflight", tiny_cfg(max_steps=2))
+    assert not (workspace / "preflight/checkpoints").exists()
+
+
+def test_oom_while_preparing_gets_the_planner_advice(workspace, monkeypatch):
+    from accelerate import Accelerator
+
+    def oom(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Accelerator, "prepare", oom)
+    with pytest.raises(TrainOOMError, match=r"CUDA out of memory while placing the model and optimizer on the GPU: "
+                                            r"the planner estimated .* GiB for micro_batch_size=4"):
+        run_inprocess(workspace, "oom", tiny_cfg(max_steps=2))
 
 
 def test_non_finite_loss_stops_naming_the_step(workspace, monkeypatch):
@@ -252,6 +290,19 @@ def test_deepspeed_json_file_is_checked_against_params(tmp_path):
         deepspeed_config(tiny_cfg(deepspeed=str(path)), "bf16")
     with pytest.raises(ConfigError, match="train.deepspeed='zero3'"):
         deepspeed_config(tiny_cfg(deepspeed="zero3"), "bf16")
+
+
+@pytest.mark.parametrize("name, key, peak", [
+    ("NVIDIA L40", "L40", 181e12), ("NVIDIA L40S", "L40S", 362e12), ("NVIDIA L4", "L4", 121e12),
+    ("NVIDIA A10", "A10", 125e12), ("NVIDIA A10G", None, None), ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+    ("NVIDIA A100 80GB PCIe", "A100", 312e12), ("NVIDIA H100 80GB HBM3", "H100", 989e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756e12), ("NVIDIA H100 NVL", "H100 NVL", 835e12),
+    ("NVIDIA GH200 480GB", "GH200", 989e12), ("NVIDIA H200", "H200", 989e12),
+    ("Tesla V100-PCIE-16GB", "V100 PCIe", 112e12), ("Tesla V100-SXM2-32GB", "V100", 125e12),
+    ("Tesla T4", "T4", 65e12), ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_peak_flops_match_whole_model_names(name, key, peak):
+    assert match_peak_flops(name) == (None if key is None else (key, peak))
 
 
 def test_precision_auto_choices():

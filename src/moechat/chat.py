@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Optional, TextIO
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer

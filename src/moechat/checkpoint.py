@@ -4,12 +4,15 @@ Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
   model.safetensors                 the weights (the module's state dict)
   optimizer.safetensors + .json     the optimizer state dict (bnb 8-bit state included), tensors by name
   rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R
-  state.json                        step, data cursor, scheduler, python/numpy RNG per rank, counters
+  state.json                        step, data cursor, scheduler, GradScaler, last losses, counters;
+                                    written last: it marks the checkpoint complete
 
-A checkpoint is written into `.tmp-step_<NNNNNNNN>` and renamed into place, so a folder named
-`step_*` is always complete; a leftover temp folder from a crash is ignored and overwritten later.
-The fingerprint (train params + init weights + data) keeps a changed experiment from resuming
-another run's checkpoint; other fingerprints' folders are left alone.
+A checkpoint is written into `.tmp-step_<NNNNNNNN>`, fsynced and renamed into place, so a folder named
+`step_*` with state.json and model.safetensors is complete; a leftover temp folder from a crash is
+ignored and overwritten later. A folder being replaced or pruned is first renamed to
+`.trash-step_<NNNNNNNN>` and only then deleted, so a crash mid-delete never leaves a half folder under a
+`step_*` name. The fingerprint (train params + the whole init folder + data) keeps a changed experiment
+from resuming another run's checkpoint; other fingerprints' folders are left alone.
 """
 
 from __future__ import annotations
@@ -32,8 +35,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRASH_PREFIX = ".trash-"
+# DeepSpeed ZeRO-2's optimizer state_dict holds these small objects besides tensors: the loss scaler
+# (static or dynamic), the ZeRO stage enum and the per-parameter slice addresses. They are stored as class
+# name + plain attributes and rebuilt only when their exact name is listed here (no pickle, no lookup of
+# arbitrary attributes: a checkpoint is untrusted input).
+ALLOWED_OBJECTS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+})
+ALLOWED_ENUMS = frozenset({"deepspeed.runtime.zero.config:ZeroStageEnum"})
 # Train keys that change bookkeeping only, not the optimisation trajectory: editing them keeps resuming.
-TRUSTED_OBJECT_MODULES = ("deepspeed.",)
 NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb")
 
 
@@ -59,6 +72,10 @@ class TrainState:
     target_tokens_seen: int = 0
     train_seconds: float = 0.0
     fingerprint: str = ""
+    # the last completed step's train losses and the latest val losses (with their step): a run that
+    # resumes at its last step has nothing left to train and reports these
+    last_losses: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
@@ -72,21 +89,41 @@ class TrainState:
 def fingerprint(train_params: dict[str, Any], seed: int, init_dir: Path, data_dir: Path,
                 world_size: int) -> str:
     """12 hex digits identifying an experiment: train params (minus bookkeeping keys), seed, world size,
-    the init weights' bytes and the prepared data's dataset fingerprints."""
+    every file of the init folder and the prepared data's dataset fingerprints.
+
+    The whole init folder counts, config.json included: model keys such as top_k, aux_loss_coef or
+    capacity_factor change training without changing a single weight. JSON files are hashed without their
+    `transformers_version` stamp, so upgrading transformers alone does not restart training."""
     h = hashlib.sha256()
     trajectory = {k: v for k, v in sorted(train_params.items()) if k not in NON_TRAJECTORY_KEYS}
     h.update(json.dumps({"train": trajectory, "seed": seed, "world_size": world_size}, sort_keys=True).encode())
-    weights = sorted(Path(init_dir).glob("*.safetensors"))
-    if not weights:
+    init_dir = Path(init_dir)
+    if not list(init_dir.glob("*.safetensors")):
         raise CheckpointError(f"{init_dir}: no *.safetensors weights to fingerprint; run the init stage first")
-    for path in weights:
-        h.update(path.name.encode())
+    files = sorted(p for p in init_dir.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(init_dir).parts))
+    for path in files:
+        h.update(path.relative_to(init_dir).as_posix().encode() + b"\0")
+        if path.suffix == ".json":
+            h.update(_json_without_version(path))
+            continue
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     for state in sorted(Path(data_dir).glob("*/state.json")):
         h.update(state.read_bytes())
     return h.hexdigest()[:12]
+
+
+def _json_without_version(path: Path) -> bytes:
+    raw = path.read_bytes()
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return raw  # not JSON after all: its bytes identify it
+    if isinstance(obj, dict):
+        obj.pop("transformers_version", None)
+    return json.dumps(obj, sort_keys=True).encode()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,6 +144,12 @@ def encode_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> 
             return {k: encode_tree(v, tensors, f"{path}.{k}" if path else k) for k, v in tree.items()}
         return {"__items__": [[encode_tree(k, tensors, f"{path}.key"), encode_tree(v, tensors, f"{path}.{k}")]
                               for k, v in tree.items()]}
+    if isinstance(tree, enum.Enum):  # before the plain types: ZeroStageEnum is also an int
+        name = f"{type(tree).__module__}:{type(tree).__qualname__}"
+        if name not in ALLOWED_ENUMS:
+            raise CheckpointError(f"cannot store enum {name} at state path {path!r}: only the enums in "
+                                  f"moechat.checkpoint.ALLOWED_ENUMS go into a checkpoint")
+        return {"__enum__": name, "value": encode_tree(tree.value, tensors, path)}
     if isinstance(tree, tuple):
         return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(tree)]}
     if isinstance(tree, list):
@@ -115,23 +158,22 @@ def encode_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> 
         return tree
     if isinstance(tree, (np.integer, np.floating)):
         return tree.item()
+    if isinstance(tree, torch.dtype):  # DeepSpeed's DynamicLossScaler keeps the fp16 dtype
+        return {"__dtype__": str(tree).removeprefix("torch.")}
     cls = type(tree)
-    if cls.__module__.startswith(TRUSTED_OBJECT_MODULES):
-        # DeepSpeed ZeRO state holds a few small objects (loss scaler, stage enum, slice addresses): stored
-        # as class name + plain attributes and rebuilt only for classes from these modules (no pickle).
-        name = f"{cls.__module__}:{cls.__qualname__}"
-        if isinstance(tree, enum.Enum):
-            return {"__enum__": name, "value": encode_tree(tree.value, tensors, path)}
-        if dataclasses.is_dataclass(tree) or hasattr(tree, "__dict__"):
-            attrs = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)} \
-                if dataclasses.is_dataclass(tree) else vars(tree)
-            return {"__object__": name, "state": encode_tree(dict(attrs), tensors, path)}
-    raise CheckpointError(f"cannot store {type(tree).__name__} at state path {path!r}: only tensors, numbers, "
-                          f"strings, lists, tuples and dicts go into a checkpoint")
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if name in ALLOWED_OBJECTS:
+        attrs = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)} \
+            if dataclasses.is_dataclass(tree) else vars(tree)
+        return {"__object__": name, "state": encode_tree(dict(attrs), tensors, path)}
+    raise CheckpointError(f"cannot store {type(tree).__name__} ({name}) at state path {path!r}: only tensors, "
+                          f"numbers, strings, lists, tuples, dicts and the DeepSpeed classes in "
+                          f"moechat.checkpoint.ALLOWED_OBJECTS/ALLOWED_ENUMS go into a checkpoint")
 
 
 def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of `encode_tree`."""
+    """Inverse of `encode_tree`. Builds only allow-listed classes; anything else raises CheckpointError
+    (callers that read a file add its path to the message)."""
     if isinstance(tree, dict):
         if "__tensor__" in tree:
             return tensors[tree["__tensor__"]]
@@ -139,10 +181,15 @@ def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {decode_tree(k, tensors): decode_tree(v, tensors) for k, v in tree["__items__"]}
         if "__tuple__" in tree:
             return tuple(decode_tree(v, tensors) for v in tree["__tuple__"])
+        if "__dtype__" in tree:
+            dtype = getattr(torch, str(tree["__dtype__"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(f"checkpoint names dtype {tree['__dtype__']!r}, which is not a torch dtype")
+            return dtype
         if "__enum__" in tree:
-            return _trusted_class(tree["__enum__"])(decode_tree(tree["value"], tensors))
+            return _allowed_class(tree["__enum__"], ALLOWED_ENUMS)(decode_tree(tree["value"], tensors))
         if "__object__" in tree:
-            obj = object.__new__(_trusted_class(tree["__object__"]))
+            obj = object.__new__(_allowed_class(tree["__object__"], ALLOWED_OBJECTS))
             for key, value in decode_tree(tree["state"], tensors).items():
                 object.__setattr__(obj, key, value)
             return obj
@@ -152,13 +199,16 @@ def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def _trusted_class(name: str) -> type:
+def _allowed_class(name: Any, allowed: frozenset[str]) -> type:
+    """The class `module:Name` when it is on `allowed` and really a class (an enum for ALLOWED_ENUMS)."""
+    if not isinstance(name, str) or name not in allowed:
+        raise CheckpointError(f"checkpoint names {name!r}, which is not one of the classes a checkpoint may "
+                              f"hold ({', '.join(sorted(allowed))}); refusing to build it")
     module, qualname = name.split(":")
-    if not module.startswith(TRUSTED_OBJECT_MODULES):
-        raise CheckpointError(f"checkpoint names class {name}, outside {TRUSTED_OBJECT_MODULES}; refusing to build it")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    obj = getattr(importlib.import_module(module), qualname, None)
+    if not isinstance(obj, type) or (allowed is ALLOWED_ENUMS and not issubclass(obj, enum.Enum)):
+        raise CheckpointError(f"checkpoint names {name}, which this DeepSpeed version does not define as "
+                              f"{'an enum' if allowed is ALLOWED_ENUMS else 'a class'}; refusing to build it")
     return obj
 
 
@@ -170,8 +220,11 @@ def save_tree(tree: Any, folder: Path, stem: str) -> None:
 
 
 def load_tree(folder: Path, stem: str) -> Any:
-    return decode_tree(json.loads((folder / f"{stem}.json").read_text()),
-                       load_file(str(folder / f"{stem}.safetensors")))
+    path = Path(folder) / f"{stem}.json"
+    try:
+        return decode_tree(json.loads(path.read_text()), load_file(str(Path(folder) / f"{stem}.safetensors")))
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}; delete {Path(folder)} if you did not write it") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,12 +263,18 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_complete(path: Path) -> bool:
+    """A `step_*` folder with its completion marker (state.json, written last) and its weights."""
+    return (path.is_dir() and STEP_DIR.match(path.name) is not None and (path / "state.json").is_file()
+            and (path / "model.safetensors").is_file())
+
+
 def complete_checkpoints(root: Path, fp: str) -> list[Path]:
-    """Complete checkpoints of fingerprint `fp`, oldest first; temp folders never match."""
+    """Complete checkpoints of fingerprint `fp`, oldest first; temp and trash folders never match."""
     folder = Path(root) / fp
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    found = [p for p in folder.iterdir() if is_complete(p)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -224,14 +283,46 @@ def latest_checkpoint(root: Path, fp: str) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def other_fingerprints(root: Path, fp: str) -> list[str]:
+    """Fingerprints under `root` other than `fp` that hold a complete checkpoint (other experiments)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != fp and complete_checkpoints(root, p.name))
+
+
+def _remove(path: Path) -> None:
+    """Rename to `.trash-<name>` first, then delete: a crash mid-delete leaves only a trash folder."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder` and the folder itself, so a rename after this cannot publish
+    a checkpoint whose data is still only in the page cache (power loss)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
 def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optimizer_state: Any,
                     scheduler_state: dict[str, Any], keep: int, rank: int = 0, world_size: int = 1,
-                    barrier: Callable[[], None] = lambda: None, per_rank_optimizer: bool = False) -> Path:
+                    barrier: Callable[[], None] = lambda: None, per_rank_optimizer: bool = False,
+                    scaler_state: Optional[dict[str, Any]] = None) -> Path:
     """Write one checkpoint atomically and prune to the newest `keep` of this fingerprint.
 
     Collective under several processes: every rank calls it (each writes its own RNG file; with
     `per_rank_optimizer`, as for DeepSpeed ZeRO partitions, its own optimizer shard); rank 0 writes
-    the weights, state.json last, and renames the folder into place."""
+    the weights, state.json last, fsyncs and renames the folder into place. `scaler_state` is the fp16
+    GradScaler's state_dict (plain numbers), None without one."""
     folder = Path(root) / state.fingerprint
     final = folder / step_dir_name(state.step)
     tmp = folder / f".tmp-{final.name}"
@@ -239,6 +330,8 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        for leftover in folder.glob(f"{TRASH_PREFIX}*"):  # from a crash mid-delete
+            shutil.rmtree(leftover)
     barrier()
     rng_tensors, rng_plain = capture_rng()
     save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"))
@@ -251,17 +344,22 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
         # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,
-                "per_rank_optimizer": per_rank_optimizer}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     barrier()
     if rank == 0:
+        meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,
+                "per_rank_optimizer": per_rank_optimizer, "scaler": encode_tree(scaler_state, {})}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))  # last: the completion marker
+        _fsync_tree(tmp)
+        replaced = None
         if final.exists():  # the same step saved again by a rerun that resumed from it
-            shutil.rmtree(final)
+            replaced = final.with_name(f"{TRASH_PREFIX}{final.name}")
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(folder)
+        if replaced is not None:
+            shutil.rmtree(replaced)
         for old in complete_checkpoints(root, state.fingerprint)[:-keep]:
-            shutil.rmtree(old)
+            _remove(old)
     barrier()
     return final
 
@@ -279,6 +377,7 @@ class LoadedCheckpoint:
     state: TrainState
     optimizer_state: Any
     scheduler_state: dict[str, Any]
+    scaler_state: Optional[dict[str, Any]] = None  # the fp16 GradScaler's state_dict, when one was saved
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> LoadedCheckpoint:
@@ -294,9 +393,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> Loaded
                               f"unexpected {unexpected[:3]}); delete {path.parent} to start over")
     stem = f"optimizer_rank{rank}" if meta.pop("per_rank_optimizer") else "optimizer"
     optimizer_state = load_tree(path, stem)
-    scheduler_state = decode_tree(meta.pop("scheduler"), {})
+    try:
+        scheduler_state = decode_tree(meta.pop("scheduler"), {})
+        scaler_state = decode_tree(meta.pop("scaler", None), {})
+    except CheckpointError as err:
+        raise CheckpointError(f"{path / 'state.json'}: {err}; delete {path} if you did not write it") from None
     meta.pop("world_size")
-    return LoadedCheckpoint(TrainState.from_dict(meta), optimizer_state, scheduler_state)
+    return LoadedCheckpoint(TrainState.from_dict(meta), optimizer_state, scheduler_state, scaler_state)
 
 
 def restore_rank_rng(path: Path, rank: int) -> None:

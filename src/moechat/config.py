@@ -93,7 +93,11 @@ class EvalConfig:
     max_new_tokens: int = 128
     temperature: float = 0.8
     top_p: float = 0.95
-    prompts: tuple[str, ...] = ("What is a mixture-of-experts model?",)
+    prompts: tuple[str, ...] = (
+        "What is a mixture-of-experts model?",
+        "Write a haiku about autumn.",
+        "How do I reverse a list in Python?",
+    )
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,12 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         raise ConfigError(
             f"{source}: unknown key {prefix}{unknown[0]}; known keys in {where}: {', '.join(fields)}"
         )
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing key {prefix}{missing[0]}; every key of {where} must be set "
+            f"(see the reference params.yaml), missing: {', '.join(prefix + m for m in missing)}"
+        )
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -219,8 +229,11 @@ def _check(p: Params, source: str) -> None:
              f"pick n_head from the divisors of n_embd", source)
     _require(m.capacity_factor >= 0, f"model.capacity_factor={m.capacity_factor} must be >= 0 (0 = dropless)",
              source)
-    _require(m.aux_loss_coef >= 0 and m.z_loss_coef >= 0,
-             "model.aux_loss_coef and model.z_loss_coef must be >= 0", source)
+    for key in ("aux_loss_coef", "z_loss_coef"):
+        _require(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)} must be >= 0 (0 switches the loss off)", source)
+    _require(m.init_from is None or p.tokenizer.source != "train",
+             f"model.init_from={m.init_from!r} needs the parent's tokenizer, but tokenizer.source='train' builds "
+             f"a new vocabulary; set tokenizer.source to the parent (e.g. gpt2) or model.init_from to null", source)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)", source)
     _require(t.seq_len <= m.n_positions,
              f"train.seq_len={t.seq_len} must be <= model.n_positions={m.n_positions}; "
@@ -233,11 +246,18 @@ def _check(p: Params, source: str) -> None:
     _require(0 < t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in (0, train.lr={t.lr}]", source)
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0", source)
     _require(t.gpu_memory_gb > 0, f"train.gpu_memory_gb={t.gpu_memory_gb} must be > 0", source)
-    _require(e.batch_size >= 1 and e.max_new_tokens >= 1, "eval.batch_size and eval.max_new_tokens must be >= 1",
-             source)
+    for key in ("batch_size", "max_new_tokens"):
+        _require(getattr(e, key) >= 1, f"eval.{key}={getattr(e, key)} must be >= 1", source)
+    _require(e.max_batches is None or e.max_batches >= 1,
+             f"eval.max_batches={e.max_batches} must be null (the whole val split) or >= 1", source)
+    _require(0.0 <= e.dead_expert_threshold < 1.0,
+             f"eval.dead_expert_threshold={e.dead_expert_threshold} must be in [0, 1)", source)
+    _require(e.temperature >= 0, f"eval.temperature={e.temperature} must be >= 0 (0 = greedy)", source)
     _require(0.0 < e.top_p <= 1.0, f"eval.top_p={e.top_p} must be in (0, 1]", source)
     _require(q.bits in (2, 3, 4, 8), f"quantize.bits={q.bits} must be one of 2, 3, 4, 8 (GPTQ)", source)
     _require(q.group_size == -1 or q.group_size >= 1,
              f"quantize.group_size={q.group_size} must be -1 (per column) or >= 1", source)
-    _require(q.calib_samples >= 1 and q.calib_max_tokens >= 1 and q.min_expert_tokens >= 0,
-             "quantize.calib_samples and quantize.calib_max_tokens must be >= 1, min_expert_tokens >= 0", source)
+    for key in ("calib_samples", "calib_max_tokens"):
+        _require(getattr(q, key) >= 1, f"quantize.{key}={getattr(q, key)} must be >= 1", source)
+    _require(q.min_expert_tokens >= 0,
+             f"quantize.min_expert_tokens={q.min_expert_tokens} must be >= 0 (0 = never fall back)", source)

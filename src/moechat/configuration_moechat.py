@@ -20,7 +20,9 @@ class MoeChatConfig(PretrainedConfig):
 
     Block `i` (0-based) has an MoE MLP when `(i + 1) % moe_every == 0`: with `moe_every=2` and 8 layers the
     MoE blocks are 1, 3, 5, 7 (the 2nd, 4th, 6th and 8th). `capacity_factor=0` routes dropless; a positive
-    value caps each expert at `ceil(capacity_factor * tokens * num_experts_per_tok / num_experts)` assignments.
+    value caps each expert, in training mode only, at `ceil(capacity_factor * B*T * num_experts_per_tok /
+    num_experts)` assignments, earliest positions first (causal); eval mode and generation stay dropless.
+    `aux_loss` is the Switch loss normalised by k (1 at perfect balance; transformers' Mixtral reports k).
     `num_experts_per_tok` is params.yaml's `model.top_k` (renamed so that generate() does not read it as
     its top-k sampling flag).
     """

@@ -45,10 +45,13 @@ def project_root() -> Path:
     )
 
 
-def demo_env() -> dict[str, str]:
-    """Environment for the scratch repo: offline Hub, a git identity for dvc exp / dvclive."""
+def demo_env(workdir: Path) -> dict[str, str]:
+    """Environment for the scratch repo: offline Hub, a git identity for dvc exp / dvclive, and the repo's
+    own copy of the library first on the path, so the code that runs is the code DVC hashed."""
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"})
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(workdir).resolve() / "src"),
+                                                            env.get("PYTHONPATH")]))})
     for key, value in GIT_IDENTITY.items():
         env.setdefault(key, value)
     return env
@@ -77,7 +80,7 @@ def make_demo_repo(workdir: Path, root: Path | None = None, preset: str = "tiny"
     )
     load_params(workdir / "params.yaml")  # fail here, not three stages in, if the preset is invalid
 
-    env = demo_env()
+    env = demo_env(workdir)
     run(["git", "init", "-q", "-b", "main"], workdir, env)
     run(["dvc", "init", "-q"], workdir, env)
     for name in DVC_FILES:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moechat-demo-"))
     make_demo_repo(workdir, preset=args.preset)
     start = time.perf_counter()
-    run(["dvc", "repro"], workdir, demo_env())
+    run(["dvc", "repro"], workdir, demo_env(workdir))
     minutes = (time.perf_counter() - start) / 60
     print(f"\nmoechat demo: whole DAG in {minutes:.1f} min in {workdir}")
     print(f"  metrics:   cd {workdir} && dvc metrics show")

@@ -8,9 +8,7 @@ exact top-k assignments it made.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -130,15 +128,20 @@ def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
 
 def layer_metrics(layer: int, t: _LayerTally, dead_expert_threshold: float) -> dict[str, Any]:
     """One MoE layer: expert shares (of all top-k assignments), their coefficient of variation
-    (std / mean, population std; 0 = perfectly balanced), dead experts (share < threshold), the share
-    of assignments dropped by capacity routing, and the mean router entropy in nats and relative to ln E."""
+    (std / mean, population std; 0 = perfectly balanced), dead experts, the share of assignments dropped
+    by capacity routing, and the mean router entropy in nats and relative to ln E.
+
+    `dead_expert_threshold` is a fraction of the uniform share 1/E: an expert is dead when its share is
+    below `dead_expert_threshold / E` (0.01 = it gets under 1% of the tokens perfect balance would give
+    it). Relative to 1/E so the same setting means the same thing for 4 or 200 experts; an absolute
+    share would call every expert dead once 1/E drops under it."""
     counts = t.tokens_per_expert.double()
     assigned = float(counts.sum())
     n_experts = counts.numel()
     shares = (counts / assigned) if assigned > 0 else torch.zeros_like(counts)
     mean = 1.0 / n_experts
     cv = float(shares.std(unbiased=False) / mean) if assigned > 0 else 0.0
-    dead = [e for e in range(n_experts) if float(shares[e]) < dead_expert_threshold]
+    dead = [e for e in range(n_experts) if float(shares[e]) * n_experts < dead_expert_threshold]
     entropy = t.entropy_sum / t.routed_tokens if t.routed_tokens else 0.0
     return {
         "layer": layer,
@@ -210,15 +213,6 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, val: An
     metrics["dead_expert_threshold"] = cfg.dead_expert_threshold
     samples = generate_samples(model, tokenizer, cfg, seed)
     return metrics, samples
-
-
-def write_json_atomic(data: Any, path: str | Path) -> None:
-    """Write JSON to a temporary sibling, then rename: a crash never leaves a half-written metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def load_model(model_dir: str | Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -3,14 +3,13 @@
 `models/export/` holds config.json with `auto_map`, the two self-contained code files
 (configuration_moechat.py, modeling_moechat.py), safetensors weights sharded past `max_shard_size`, the
 tokenizer with its ChatML template, generation_config.json (eos = <|im_end|>, pad = <|pad|>) and a model
-card whose figures are read from the model itself and from metrics/*.json, never typed in.
+card whose figures are read from the model itself and from the prepare, train and eval metrics (the export
+stage's deps in dvc.yaml), never typed in.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,9 +17,12 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.config import Params
+from moechat.data.oasst import source_kind
+from moechat.io import atomic_dir
 
 CODE_FILES = ("configuration_moechat.py", "modeling_moechat.py")
-METRIC_FILES = ("download", "prepare", "model", "train", "eval", "quantize")
+# Only the metrics of the stages export depends on (dvc.yaml deps), so the card never shows stale figures.
+METRIC_STAGES = ("prepare", "train", "eval")
 
 
 class ExportError(RuntimeError):
@@ -28,13 +30,20 @@ class ExportError(RuntimeError):
 
 
 def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any]]:
-    """The pipeline's metrics/*.json files that exist, by stem (eval.json -> "eval")."""
+    """metrics/{prepare,train,eval}.json by stage name; each must exist (they are the stage's deps)."""
     found = {}
-    for stem in METRIC_FILES:
-        path = Path(metrics_dir) / f"{stem}.json"
-        if path.exists():
-            found[stem] = json.loads(path.read_text())
+    for stage in METRIC_STAGES:
+        path = Path(metrics_dir) / f"{stage}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found; the model card needs it: run `dvc repro {stage}`")
+        found[stage] = json.loads(path.read_text())
     return found
+
+
+def card_dataset(source: str) -> str:
+    """The card's `datasets:` entry for `data.source`: a Hub id as is, a local file or folder by its name
+    (a local source has no Hub id, and inventing one would link to someone else's dataset)."""
+    return source if source_kind(source) == "hub" else Path(source).name
 
 
 def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -49,15 +58,12 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, par
                  metrics: dict[str, dict[str, Any]], out_dir: Path, max_shard_size: str = "2GB") -> dict[str, Any]:
     """Write the export folder atomically (temporary sibling, then rename); returns a summary."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    _check_self_contained(tmp)
-    (tmp / "README.md").write_text(model_card(model, tokenizer, params, metrics))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        _check_self_contained(tmp)
+        (tmp / "README.md").write_text(model_card(model, tokenizer, params, metrics))
     shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
     return {"out": str(out_dir), "shards": shards,
             "weight_bytes": sum((out_dir / s).stat().st_size for s in shards),
@@ -97,7 +103,7 @@ def model_card(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, param
     d, t = params.data, params.train
     sections = [
         "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [moechat, mixture-of-experts, "
-        "chatml]\ndatasets: [OpenAssistant/oasst1]\n---\n",
+        f"chatml]\ndatasets: [{json.dumps(card_dataset(d.source))}]\n---\n",
         "# moechat MoE chat model\n",
         "A GPT-2-style decoder with sparse Mixture-of-Experts MLPs, trained as a ChatML assistant on OpenAssistant "
         "OASST1 by the moechat DVC pipeline. Load it with `trust_remote_code=True` (the model code ships in this "

@@ -9,16 +9,14 @@ upcycled model computes exactly its parent's function at step 0 (tested).
 Layer policy: `model.n_layer` may be smaller than the parent's; the first `n_layer` blocks are taken
 (set n_layer to the parent's depth, e.g. 24 for gpt2-medium, to keep all of it). Vocabulary: the
 tokenizer may extend the parent's (the chat tokens ChatML adds); new rows of wte / lm_head start at
-the mean of the parent's embeddings (Hewitt 2021), so they do not skew the softmax.
+the mean of the parent's rows (Hewitt 2021), so they do not skew the softmax. Output head: the parent's
+`lm_head` is copied (for GPT-2 that is wte, to which it is tied); a tied model cannot be built from a
+parent with an untied head, which raises rather than silently computing something else.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,8 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from moechat.config import ConfigError, ModelConfig
+from moechat.hub import looks_like_path, require_hub_repo
+from moechat.io import atomic_dir
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 
 log = logging.getLogger(__name__)
@@ -72,23 +72,47 @@ def init_scratch(config: MoeChatConfig, seed: int) -> MoeChatForCausalLM:
 
 
 def load_dense_parent(source: str) -> GPT2LMHeadModel:
-    """A dense GPT-2 from a Hub id (e.g. `gpt2-medium`) or a local save_pretrained folder, safetensors only."""
+    """A dense GPT-2 from a Hub id (e.g. `gpt2-medium`) or a local save_pretrained folder, safetensors only.
+
+    Every parameter must come from the checkpoint: transformers fills missing tensors with random
+    weights and only logs it, which would upcycle a model that is not the parent, so that raises here.
+    """
     path = Path(source)
     if path.exists() and not path.is_dir():
         raise UpcycleError(f"model.init_from={source!r} is a file; pass the folder that save_pretrained wrote "
                            f"(config.json + model.safetensors) or a Hub id such as gpt2-medium")
+    if not path.is_dir() and looks_like_path(source):
+        raise UpcycleError(f"model.init_from={source!r}: no such folder; fix the path (relative paths are read "
+                           f"from the project root) or use a Hub id such as gpt2-medium")
+    revision = None
+    if not path.is_dir():  # a Hub id: fail in seconds, by name, where from_pretrained would retry for minutes
+        revision = require_hub_repo("model.init_from", source, "model",
+                                    hint="point model.init_from at a local save_pretrained folder")
     try:
-        return GPT2LMHeadModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
+        parent, info = GPT2LMHeadModel.from_pretrained(source, revision=revision, use_safetensors=True,
+                                                       dtype=torch.float32, output_loading_info=True)
     except OSError as err:
         raise UpcycleError(
             f"model.init_from={source!r}: could not load a GPT-2 checkpoint with safetensors weights ({err}); "
             f"pass a Hub id such as gpt2-medium (needs network) or a local folder, or null to start from "
             f"scratch") from err
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys",
+                                                                  "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:8]))}"
+                           + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                           for kind, keys in problems.items())
+        raise UpcycleError(
+            f"model.init_from={source!r} is not a complete GPT-2 checkpoint ({listed}); transformers would "
+            f"fill the gaps with random weights, so the upcycled model would not be its parent. Point "
+            f"model.init_from at an intact GPT-2 (GPT2LMHeadModel) save_pretrained folder or Hub id")
+    return parent.eval()
 
 
 def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int) -> MoeChatForCausalLM:
     """Sparse upcycling of `parent` into a model built from `config` (see the module docstring)."""
-    _check_compatible(config, parent.config)
+    _check_compatible(config, parent)
     model = init_scratch(config, seed)  # seeded: fixes the routers (and nothing else survives the copy)
     src = parent.transformer
     dst = model.transformer
@@ -108,8 +132,10 @@ def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int) -> MoeCha
                 _copy_conv1d(mlp.c_fc, parent_block.mlp.c_fc)
                 _copy_conv1d(mlp.c_proj, parent_block.mlp.c_proj)
         dst.ln_f.load_state_dict(src.ln_f.state_dict())
-        if not config.tie_word_embeddings:  # GPT-2's head is tied to wte: the untied head starts as a copy
-            model.lm_head.weight.copy_(dst.wte.weight)
+        if not config.tie_word_embeddings:  # tied: lm_head *is* wte, checked equal to the parent's head
+            head = parent.lm_head.weight
+            model.lm_head.weight[:v_parent] = head
+            model.lm_head.weight[v_parent:] = head.mean(dim=0)
     return model
 
 
@@ -119,7 +145,13 @@ def _copy_conv1d(linear: torch.nn.Linear, conv1d: torch.nn.Module) -> None:
     linear.bias.copy_(conv1d.bias)
 
 
-def _check_compatible(config: MoeChatConfig, parent: Any) -> None:
+def _parent_head_is_tied(parent: GPT2LMHeadModel) -> bool:
+    head, wte = parent.lm_head.weight, parent.transformer.wte.weight
+    return head is wte or (head.shape == wte.shape and torch.equal(head, wte))
+
+
+def _check_compatible(config: MoeChatConfig, parent_model: GPT2LMHeadModel) -> None:
+    parent = parent_model.config
     parent_inner = parent.n_inner if parent.n_inner is not None else 4 * parent.n_embd
     checks = [
         ("model.n_embd", config.n_embd, parent.n_embd, config.n_embd == parent.n_embd),
@@ -140,6 +172,10 @@ def _check_compatible(config: MoeChatConfig, parent: Any) -> None:
         raise UpcycleError(
             f"the tokenizer has {config.vocab_size} tokens but the dense parent {parent.vocab_size}: upcycling "
             f"needs the parent's tokenizer (tokenizer.source: gpt2) plus the chat tokens, not a new one")
+    if config.tie_word_embeddings and not _parent_head_is_tied(parent_model):
+        raise UpcycleError(
+            "model.tie_word_embeddings=true but the dense parent's lm_head differs from its wte (an untied "
+            "head): a tied model would not compute the parent's logits. Set model.tie_word_embeddings: false")
     if parent.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UpcycleError(f"the dense parent uses activation_function={parent.activation_function!r}; "
                            f"moechat's MLP is GPT-2's gelu_new (tanh GELU), so its outputs would differ")
@@ -165,28 +201,11 @@ def model_report(model: MoeChatForCausalLM, seq_len: int, init_from: str | None)
 
 
 def save_atomic(model: MoeChatForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """save_pretrained (safetensors + the two code files) and the tokenizer into a temporary sibling
-    folder, then swap it into place, so a crash never leaves a half-written models/init."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    """save_pretrained (safetensors + the two code files) and the tokenizer, swapped into place whole, so a
+    crash never leaves a half-written models/init."""
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def initialize(model_cfg: ModelConfig, seed: int, seq_len: int, tokenizer_dir: Path, out_dir: Path

@@ -28,7 +28,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_moechat import MoeChatConfig  # a sibling file, also in a saved folder
+from .configuration_moechat import (
+    MoeChatConfig,  # a sibling file, also in a saved folder
+)
 
 
 class MoeChatBackendError(RuntimeError):
@@ -95,8 +97,16 @@ class MoeChatSparseMoeBlock(nn.Module):
     """Top-k routed GPT-2 MLP experts (Mixtral layout; GPT-2 MLPs as experts).
 
     Router logits are computed in fp32, softmaxed, the top-k kept and their weights renormalised to sum
-    to 1, so a model whose experts are all equal computes exactly its dense parent (upcycling). Padding tokens (`token_mask` False) are not routed at all: their MLP
-    output is zero, so they pass through the residual, and they count in no loss or statistic.
+    to 1, so a model whose experts are all equal computes exactly its dense parent (upcycling). Padding
+    tokens (`token_mask` False) are not routed at all: their MLP output is zero, so they pass through the
+    residual, and they count in no loss or statistic.
+
+    Capacity routing (`capacity_factor > 0`) is a training-time device and applies only in training mode;
+    in eval mode (evaluation, generate) the layer routes dropless, so cached and uncached generation agree.
+    When it applies it is causal: tokens are ranked position-major (every row's position 0, then every
+    row's position 1, ...), each token's k choices together, and an expert keeps the first `capacity`
+    assignments in that order. The cap counts all B*T positions, padding included, so no token's routing
+    depends on any later position (not even on whether later positions are padding).
     """
 
     def __init__(self, config: MoeChatConfig):
@@ -123,47 +133,51 @@ class MoeChatSparseMoeBlock(nn.Module):
         weights_Nk = weights_Nk / (norm_Nk1.detach() if self.top_k == 1 else norm_Nk1)
         return logits_NE, probs_NE, weights_Nk, experts_Nk
 
-    def capacity(self, n_tokens: int) -> Optional[int]:
-        """Per-expert assignment cap; None when dropless."""
-        if self.capacity_factor <= 0:
+    def capacity(self, n_positions: int) -> Optional[int]:
+        """Per-expert assignment cap for a batch of `n_positions` (B*T) positions; None when dropless
+        (`capacity_factor == 0`, or eval mode: capacity is a training-time device)."""
+        if self.capacity_factor <= 0 or not self.training:
             return None
-        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)
+        return math.ceil(self.capacity_factor * n_positions * self.top_k / self.num_experts)
 
     def forward(self, x_BTD: torch.Tensor, token_mask_BT: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, RoutingResult]:
         B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(B * T, D)
+        # Position-major token order (N = T*B): the capacity priority, which follows it, is then causal.
+        x_ND = x_BTD.transpose(0, 1).reshape(T * B, D)
         routed_idx = None
         if token_mask_BT is not None:
-            routed_idx = token_mask_BT.reshape(-1).nonzero().squeeze(-1)
+            routed_idx = token_mask_BT.t().reshape(-1).nonzero().squeeze(-1)
             x_ND = x_ND[routed_idx]
         logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_ND)
         n = x_ND.shape[0]
+        cap = self.capacity(B * T)
         if self.backend == "tutel":
-            y_ND, tokens_per_expert, dropped = self._dispatch_tutel(x_ND, probs_NE, weights_Nk, experts_Nk)
+            y_ND, tokens_per_expert, dropped = self._dispatch_tutel(x_ND, weights_Nk, experts_Nk, cap)
         else:
-            y_ND, tokens_per_expert, dropped = self._dispatch_torch(x_ND, weights_Nk, experts_Nk)
+            y_ND, tokens_per_expert, dropped = self._dispatch_torch(x_ND, weights_Nk, experts_Nk, cap)
         result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, n)
         if routed_idx is not None:
-            y_ND = x_ND.new_zeros(B * T, D).index_copy(0, routed_idx, y_ND)
-        return y_ND.view(B, T, D), result
+            y_ND = y_ND.new_zeros(T * B, D).index_copy(0, routed_idx, y_ND)
+        return y_ND.view(T, B, D).transpose(0, 1).contiguous(), result
 
-    def _dispatch_torch(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _dispatch_torch(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
+                        cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sort the N*k (token, expert) assignments by expert, run each expert once on its slice, scatter back.
 
-        Assignments are ordered choice-rank first (all first choices before any second choice), then by
-        token, so in capacity mode an expert keeps first choices over second ones and earlier tokens over
-        later ones (GShard's priority); assignments past the cap are dropped.
+        Assignments are ordered token-major (token t's k choices before token t+1's), and the sort by
+        expert is stable, so with a cap an expert keeps its earliest tokens and drops the rest: a token's
+        routing never depends on a later token. Returns the output in x's dtype (the experts may run in
+        bf16 under autocast while x, a LayerNorm output, is fp32), the per-expert assignment counts and
+        the number of dropped assignments.
         """
         n, k = experts_Nk.shape
-        expert_A = experts_Nk.t().reshape(-1)  # A = n*k assignments, choice-rank major
-        token_A = torch.arange(n, device=x_ND.device).repeat(k)
-        weight_A = weights_Nk.t().reshape(-1)
+        expert_A = experts_Nk.reshape(-1)  # A = n*k assignments, token-major
+        token_A = torch.arange(n, device=x_ND.device).repeat_interleave(k)
+        weight_A = weights_Nk.reshape(-1)
         tokens_per_expert = torch.bincount(expert_A, minlength=self.num_experts)
         order = torch.argsort(expert_A, stable=True)
         kept_per_expert = tokens_per_expert
-        cap = self.capacity(n)
         if cap is not None:
             starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
             rank_in_expert = torch.arange(order.numel(), device=x_ND.device) - starts[expert_A[order]]
@@ -174,29 +188,32 @@ class MoeChatSparseMoeBlock(nn.Module):
         chunks = x_ND[token_S].split(kept_per_expert.tolist())
         outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
         y_SD = torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[1])
-        y_SD = y_SD * weight_S.unsqueeze(-1).to(y_SD.dtype)
+        y_SD = y_SD.to(x_ND.dtype) * weight_S.unsqueeze(-1).to(x_ND.dtype)
         y_ND = x_ND.new_zeros(x_ND.shape).index_add(0, token_S, y_SD)
         return y_ND, tokens_per_expert, dropped
 
-    def _dispatch_tutel(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, weights_Nk: torch.Tensor,
-                        experts_Nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _dispatch_tutel(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
+                        cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dispatch with tutel's fast encode/decode kernels (tutel.moe's low-level API).
 
-        Same router, experts and weights as the torch path: tutel's own gates are replaced by ours (so
-        the renormalisation and gradients are identical) and, in capacity mode, its capacity by ours;
-        tutel also ranks first choices before second ones, so the same assignments are dropped.
+        Same router, experts, weights and drop order as the torch path: the expert ids, gates and slot
+        locations handed to tutel are ours (tutel's `extract_critical` would rank all first choices
+        before any second choice, which is not causal), and an assignment whose slot is past the cap is
+        dropped by tutel's kernels exactly as the torch path drops it.
         """
         tutel_moe = _import_tutel()
         n, d = x_ND.shape
-        crit, _ = tutel_moe.extract_critical(probs_NE, top_k=self.top_k, capacity_factor=0.0)
-        num_experts, indices_s, locations_s, _, dropless_capacity = crit
-        cap = self.capacity(n)
-        gates_s = [weights_Nk[:, j] for j in range(self.top_k)]
-        crit = (num_experts, indices_s, locations_s, gates_s, dropless_capacity if cap is None else cap)
-        x_ECD = tutel_moe.fast_encode(x_ND, crit).view(num_experts, -1, d)
+        expert_A = experts_Nk.reshape(-1)  # token-major, as in _dispatch_torch
+        slot_A = (F.one_hot(expert_A, self.num_experts).cumsum(dim=0) - 1).gather(1, expert_A.unsqueeze(1))
+        slot_Nk = slot_A.view(n, self.top_k).to(torch.int32)
+        tokens_per_expert = torch.bincount(expert_A, minlength=self.num_experts)
+        capacity = max(int(tokens_per_expert.max()), 1) if cap is None else cap
+        crit = (self.num_experts, [experts_Nk[:, j].to(torch.int32) for j in range(self.top_k)],
+                [slot_Nk[:, j] for j in range(self.top_k)], [weights_Nk[:, j] for j in range(self.top_k)],
+                capacity)
+        x_ECD = tutel_moe.fast_encode(x_ND, crit).view(self.num_experts, -1, d)
         y_ECD = torch.stack([expert(x_ECD[e]) for e, expert in enumerate(self.experts)])
-        y_ND = tutel_moe.fast_decode(y_ECD, crit).view(n, d)
-        tokens_per_expert = torch.bincount(experts_Nk.reshape(-1), minlength=self.num_experts)
+        y_ND = tutel_moe.fast_decode(y_ECD, crit).view(n, d).to(x_ND.dtype)
         kept = tokens_per_expert if cap is None else tokens_per_expert.clamp(max=cap)
         return y_ND, tokens_per_expert, (tokens_per_expert - kept).sum()
 
@@ -273,8 +290,8 @@ class MoeChatCausalLMOutput(ModelOutput):
 
     `router_stats` (only with `output_router_stats=True`): one dict per MoE layer with `layer` (block
     index), `tokens_per_expert` (LongTensor[E], top-k assignments chosen), `expert_share` (FloatTensor[E],
-    sums to 1), `dropped_tokens` (assignments dropped by capacity routing), `dropped_share` (of all
-    assignments) and `entropy` (mean router entropy, nats; ln E is uniform).
+    sums to 1), `dropped_tokens` (assignments dropped by capacity routing, training mode only),
+    `dropped_share` (of all assignments) and `entropy` (mean router entropy, nats; ln E is uniform).
     """
 
     loss: Optional[torch.Tensor] = None
@@ -361,14 +378,21 @@ class MoeChatModel(MoeChatPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2D [batch, past + new tokens], got {tuple(attention_mask.shape)}")
         if position_ids is None:
+            # Known on the host: positions <= past + T - 1, and "packed" only matters without a mask.
             position_ids = self._default_position_ids(attention_mask, B, T, past, inputs_embeds.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-        position_ids = position_ids.expand(B, T)
-        if past + T > self.config.n_positions or int(position_ids.max()) >= self.config.n_positions:
+            max_position, packed = past + T - 1, False
+        else:
+            if position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0)
+            position_ids = position_ids.expand(B, T)
+            # One host sync for both facts (range check, and whether positions restart = packed documents).
+            q_abs = torch.arange(past, past + T, device=position_ids.device)
+            max_position, packed = torch.stack(
+                [position_ids.max(), (position_ids != q_abs).any().long()]).tolist()
+        if past + T > self.config.n_positions or max_position >= self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens exceeds n_positions={self.config.n_positions}")
 
-        mask_B1TK = self._attention_mask(attention_mask, position_ids, past, T)
+        mask_B1TK = self._attention_mask(attention_mask, position_ids, past, T, bool(packed))
         token_mask_BT = self._token_mask(input_ids, attention_mask, T)
         x_BTD = self.drop(inputs_embeds + self.wpe(position_ids))
         routing = []
@@ -389,20 +413,20 @@ class MoeChatModel(MoeChatPreTrainedModel):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
 
     def _attention_mask(self, attention_mask: Optional[torch.Tensor], position_ids_BT: torch.Tensor,
-                        past: int, T: int) -> Optional[torch.Tensor]:
+                        past: int, T: int, packed: bool) -> Optional[torch.Tensor]:
         """Boolean [B, 1, T, K] mask (True = attend) or None for plain causal attention.
 
         A query at absolute index q with position p belongs to the document that started at q - p (the
         position ids restart at 0 where `prepare` packed a new conversation), so it sees keys in
         [q - p, q]: causal and block-diagonal in one rule, valid with a KV cache too. Keys whose 2D
         attention_mask is 0 (left padding) are hidden; a query always sees itself so no row is empty.
+        `packed` (positions restart somewhere) is computed by the caller, which already synced for it.
         """
         B = position_ids_BT.shape[0]
         device = position_ids_BT.device
         K = past + T
         q_abs = torch.arange(past, K, device=device)
         k_abs = torch.arange(K, device=device)
-        packed = bool((position_ids_BT != q_abs).any())
         if attention_mask is None and not packed and T > 1 and past == 0:
             return None  # fast path: SDPA's own causal kernel
         start_BT = q_abs - position_ids_BT

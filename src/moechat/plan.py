@@ -11,8 +11,12 @@ The estimate adds up what a training step keeps resident on one GPU, in bytes:
                inputs/outputs in the compute dtype; SDPA stores no T x T scores), MoE layers counting
                top_k copies of the expert MLP activations; with gradient checkpointing only each block's
                fp32 input is kept plus one block's activations during its recomputation
-  logits       the lm_head output in the compute dtype, its fp32 upcast for the loss and that upcast's
-               gradient: tokens x vocab x (a + 4 + 4) B
+  logits       the lm_head output in the compute dtype, held by the model output through backward:
+               tokens x vocab x a B
+  loss         MoeChatForCausalLM.lm_loss upcasts the logits to fp32 and calls F.cross_entropy, whose
+               log_softmax saves its fp32 output for backward (the upcast itself is not saved); at the
+               start of backward the gradient w.r.t. that output and w.r.t. the upcast input (both fp32)
+               exist beside it: tokens x vocab x (4 + 4 + 4) B
 Under DeepSpeed ZeRO-2 over W GPUs, grads and optimizer state are divided by W.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +35,8 @@ from moechat.config import ConfigError, ModelConfig, TrainConfig, load_params
 GIB = 1024**3
 CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
 BNB_BLOCK = 256  # bitsandbytes 8-bit optimizer block size (one fp32 absmax per block and moment)
+# fp32 log-softmax output saved by cross_entropy + its gradient + the gradient of the fp32 upcast
+LOSS_BYTES_PER_LOGIT = 4 + 4 + 4
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class MemoryPlan:
     casts_gb: float
     activations_gb: float
     logits_gb: float
+    loss_gb: float
     total_gb: float
     budget_gb: float
 
@@ -115,9 +122,10 @@ def estimate(model: ModelConfig, train: TrainConfig, vocab_size: int, micro_batc
     tokens = mb * train.seq_len
     casts = 0 if a == 4 else a * (p - pc.embedding)
     acts = tokens * activation_bytes_per_token(model, precision, train.gradient_checkpointing)
-    logits = tokens * vocab_size * (a + 4 + 4)
+    logits = tokens * vocab_size * a
+    loss = tokens * vocab_size * LOSS_BYTES_PER_LOGIT
     parts = dict(weights_gb=4 * p, grads_gb=4 * p / shard, optimizer_gb=opt_bytes / shard, casts_gb=casts,
-                 activations_gb=acts, logits_gb=logits)
+                 activations_gb=acts, logits_gb=logits, loss_gb=loss)
     gb = {k: v / GIB for k, v in parts.items()}
     return MemoryPlan(micro_batch_size=mb, seq_len=train.seq_len, precision=precision, optimizer=train.optimizer,
                       gradient_checkpointing=train.gradient_checkpointing, params=p, total_gb=sum(gb.values()),
@@ -153,16 +161,33 @@ def advice(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: 
     return "even micro-batch 1 does not fit: " + ", ".join(hints) + ", or use a smaller model"
 
 
-def check(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> MemoryPlan:
+def check(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
+          budget_name: Optional[str] = None) -> MemoryPlan:
     """Pre-flight: raise MemoryBudgetError before allocating when the estimate exceeds the budget."""
     plan = estimate(model, train, vocab_size, world_size=world_size)
     if not plan.fits:
         raise MemoryBudgetError(
-            f"estimated peak GPU memory {plan.total_gb:.2f} GiB > train.gpu_memory_gb={train.gpu_memory_gb} "
+            f"estimated peak GPU memory {plan.total_gb:.2f} GiB > "
+            f"{budget_name or f'train.gpu_memory_gb={train.gpu_memory_gb:g}'} "
             f"(micro_batch_size={plan.micro_batch_size}, seq_len={plan.seq_len}, "
             f"gradient_checkpointing={plan.gradient_checkpointing}, optimizer={plan.optimizer}): "
             f"{advice(model, train, vocab_size, world_size)}. Run `moechat plan` for the breakdown.")
     return plan
+
+
+def preflight(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int, device_type: str,
+              device_total_bytes: Optional[int]) -> Optional[MemoryPlan]:
+    """The training stage's check before it allocates: on CUDA, refuse when the estimate exceeds the
+    smaller of train.gpu_memory_gb and the device's total memory; elsewhere (CPU) no GPU budget applies
+    and it returns None. `train.precision` must already be resolved (not `auto`)."""
+    if device_type != "cuda":
+        return None
+    budget_name = None
+    if device_total_bytes is not None and device_total_bytes / GIB < train.gpu_memory_gb:
+        device_gb = device_total_bytes / GIB
+        budget_name = f"this GPU's {device_gb:.2f} GiB (less than train.gpu_memory_gb={train.gpu_memory_gb:g})"
+        train = replace(train, gpu_memory_gb=device_gb)
+    return check(model, train, vocab_size, world_size, budget_name)
 
 
 def vocab_size_for(params_tokenizer_source: str, tokenizer_vocab: int, tokenizer_dir: Optional[Path]) -> int:
@@ -179,7 +204,8 @@ def vocab_size_for(params_tokenizer_source: str, tokenizer_vocab: int, tokenizer
 
 def render(plan: MemoryPlan) -> str:
     rows = [("weights", plan.weights_gb), ("grads", plan.grads_gb), (f"optimizer ({plan.optimizer})", plan.optimizer_gb),
-            ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb), ("logits", plan.logits_gb)]
+            ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb), ("logits", plan.logits_gb),
+            ("loss (fp32 log-softmax)", plan.loss_gb)]
     lines = [f"{plan.params / 1e6:.1f}M params, micro-batch {plan.micro_batch_size} x seq {plan.seq_len}, "
              f"{plan.precision}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}"]
     lines += [f"  {name:<24} {gb:8.2f} GiB" for name, gb in rows]

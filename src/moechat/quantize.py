@@ -14,10 +14,17 @@ Fallback rule: an expert (any quantized Linear, in fact) whose calibration input
 `quantize.min_expert_tokens` tokens is quantized with RTN (round-to-nearest, same bits / group size /
 format, no Hessian) instead of GPTQ, because a Hessian from a handful of tokens is rank-deficient and
 over-fits them. An expert that receives no token at all always falls back (GPTQ is undefined there).
-Both the router-side counts and the fallbacks are reported in metrics/quantize.json.
+metrics/quantize.json carries the totals (calibration tokens, the fewest and median tokens an expert saw,
+fallback counts); the per-expert detail (router counts, GPTQ sample counts, fallback flags) goes to a
+separate JSON file, so `dvc metrics show` stays readable.
+
+Device: the stage picks one device (a visible CUDA GPU, else the CPU) for the GPTQ run and both perplexity
+passes, and names it in the metrics. Both run in fp32 on either device, so the saved folder (scales and
+the unquantized tensors in fp32) and its size do not depend on the machine.
 
 The 4-bit perplexity is measured by unpacking the saved tensors (`dequantize_gptq`) into the fp32 model:
-exactly the weights every GPTQ kernel multiplies by, independent of which kernel a machine has.
+exactly the weights every GPTQ kernel multiplies by, independent of which kernel a machine has. The
+full-precision baseline is the fp32 export (train saves fp32 master weights; export keeps their dtype).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import inspect
 import json
 import os
 import random
-import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +46,7 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moechat.io import atomic_dir
 from moechat.config import QuantizeConfig
 
 # GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
@@ -161,25 +169,27 @@ def gptq_config(cfg: QuantizeConfig):
 
 
 def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[list[int]], cfg: QuantizeConfig,
-             out_dir: Path, device: str = "cpu") -> tuple[list[dict[str, Any]], float]:
-    """Quantize `model_dir` and save it to `out_dir` atomically; returns GPTQModel's per-module log
-    (one dict per quantized Linear: layer, module, samples, loss) and the seconds spent quantizing."""
+             out_dir: Path, device: torch.device = torch.device("cpu")
+             ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Quantize `model_dir` on `device` and save it to `out_dir` atomically; returns GPTQModel's per-module
+    log (one dict per quantized Linear: layer, module, samples, loss) and the seconds spent loading the
+    model (`load_seconds`) and quantizing it (`quantize_seconds`, the GPTQ / RTN pass alone).
+
+    fp32 on every device: CPUs here run fp16 ~100x slower, and on a GPU fp32 keeps the output identical
+    in format and size to a CPU run (a ~0.5B model fits a 16 GB GPU in fp32 with room to spare)."""
     qcls = qmodel_class()
-    dtype = torch.float32 if device == "cpu" else torch.float16  # fp32 on CPUs without fast fp16
     start = time.perf_counter()
     qmodel = qcls.from_pretrained(str(model_dir), quantize_config=gptq_config(cfg), trust_remote_code=True,
-                                  device=device, dtype=dtype)
+                                  device=str(device), dtype=torch.float32)
+    loaded = time.perf_counter()
     data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
     # GPTQModel writes a per-run log file under ./logs; keep it out of the user's project folder
     with tempfile.TemporaryDirectory(prefix="moechat-gptq-") as scratch, contextlib.chdir(scratch):
         log = qmodel.quantize(data, batch_size=1, tokenizer=tokenizer, calibration_data_min_length=CALIB_MIN_TOKENS)
-    seconds = time.perf_counter() - start
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    qmodel.save(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    seconds = {"load_seconds": loaded - start, "quantize_seconds": time.perf_counter() - loaded}
+    with atomic_dir(out_dir) as tmp:
+        qmodel.save(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     rows = log.get("gptq", []) if isinstance(log, dict) else []
     if not rows:
         raise QuantizeError(f"GPTQModel returned no per-module log ({type(log).__name__}); no module was quantized "
@@ -213,6 +223,15 @@ def _is_fallback(row: dict[str, Any]) -> bool:
     return str(row.get("loss", "")).startswith("fallback")
 
 
+def expert_totals(experts: dict[str, dict[str, dict[str, int]]]) -> dict[str, Any]:
+    """The fewest and the median calibration tokens the full-precision router sent one expert, over every
+    expert of every MoE layer (an empty dict for a model without MoE layers)."""
+    counts = [e["calib_tokens_router"] for layer in experts.values() for e in layer.values()]
+    if not counts:
+        return {}
+    return {"calib_tokens_per_expert_min": min(counts), "calib_tokens_per_expert_median": statistics.median(counts)}
+
+
 # ------------------------------------------------------------------------------------- 4-bit weights
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                     bits: int) -> torch.Tensor:
@@ -222,7 +241,6 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     [groups, out * bits / 32] packs zero points along the output dim and stores zero - 1 (the v1 format
     auto-gptq established); W[o, i] = scales[g_idx[i], o] * (q[i, o] - (z[g_idx[i], o] + 1)).
     """
-    per_int = 32 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     q = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [in / per_int, per_int, out]
@@ -307,32 +325,36 @@ def load_quantized(quant_dir: Path, device: str = "cpu") -> tuple[PreTrainedMode
 
 # ------------------------------------------------------------------------------------------- the stage
 def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: QuantizeConfig, seed: int,
-                   out_dir: Path, batch_size: int = 4, max_batches: Optional[int] = None) -> dict[str, Any]:
-    """Calibrate, quantize, save, and measure: returns the metrics/quantize.json dict."""
+                   out_dir: Path, batch_size: int = 4, max_batches: Optional[int] = None,
+                   device: torch.device = torch.device("cpu")) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibrate, quantize, save, and measure, all on `device`: returns the metrics/quantize.json dict
+    (totals) and the per-expert detail (`{"layer_L": {"expert_E": {calib_tokens_router,
+    calib_tokens_gptq, fallback}}}`)."""
     from moechat.evaluate import evaluate_lm, load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    fp_model, tokenizer = load_model(model_dir, torch.device("cpu"))
+    fp_model, tokenizer = load_model(model_dir, device)
     calib = calibration_set(read_conversations(conversations_path), tokenizer, cfg.calib_samples,
                             cfg.calib_max_tokens, seed)
     fp_counts = router_token_counts(fp_model, calib)
-    rows, seconds = run_gptq(model_dir, tokenizer, calib, cfg, out_dir)
+    rows, seconds = run_gptq(model_dir, tokenizer, calib, cfg, out_dir, device)
     experts = expert_report(rows, fp_counts, fp_model.config.num_experts)
     q_model, n_quant = dequantized_model(fp_model, out_dir)
-    fp_eval = evaluate_lm(fp_model, val, batch_size, max_batches, desc="val fp")
+    fp_eval = evaluate_lm(fp_model, val, batch_size, max_batches, desc="val fp32")
     q_eval = evaluate_lm(q_model, val, batch_size, max_batches, desc=f"val {cfg.bits}-bit")
     fp_bytes, q_bytes = weight_bytes(model_dir), weight_bytes(out_dir)
     fallback_experts = sum(e["fallback"] for layer in experts.values() for e in layer.values())
-    return {
+    metrics = {
         "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act, "sym": cfg.sym,
-        "calib_samples": len(calib), "calib_tokens": sum(len(x) for x in calib),
-        "quantize_seconds": seconds,
+        "device": device.type,
+        "calib_samples": len(calib), "calib_tokens": sum(len(x) for x in calib), **expert_totals(experts),
+        **seconds,
         "quantized_linears": n_quant,
-        "loss_fp": fp_eval["loss"], "loss_quantized": q_eval["loss"],
-        "perplexity_fp": fp_eval["perplexity"], "perplexity_quantized": q_eval["perplexity"],
+        "loss_fp32": fp_eval["loss"], "loss_quantized": q_eval["loss"],
+        "perplexity_fp32": fp_eval["perplexity"], "perplexity_quantized": q_eval["perplexity"],
         "perplexity_ratio": q_eval["perplexity"] / fp_eval["perplexity"],
-        "weight_bytes_fp": fp_bytes, "weight_bytes_quantized": q_bytes, "size_ratio": q_bytes / fp_bytes,
+        "weight_bytes_fp32": fp_bytes, "weight_bytes_quantized": q_bytes, "size_ratio": q_bytes / fp_bytes,
         "fallback": {"strategy": "rtn", "min_expert_tokens": cfg.min_expert_tokens,
                      "experts": fallback_experts, "modules": sum(_is_fallback(r) for r in rows)},
-        "experts": experts,
     }
+    return metrics, experts

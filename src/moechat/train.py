@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -26,15 +27,19 @@ from tqdm.auto import tqdm
 
 from moechat import checkpoint as ckpt
 from moechat import plan
+from moechat.io import atomic_dir
 from moechat.config import ConfigError, ModelConfig, TrainConfig
 
 COLUMNS = ("input_ids", "labels", "position_ids")
-# Dense 16-bit tensor-core peaks (no sparsity) from NVIDIA's datasheets, matched against the CUDA device
-# name in this order. MFU against an unknown device is null rather than a guess.
+# Dense 16-bit tensor-core peaks (no sparsity: half the datasheets' "with sparsity" figures) from NVIDIA's
+# datasheets. A key matches whole model tokens of the CUDA device name ("L4" never matches "NVIDIA L40";
+# spaces, '-' and '_' between tokens are interchangeable), first match wins, so variants come before their
+# family. A10G (AWS) has no NVIDIA datasheet figure and is left out: MFU against an unknown device is null
+# rather than a guess.
 PEAK_FLOPS_16BIT = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
-    ("V100", 125e12), ("T4", 65e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("GH200", 989e12), ("A100", 312e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("V100 PCIe", 112e12), ("V100", 125e12), ("T4", 65e12),
 )
 LIVE_METRICS_SUBDIR = Path("plots") / "metrics"
 
@@ -350,6 +355,15 @@ def truncate_live_history(live_dir: Path, last_step: int) -> None:
             summary.unlink()
 
 
+def match_peak_flops(device_name: str) -> Optional[tuple[str, float]]:
+    """(table key, dense 16-bit peak) for a CUDA device name, matching whole model tokens; None if unknown."""
+    for key, peak in PEAK_FLOPS_16BIT:
+        tokens = r"[\s_-]+".join(re.escape(t) for t in key.split())
+        if re.search(rf"(?<![A-Za-z0-9]){tokens}(?![A-Za-z0-9])", device_name, flags=re.IGNORECASE):
+            return key, peak
+    return None
+
+
 def device_peak_flops(device: torch.device, precision: str) -> tuple[str, Optional[float], str]:
     """(device name, peak FLOP/s for this precision or None, why None)."""
     if device.type != "cuda":
@@ -357,10 +371,30 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[str, Option
     name = torch.cuda.get_device_name(device)
     if precision == "fp32":
         return name, None, "fp32 run: the 16-bit tensor-core peak does not apply"
-    for key, peak in PEAK_FLOPS_16BIT:
-        if key in name:
-            return name, peak, f"dense 16-bit peak of {key} from NVIDIA's datasheet"
-    return name, None, f"no datasheet peak known for {name!r}; add it to moechat.train.PEAK_FLOPS_16BIT"
+    found = match_peak_flops(name)
+    if found is None:
+        return name, None, f"no datasheet peak known for {name!r}; add it to moechat.train.PEAK_FLOPS_16BIT"
+    key, peak = found
+    return name, peak, f"dense 16-bit peak of {key} from NVIDIA's datasheet"
+
+
+def device_memory(device: torch.device) -> tuple[str, Optional[int]]:
+    """(device type, total bytes of GPU memory or None off CUDA) for the pre-flight memory check."""
+    if device.type != "cuda":
+        return device.type, None
+    return "cuda", torch.cuda.get_device_properties(device).total_memory
+
+
+def oom_error(err: BaseException, where: str, model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int,
+              world: int) -> TrainOOMError:
+    """A CUDA OOM turned into what to lower, with the planner's estimate (cfg has the resolved precision)."""
+    estimate = plan.estimate(model_cfg, cfg, vocab_size, world_size=world)
+    return TrainOOMError(
+        f"CUDA out of memory {where}: the planner estimated {estimate.total_gb:.2f} GiB for "
+        f"micro_batch_size={cfg.micro_batch_size}, seq_len={cfg.seq_len}, gradient_checkpointing="
+        f"{cfg.gradient_checkpointing}. Lower train.micro_batch_size (raise grad_accum to keep the batch), "
+        f"lower train.seq_len, or set train.gradient_checkpointing: true; "
+        f"{plan.advice(model_cfg, cfg, vocab_size, world)}. ({err})")
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -387,18 +421,12 @@ def save_final(model: torch.nn.Module, accelerator: Accelerator, init_dir: Path,
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-    for f in Path(init_dir).iterdir():
-        if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" \
-                and not f.name.endswith(".index.json"):
-            shutil.copy2(f, tmp / f.name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        for f in Path(init_dir).iterdir():
+            if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" \
+                    and not f.name.endswith(".index.json"):
+                shutil.copy2(f, tmp / f.name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,8 +450,9 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
 
     model = load_model(init_dir)
     model_cfg = model_config_of(model.config)
-    if accelerator.device.type == "cuda":
-        plan.check(model_cfg, dataclasses.replace(cfg, precision=precision), model.config.vocab_size, world)
+    run_cfg = dataclasses.replace(cfg, precision=precision)
+    vocab = model.config.vocab_size
+    plan.preflight(model_cfg, run_cfg, vocab, world, *device_memory(accelerator.device))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
@@ -433,11 +462,16 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
 
     optimizer = build_optimizer(model, cfg, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    except torch.OutOfMemoryError as err:
+        raise oom_error(err, "while placing the model and optimizer on the GPU", model_cfg, run_cfg, vocab,
+                        world) from err
     raw_model = accelerator.unwrap_model(model)
     per_rank_optimizer = ds_config is not None  # ZeRO shards the optimizer state: one file per rank
 
-    fp = ckpt.fingerprint(dataclasses.asdict(cfg), seed, init_dir, data_dir, world)
+    # the resolved precision, not `auto`: a bf16 run and an fp16 (loss-scaled) run are different experiments
+    fp = ckpt.fingerprint(dataclasses.asdict(run_cfg), seed, init_dir, data_dir, world)
     state = ckpt.TrainState(fingerprint=fp)
     resume = ckpt.latest_checkpoint(checkpoint_dir, fp)
     if resume is not None:
@@ -448,7 +482,14 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         else:
             inner.load_state_dict(loaded.optimizer_state)
         scheduler.load_state_dict(loaded.scheduler_state)
+        if accelerator.scaler is not None and loaded.scaler_state is not None:
+            accelerator.scaler.load_state_dict(loaded.scaler_state)
         state = loaded.state
+    else:
+        others = ckpt.other_fingerprints(checkpoint_dir, fp)
+        if others:
+            accelerator.print(f"no checkpoint of experiment {fp} in {checkpoint_dir}; starting from step 0 "
+                              f"(checkpoints of other experiments, kept: {', '.join(others)})")
     live = None
     if main:
         from dvclive import Live
@@ -463,8 +504,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
     device_name, peak, mfu_note = device_peak_flops(accelerator.device, precision)
 
-    stats: Optional[StepStats] = None
-    val: dict[str, float] = {}
+    val: dict[str, float] = dict(state.last_val)
     bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", unit="step")
     model.train()
     try:
@@ -476,17 +516,21 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
             t0 = time.perf_counter()
             stats = train_step(model, optimizer, accelerator, batches, n_targets, cfg.grad_clip, step)
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16: the GradScaler skipped an inf/NaN step
+                scheduler.step()
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             state = dataclasses.replace(state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
                                         target_tokens_seen=state.target_tokens_seen + stats.targets,
-                                        train_seconds=state.train_seconds + dt)
+                                        train_seconds=state.train_seconds + dt,
+                                        last_losses={"loss": stats.loss, "lm_loss": stats.lm_loss,
+                                                     "aux_loss": stats.aux_loss, "z_loss": stats.z_loss})
             if live is not None:
                 log_step(live, step, stats, lr, stats.tokens / dt)
             if step % cfg.eval_every == 0 or step == total_steps:
                 val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
+                state = dataclasses.replace(state, last_val={**val, "step": step})
                 if live is not None:
                     live.step = step
                     live.log_metric("val/lm_loss", val["lm_loss"])
@@ -495,9 +539,10 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
                 live.next_step()
             if step % cfg.save_every == 0 or step == total_steps:
                 inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+                scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
                 ckpt.save_checkpoint(checkpoint_dir, state, raw_model, inner.state_dict(), scheduler.state_dict(),
                                      cfg.keep_checkpoints, rank, world, accelerator.wait_for_everyone,
-                                     per_rank_optimizer)
+                                     per_rank_optimizer, scaler)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
     except NonFiniteLossError as err:
@@ -505,30 +550,23 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         raise NonFiniteLossError(f"{err}; stopped without saving. Last good checkpoint: {last or 'none'}. "
                                  f"Lower train.lr, or use train.precision: bf16/fp32 if this was fp16") from None
     except torch.OutOfMemoryError as err:
-        estimate = plan.estimate(model_cfg, dataclasses.replace(cfg, precision=precision), model.config.vocab_size,
-                                 world_size=world)
-        raise TrainOOMError(
-            f"CUDA out of memory at step {state.step + 1}: the planner estimated {estimate.total_gb:.2f} GiB for "
-            f"micro_batch_size={cfg.micro_batch_size}, seq_len={cfg.seq_len}, gradient_checkpointing="
-            f"{cfg.gradient_checkpointing}. Lower train.micro_batch_size (raise grad_accum to keep the batch), "
-            f"lower train.seq_len, or set train.gradient_checkpointing: true; "
-            f"{plan.advice(model_cfg, cfg, model.config.vocab_size, world)}. ({err})") from err
+        raise oom_error(err, f"at step {state.step + 1}", model_cfg, run_cfg, vocab, world) from err
     finally:
         bar.close()
         if live is not None:
             live.end()
 
-    if not val:
+    if not val:  # a checkpoint from before val losses were kept in it
         val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
     save_final(model, accelerator, init_dir, out_dir)
+    last = state.last_losses
     mem_gb, mem_kind = peak_memory(accelerator.device)
     tokens_per_s = state.tokens_seen / state.train_seconds if state.train_seconds else None
     mfu = flops_per_token * tokens_per_s / (peak * world) if peak and tokens_per_s else None
     return {
         "steps": state.step, "resumed_from_step": start_step or None, "fingerprint": fp,
-        "loss": stats.loss if stats else None, "lm_loss": stats.lm_loss if stats else None,
-        "aux_loss": stats.aux_loss if stats else None, "z_loss": stats.z_loss if stats else None,
-        "val_lm_loss": val["lm_loss"], "tokens_seen": state.tokens_seen,
+        "loss": last.get("loss"), "lm_loss": last.get("lm_loss"), "aux_loss": last.get("aux_loss"),
+        "z_loss": last.get("z_loss"), "val_lm_loss": val["lm_loss"], "tokens_seen": state.tokens_seen,
         "target_tokens_seen": state.target_tokens_seen, "train_seconds": state.train_seconds,
         "wall_seconds": time.perf_counter() - wall_start, "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token, "mfu": mfu, "device": device_name, "processes": world,
@@ -551,14 +589,5 @@ def log_step(live: Any, step: int, s: StepStats, lr: float, tokens_per_s: float)
         live.log_metric(f"moe/layer{r['layer']}/dropped_share", r["dropped_share"])
 
 
-def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    """JSON, written to a temp file and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 __all__ = ["train", "train_step", "evaluate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
-           "resolve_precision", "param_groups", "lr_multiplier", "BatchStream", "write_metrics"]
+           "resolve_precision", "param_groups", "lr_multiplier", "BatchStream"]

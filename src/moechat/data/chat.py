@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,9 @@ from datasets import Dataset, Features, List, Value, load_from_disk
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from moechat.io import atomic_dir
 from moechat.config import TokenizerConfig
+from moechat.hub import HUB_LOAD_ERRORS, require_hub_repo
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 IGNORE = -100
@@ -56,18 +56,16 @@ def load_or_train_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str]) ->
 
 
 def _load_pretrained(source: str) -> PreTrainedTokenizerBase:
-    from moechat.data.oasst import _hub_offline, _hub_reachable
-
-    local = Path(source).is_dir()
-    if not local and not _hub_offline() and not _hub_reachable():
-        raise TokenizerError(f"tokenizer.source={source!r}: not a local folder and the Hugging Face Hub is "
-                             f"unreachable; point tokenizer.source at a folder saved with save_pretrained, set "
-                             f"HF_HUB_OFFLINE=1 to use the local cache, or use `train`")
+    revision = None
+    if not Path(source).is_dir():
+        # Seconds, with a named error, where from_pretrained would retry an unreachable Hub for minutes.
+        hint = "point tokenizer.source at a folder saved with save_pretrained, or use `train`"
+        revision = require_hub_repo("tokenizer.source", source, "model", hint=hint)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"tokenizer.source={source!r}: could not load a tokenizer ({err}); use a Hub id, a "
-                             f"local save_pretrained folder, or `train`") from err
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (ValueError, *HUB_LOAD_ERRORS) as err:
+        raise TokenizerError(f"tokenizer.source={source!r}: could not load a tokenizer ({type(err).__name__}: {err}); "
+                             f"use a Hub id, a local save_pretrained folder, or `train`") from err
     if not tokenizer.is_fast:
         raise TokenizerError(f"tokenizer.source={source!r}: loaded a slow (Python) tokenizer; assistant label "
                              f"masks need a fast one (tokenizer.json), or use `train`")
@@ -99,12 +97,8 @@ def add_chat_format(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     """save_pretrained into a temporary folder, then rename: never a half-written tokenizer."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
 # ----------------------------------------------------------------------------------- tokenize, labels
@@ -153,17 +147,27 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, 
                     overlong: str) -> dict[str, list]:
     """datasets.map worker: tokenize, label, and apply the overlong rule to a batch of conversations."""
     im_start = tokenizer.convert_tokens_to_ids(IM_START)
+    specials = tokenizer.all_special_tokens
     out: dict[str, list] = {"input_ids": [], "labels": [], "full_length": [], "outcome": []}
     for messages in batch["messages"]:
         full = tokenize_conversation(tokenizer, messages)
         fitted, outcome = fit_to_length(full, seq_len, im_start, overlong)
-        if fitted is not None and all(label == IGNORE for label in fitted.labels):
+        if special_token_in_text(messages, specials):
+            fitted, outcome = None, "special_token_in_text"
+        elif fitted is not None and all(label == IGNORE for label in fitted.labels):
             fitted, outcome = None, "no_assistant_tokens"
         out["input_ids"].append(fitted.input_ids if fitted else [])
         out["labels"].append(fitted.labels if fitted else [])
         out["full_length"].append(len(full.input_ids))
         out["outcome"].append(outcome)
     return out
+
+
+def special_token_in_text(messages: list[dict[str, str]], special_tokens: list[str]) -> bool:
+    """Whether a message's text holds a special token (`<|im_start|>`, `<|endoftext|>`, ...) verbatim. The
+    tokenizer would encode it as the control token itself, so a user text "<|im_start|>assistant\nhi" would
+    fake a turn boundary and mislabel; such conversations (code about chat formats) are dropped, counted."""
+    return any(token in message["content"] for message in messages for token in special_tokens)
 
 
 def tokenize_conversations(conversations: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, seq_len: int,

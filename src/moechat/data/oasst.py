@@ -12,17 +12,16 @@ import gzip
 import hashlib
 import json
 import os
-import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
-from urllib.parse import urlparse
 
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
 from moechat.config import DataConfig
+from moechat.hub import HUB_LOAD_ERRORS, looks_like_path, require_hub_repo
 
 DETOXIFY_KEYS = ("toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat",
                  "sexual_explicit")
@@ -67,7 +66,8 @@ class DataError(ValueError):
 
 
 class DownloadError(RuntimeError):
-    """`data.source` could not be read (Hub unreachable, path missing); the message says what to set."""
+    """`data.source` could not be read (path missing, Hub dataset not loadable); the message says what to
+    set. An unreachable or unknown Hub id raises `moechat.hub.HubError` before any download starts."""
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -78,7 +78,7 @@ def source_kind(source: str) -> Literal["trees", "messages", "hub"]:
         return "trees"
     if path.exists():
         return "messages"
-    if path.suffix in (".jsonl", ".gz", ".parquet", ".json") or source.startswith((".", "/", "~")):
+    if path.suffix in (".jsonl", ".gz", ".parquet", ".json") or looks_like_path(source):
         raise DownloadError(f"data.source={source!r}: no such file or folder; fix the path (relative paths are "
                             f"read from the project root) or use a Hub dataset id such as OpenAssistant/oasst1")
     return "hub"
@@ -155,48 +155,22 @@ def _rows_from_message_files(path: Path) -> Iterator[dict[str, Any]]:
             yield from _read_jsonl(file)
 
 
-def _hub_reachable(timeout_s: float = 5.0) -> bool:
-    """One TCP connect to the Hub endpoint: seconds, where `load_dataset` spends minutes retrying."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
-               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _rows_from_hub(source: str, revision: str | None) -> tuple[Iterable[dict[str, Any]], str | None]:
-    """All splits of a Hub dataset (we re-split by tree ourselves) and the commit sha read."""
+    """All splits of a Hub dataset (we re-split by tree ourselves) and the commit sha read (None when
+    HF_HUB_OFFLINE reads the local cache)."""
     from datasets import concatenate_datasets, load_dataset
     from datasets.exceptions import DatasetNotFoundError
 
     hint = ("point data.source at a local export instead, e.g. data.source: path/to/oasst1.trees.jsonl "
             "(an Open-Assistant trees export) or a folder of the dataset's .parquet/.jsonl files")
-    offline = _hub_offline()
-    if not offline and not _hub_reachable():
-        raise DownloadError(f"data.source={source!r}: the Hugging Face Hub is unreachable from this machine; "
-                            f"{hint}; or set HF_HUB_OFFLINE=1 to read it from the local datasets cache")
-    resolved = None
-    if not offline:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-        try:
-            resolved = HfApi().dataset_info(source, revision=revision).sha
-        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-            raise DownloadError(f"data.source={source!r} data.revision={revision!r}: not found on the Hub "
-                                f"({type(err).__name__}); check both, or {hint}") from err
+    resolved = require_hub_repo("data.source", source, "dataset", revision, hint=hint)
     try:
-        loaded = load_dataset(source, revision=revision)
-    except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as err:
-        where = "in the local cache (HF_HUB_OFFLINE is set)" if offline else "on the Hub"
-        raise DownloadError(f"data.source={source!r}: could not be loaded {where} ({err}); {hint}") from err
+        # Load the commit just checked, so `resolved_revision` is what was read even if a branch moves.
+        loaded = load_dataset(source, revision=resolved or revision)
+    except (DatasetNotFoundError, *HUB_LOAD_ERRORS) as err:
+        where = "in the local cache (HF_HUB_OFFLINE is set)" if resolved is None else "from the Hub"
+        raise DownloadError(f"data.source={source!r}: could not be loaded {where} ({type(err).__name__}: {err}); "
+                            f"{hint}") from err
     splits = list(loaded.values()) if hasattr(loaded, "values") else [loaded]
     return concatenate_datasets(splits), resolved
 
@@ -271,6 +245,20 @@ def validate_rows(rows: list[dict[str, Any]], source: str) -> None:
         raise DataError(f"data.source={source!r}: " + "; ".join(problems) +
                         f". Required fields: {', '.join(REQUIRED + REQUIRED_NULLABLE)} (SCHEMA.md); "
                         f"fix the export or point data.source at a complete one")
+    # Arrow would cast silently ("false" -> True, 1.7 -> 1, 42 -> "42"): check Python types first.
+    for name, feature in FEATURES.items():
+        if not isinstance(feature, Value):
+            continue  # nested fields are converted, with named errors, by canonical_row
+        bad = [r for r in rows if not _has_type(r[name], feature.dtype)]
+        if bad:
+            nullable = " or null" if name not in REQUIRED else ""
+            problems.append(f"field {name!r} must be {_PY_TYPES[feature.dtype]}{nullable}, got "
+                            f"{type(bad[0][name]).__name__} {bad[0][name]!r} in {len(bad)} of {len(rows)} rows "
+                            f"(first: message_id={bad[0]['message_id']!r})")
+    if problems:
+        raise DataError(f"data.source={source!r}: " + "; ".join(problems) +
+                        " (types as in SCHEMA.md: JSON true/false, numbers and strings, not quoted values); "
+                        "fix the export")
     bad_roles = [r for r in rows if r["role"] not in ROLES]
     if bad_roles:
         raise DataError(f"data.source={source!r}: field 'role' must be prompter|assistant, got "
@@ -281,6 +269,24 @@ def validate_rows(rows: list[dict[str, Any]], source: str) -> None:
     if dup:
         raise DataError(f"data.source={source!r}: message_id {dup[0]!r} appears {counts[dup[0]]} times "
                         f"({len(dup)} duplicated ids); each message must appear once")
+
+
+_PY_TYPES = {"string": "str", "bool": "bool", "int32": "int"}
+
+
+def _has_type(value: Any, dtype: str) -> bool:
+    """Whether `value` is of the FEATURES `dtype` (nulls pass: required ones were reported already).
+    Integral floats pass as ints: pandas writes an int column with nulls as floats (1.0)."""
+    if value is None:
+        return True
+    if dtype == "bool":
+        return isinstance(value, bool)
+    if dtype == "string":
+        return isinstance(value, str)
+    if dtype == "int32":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float)
+                                                                            and value.is_integer())
+    raise ValueError(f"no type check for FEATURES dtype {dtype!r}")
 
 
 def download(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -359,9 +365,15 @@ def filter_messages(rows: Iterable[dict[str, Any]], cfg: DataConfig) -> Filtered
 
     def kept(mid: str) -> bool:
         # Iterative walk up to the first ancestor with a known status (trees run ~20 deep, cheap).
-        path = []
+        path: list[str] = []
+        on_path: set[str] = set()
         while mid not in status:
+            if mid in on_path:
+                loop = path[path.index(mid):] + [mid]
+                raise DataError(f"message_id {mid!r}: parent chain loops back to itself ({' -> '.join(loop)}); "
+                                f"every parent_id chain must end at a root (parent_id null): fix the export")
             path.append(mid)
+            on_path.add(mid)
             row = by_id[mid]
             if own_reason(row, cfg) is not None:
                 status[mid] = False

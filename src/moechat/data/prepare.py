@@ -4,8 +4,6 @@ tokenized, labelled, packed blocks, plus the figures that say what happened on t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,11 +11,12 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
+from moechat.io import atomic_dir
 from moechat.config import DataConfig, TokenizerConfig
 from moechat.data import chat, oasst
 
 TRUNCATIONS = ("truncated_turns", "truncated_reply")
-DROPS = ("overlong", "prompt_too_long", "no_assistant_tokens")
+DROPS = ("overlong", "prompt_too_long", "no_assistant_tokens", "special_token_in_text")
 
 
 def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path, data: DataConfig,
@@ -38,22 +37,18 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
     tokenizer = chat.load_or_train_tokenizer(tokenizer_cfg, train_texts)
     pad_id = tokenizer.convert_tokens_to_ids(chat.PAD)
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     split_metrics = {}
-    for split, conversations in splits.items():
-        tokens = chat.tokenize_conversations(conversations, tokenizer, seq_len, data.overlong, data.num_proc, split)
-        keep = [i for i, outcome in enumerate(tokens["outcome"]) if outcome not in DROPS]
-        kept_tokens = tokens.select(keep)
-        blocks = chat.build_blocks(kept_tokens["input_ids"], kept_tokens["labels"], seq_len, pad_id, seed)
-        blocks.save_to_disk(str(tmp / split))
-        _write_jsonl(tmp / f"conversations_{split}.jsonl", [conversations[i] for i in keep])
-        split_metrics[split] = split_figures(tokens, len(blocks), seq_len,
-                                             trees=len({conversations[i]["message_tree_id"] for i in keep}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for split, conversations in splits.items():
+            tokens = chat.tokenize_conversations(conversations, tokenizer, seq_len, data.overlong, data.num_proc,
+                                                 split)
+            keep = [i for i, outcome in enumerate(tokens["outcome"]) if outcome not in DROPS]
+            kept_tokens = tokens.select(keep)
+            blocks = chat.build_blocks(kept_tokens["input_ids"], kept_tokens["labels"], seq_len, pad_id, seed)
+            blocks.save_to_disk(str(tmp / split))
+            _write_jsonl(tmp / f"conversations_{split}.jsonl", [conversations[i] for i in keep])
+            split_metrics[split] = split_figures(tokens, len(blocks), seq_len,
+                                                 trees=len({conversations[i]["message_tree_id"] for i in keep}))
     chat.save_tokenizer(tokenizer, tokenizer_dir)
 
     return {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the benchmarks, in one command, on a CUDA machine:
+#   bash bench/gpu.sh
+# Writes metrics/bench_moe_layer.json, metrics/bench_train.json and (when models/export and
+# models/quantized exist, i.e. after `dvc repro`) metrics/bench_quant.json; `python bench/report.py`
+# then prints the README table. Needs metrics/prepare.json of the reference data for the seed-recipe
+# comparison in bench_train (run `dvc repro prepare` first; without it that row is skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python bench/moe_layer.py --device cuda
+python bench/train_step.py
+if [ -d models/export ] && [ -d models/quantized ]; then
+  python bench/quantized_inference.py --device cuda
+fi
+python bench/report.py

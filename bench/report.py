@@ -1,0 +1,92 @@
+"""Print the README's benchmark tables from metrics/bench_*.json, so no figure is typed in by hand.
+
+    python bench/report.py [--metrics metrics]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def moe_layer(b: dict) -> str:
+    ours = b["results"]["ours"]["ms"]
+    rows = [[name, f"{r['ms']:.1f}", f"{r['ms'] / ours:.2f}"] for name, r in b["results"].items()]
+    return table(["variant (fwd+bwd, one layer)", "ms", "x ours"], rows)
+
+
+def train_step(b: dict) -> str:
+    rows = []
+    for r in b["rows"]:
+        if "tokens_per_s" not in r:
+            rows.append([r["micro_batch"], r["checkpointing"], r.get("cap_gb") or "-", "OOM", "", "", r.get("planner_gb")])
+            continue
+        mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+        rows.append([r["micro_batch"], r["checkpointing"], r.get("cap_gb") or "-", f"{r['tokens_per_s']:.0f}", mfu,
+                     f"{r['peak_memory_gb']:.2f}" if r.get("peak_memory_gb") is not None else "n/a",
+                     f"{r['planner_gb']:.2f}" if r.get("planner_gb") is not None else "n/a"])
+    out = table(["micro-batch", "checkpointing", "cap GiB", "tokens/s", "MFU", "peak GiB", "planner GiB"], rows)
+    if b.get("real_data_comparison"):
+        c = b["real_data_comparison"]
+        out += (f"\n\nReal-data tokens/s: ours {c['ours_real_tokens_per_s']:.0f} vs the seed's recipe "
+                f"{c['seed_real_tokens_per_s']:.0f} ({c['speedup']}x).")
+    return out
+
+
+def data(b: dict) -> str:
+    rows = [[r["name"], r["seq_len"], f"{r['packing_efficiency']:.1%}", f"{r['naive_padding_efficiency']:.1%}",
+             f"{r['real_tokens_per_step_packed']} vs {r['real_tokens_per_step_naive']}", f"{r['prepare_s']:.1f}"]
+            for r in b["runs"]]
+    return table(["data", "seq_len", "packed", "pad-to-max", "real tokens/step packed vs padded", "prepare s"], rows)
+
+
+def pipeline(b: dict) -> str:
+    rows = [[stage, f"{s:.1f}"] for stage, s in b["stage_seconds"].items()] + [["**total**", f"{b['total_seconds']:.1f}"]]
+    return table(["stage (tiny preset)", "seconds"], rows)
+
+
+def quant(b: dict) -> str:
+    rows = [[name, f"{r['decode_tokens_per_s']:.1f}", f"{r['weight_bytes']:,}", f"{r['peak_memory_mb']:.0f}"]
+            for name, r in b["variants"].items()]
+    return table(["model", "decode tokens/s", "weight bytes", "peak MB"], rows)
+
+
+def lr_sweep(b: dict) -> str:
+    rows = [[f"{r['lr']:g}", f"{r['train_lm_loss']:.3f}", f"{r['val_lm_loss']:.3f}", f"{r['aux_loss']:.3f}"]
+            for r in b["rows"]]
+    return table(["lr (tiny preset)", "train LM loss", "val LM loss", "aux loss"], rows)
+
+
+REPORTS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "bench_moe_layer.json": ("1. MoE layer", moe_layer),
+    "bench_train.json": ("2. Train step", train_step),
+    "bench_data.json": ("3. Data", data),
+    "bench_pipeline.json": ("4. CPU pipeline", pipeline),
+    "bench_quant.json": ("5. Quantized inference", quant),
+    "bench_lr_sweep.json": ("Learning-rate sweep", lr_sweep),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    args = parser.parse_args()
+    for name, (title, render) in REPORTS.items():
+        path = args.metrics / name
+        if not path.exists():
+            print(f"#### {title}\n\nnot measured yet ({path} missing)\n")
+            continue
+        b = json.loads(path.read_text())
+        print(f"#### {title} ({b.get('device', 'see file')}, {str(b.get('date', ''))[:10]})\n\n{render(b)}\n")
+
+
+if __name__ == "__main__":
+    main()
