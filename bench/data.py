@@ -10,7 +10,7 @@ the reference params. Prints one table and writes metrics/bench_data.json.
 from __future__ import annotations
 
 import argparse
-import json
+from datetime import date
 import os
 import sys
 import tempfile
@@ -23,6 +23,8 @@ from moechat.config import Params, load_params
 from moechat.data.fixture import gpt2_tokenizer_dir
 from moechat.data.oasst import download
 from moechat.data.prepare import prepare
+from moechat.io import write_json
+from benchlib import device_name
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "data" / "oasst1" / "oa_export_en_100.trees.jsonl"
@@ -98,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['packing_efficiency']:>8.1%}{r['naive_padding_efficiency']:>8.1%}{r['packing_gain']:>6.2f}x"
               f"{r['real_tokens_per_step_packed']:>17}{r['real_tokens_per_step_naive']:>8}{r['prepare_s']:>8}"
               f"{r['prepare_messages_per_s']:>8}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_json(args.out, {"device": device_name(), "date": date.today().isoformat(), "runs": runs})
     print(f"wrote {args.out}")
     return 0
 

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,15 +26,8 @@ import torch
 
 from moechat.modeling import MoeChatConfig
 from moechat.modeling_moechat import MoeChatMLP, MoeChatSparseMoeBlock
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return f"CPU: {platform.processor() or platform.machine()}"
+from benchlib import device_name
+from moechat.io import write_json
 
 
 def sync(device: torch.device) -> None:
@@ -166,10 +156,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": {"ours_over_dense_ffn_max": 1.3, "naive_masked_over_ours_min": 3.0},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(f"moe_layer on {report['device']} ({report['dtype']}, {tokens} tokens): ours {ours:.2f} ms; "
           f"ratios {ratios} -> {args.out}")
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -20,16 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchlib import device_name
 from moechat.demo import demo_env, make_demo_repo, project_root
 
 STAGES = ("download", "prepare", "init", "train", "evaluate", "export", "quantize")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -49,8 +41,7 @@ def main() -> None:
             print(f"{stage:<9} {stage_seconds[stage]:7.1f} s")
     total = round(sum(stage_seconds.values()), 1)
     result = {
-        "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores, torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads)",
+        "device": f"{device_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "date": date.today().isoformat(),
         "preset": "tiny",
         "total_seconds": total,

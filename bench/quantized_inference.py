@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import device_name
+from moechat.io import write_json
 
 PROMPTS = ["What is a mixture-of-experts model?", "Write a haiku about autumn.", "How do I reverse a list in Python?"]
 
@@ -68,15 +70,6 @@ def measure(model_dir: Path, device: str, new_tokens: int) -> dict:
     return result
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return "CPU"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fp", type=Path, default=Path("models/export"))
@@ -106,10 +99,7 @@ def main() -> int:
               "ratio_tokens_per_second": q["tokens_per_second"] / fp["tokens_per_second"],
               "ratio_weight_bytes": q["weight_bytes_loaded"] / fp["weight_bytes_loaded"],
               f"ratio_{mem}": q[mem] / fp[mem]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(f"bench_quant on {report['device']}: fp {fp['tokens_per_second']:.1f} tok/s, "
           f"4-bit {q['tokens_per_second']:.1f} tok/s (x{report['ratio_tokens_per_second']:.2f}); weights "
           f"{fp['weight_bytes_loaded']:,} -> {q['weight_bytes_loaded']:,} bytes; {mem} x{report[f'ratio_{mem}']:.2f}")

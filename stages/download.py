@@ -6,9 +6,9 @@ Writes canonical message rows (`messages.parquet`) and metrics/download.json wit
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.io import write_json
 from moechat.data.oasst import download
@@ -30,4 +30,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

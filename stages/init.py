@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.init import initialize
 from moechat.io import write_json
@@ -32,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,9 +7,9 @@ data/tokenizer/ (with the ChatML chat_template) and metrics/prepare.json.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.io import write_json
 from moechat.data.prepare import prepare
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

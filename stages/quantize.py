@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.data.chat import load_packed
 from moechat.evaluate import pick_device
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.io import write_json
 from moechat.train import train
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

@@ -1,5 +1,6 @@
 """`moechat chat`: one-shot --prompt and an interactive session (history, /reset, /exit) on exported and
-quantized folders, checked against direct greedy generation."""
+quantized folders, checked against direct greedy generation; the default reply length on a model with
+n_positions < 256, the one-line error for an impossible --max-new-tokens, and a quiet stderr."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moechat.chat import Chat, interactive
+from moechat.chat import Chat, interactive, resolve_max_new_tokens
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
 from moechat.export import export_model
@@ -40,9 +41,13 @@ def exported(tmp_path_factory):
     return tmp, model, tok
 
 
+def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moechat.cli", "chat", *args], input=stdin, capture_output=True,
+                          text=True, env=ENV, timeout=300, check=False)
+
+
 def _cli(*args: str, stdin: str = "") -> str:
-    proc = subprocess.run([sys.executable, "-m", "moechat.cli", "chat", *args], input=stdin, capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    proc = _run(*args, stdin=stdin)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -53,6 +58,37 @@ def test_prompt_one_shot_streams_the_greedy_reply(exported):
                "--temperature", "0", "--device", "cpu")
     expected = _greedy(model, tok, [{"role": "user", "content": "Tell me about the sea."}], 8)
     assert out.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_default_max_new_tokens_fits_a_model_with_n_positions_below_256(exported):
+    """No --max-new-tokens on a 128-position model: min(256, 128 // 2) = 64 new tokens, not a crash."""
+    tmp, model, tok = exported
+    assert model.config.n_positions == 128
+    out = _cli(str(tmp / "export"), "--prompt", "Tell me about the sea.", "--temperature", "0", "--device", "cpu")
+    expected = _greedy(model, tok, [{"role": "user", "content": "Tell me about the sea."}], 64)
+    assert out.rstrip("\n") == expected.rstrip("\n")
+    assert resolve_max_new_tokens(None, 128) == 64
+    assert resolve_max_new_tokens(None, 1024) == 256
+    assert resolve_max_new_tokens(None, None) == 256
+    assert resolve_max_new_tokens(127, 128) == 127
+
+
+@pytest.mark.parametrize("stdin", ["", "Hello\n"])
+def test_impossible_max_new_tokens_is_one_line_naming_the_flag(exported, stdin):
+    tmp, _, _ = exported
+    args = [str(tmp / "export"), "--max-new-tokens", "128", "--device", "cpu"]
+    proc = _run(*args, *(["--prompt", "Hello"] if not stdin else []), stdin=stdin)
+    assert proc.returncode != 0
+    assert proc.stdout == ""  # no "you> bot> " before the error
+    assert proc.stderr.strip().splitlines() == [
+        ("moechat chat: --max-new-tokens=128 must be < the model's n_positions=128; pass at most 127, or leave "
+         "it out for min(256, n_positions // 2) = 64")]
+
+
+def test_help_shows_the_defaults():
+    out = subprocess.run([sys.executable, "-m", "moechat.cli", "chat", "--help"], capture_output=True, text=True,
+                         env=ENV, timeout=60, check=True).stdout
+    assert "(default: auto)" in out and "(default: 0.7)" in out and "--verbose" in out
 
 
 def test_interactive_session_with_reset_and_exit(exported):
@@ -84,14 +120,26 @@ def test_history_follows_the_template_and_is_trimmed_to_fit(exported):
     assert chat.history[-2]["content"] == long_text
 
 
-def test_chat_with_the_quantized_model_on_cpu(exported):
-    tmp, model, tok = exported
-    from moechat.quantize import quantize_stage
+def test_chat_with_the_quantized_model_on_cpu_prints_only_the_reply(exported):
+    tmp, _, tok = exported
+    from moechat.evaluate import generate_reply
+    from moechat.quantize import load_quantized, quantize_stage
 
     prepared = write_prepared(tok, tmp / "prepared")
     quantize_stage(tmp / "export", prepared / "conversations_train.jsonl", load_packed(prepared, "val"),
                    QuantizeConfig(group_size=32, calib_samples=8, calib_max_tokens=64, min_expert_tokens=4),
                    seed=0, out_dir=tmp / "quantized")
-    out = _cli(str(tmp / "quantized"), "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0.8",
-               "--seed", "3", "--device", "cpu")
-    assert out.endswith("\n") and len(out.strip("\n")) <= 4 * 16
+    quiet = _run(str(tmp / "quantized"), "--prompt", "Hi", "--temperature", "0", "--device", "cpu")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    qmodel, qtok = load_quantized(tmp / "quantized", device="cpu")
+    expected = generate_reply(qmodel, qtok, [{"role": "user", "content": "Hi"}], 64)  # the default for 128 positions
+    assert quiet.stdout.rstrip("\n") == expected.rstrip("\n")  # the reply and nothing else
+    assert len(quiet.stderr.splitlines()) <= 3, quiet.stderr  # was ~50 lines of GPTQModel / torchao output
+    assert "GPT-QModel" not in quiet.stderr and "torchao" not in quiet.stderr
+
+    verbose = _run(str(tmp / "quantized"), "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0.8",
+                   "--seed", "3", "--device", "cpu", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "GPT-QModel" in verbose.stderr and "Kernel" in verbose.stderr  # GPTQModel's banner and kernel choice
+    assert verbose.stdout.endswith("\n") and len(verbose.stdout.strip("\n")) <= 4 * 16
+    assert "GPT-QModel" not in verbose.stdout

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moechat.config import EvalConfig
+from moechat.config import ConfigError, EvalConfig
 from moechat.data.chat import tokenize_conversation
-from moechat.evaluate import _LayerTally, evaluate_lm, generate_samples, layer_metrics, share_rows
+from moechat.evaluate import _LayerTally, evaluate, evaluate_lm, generate_samples, layer_metrics, share_rows
 from tests._release_tiny import conversations, packed, save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,17 @@ def test_samples_greedy_is_deterministic_and_seeded_sampling_repeats(tok, model)
     assert [s["mode"].split()[0] for s in a] == ["greedy", "sample", "greedy", "sample"]
     assert a == b
     assert all(isinstance(s["response"], str) for s in a)
+
+
+def test_max_new_tokens_beyond_the_model_is_a_named_error_before_the_val_pass(tok, model):
+    cfg = EvalConfig(max_new_tokens=model.config.n_positions, prompts=("Hi?",))
+    # An empty val split would fail in evaluate_lm: the params check must come first.
+    with pytest.raises(ConfigError, match=r"eval\.max_new_tokens=128 must be < the model's n_positions=128"):
+        evaluate(model, tok, [], cfg, seed=0)
+    with pytest.raises(ConfigError, match=r"eval\.max_new_tokens=200 .* at most 127"):
+        generate_samples(model, tok, EvalConfig(max_new_tokens=200, prompts=("Hi?",)), seed=0)
+    ok = generate_samples(model, tok, EvalConfig(max_new_tokens=127, temperature=0.0, prompts=("Hi?",)), seed=0)
+    assert len(ok) == 2  # n_positions - 1 still fits (the prompt is cut from the left to 1 token)
 
 
 def test_stage_writes_metrics_samples_and_plot_data(tok, tmp_path):

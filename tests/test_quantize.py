@@ -4,12 +4,15 @@ reload + generate on CPU through GPTQModel, and the fp vs 4-bit perplexity."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,9 @@ from safetensors import safe_open
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
 import moechat.quantize
-from moechat.quantize import (calibration_set, dequantize_gptq, load_quantized, qmodel_class, quantize_stage,
-                              quantized_tensor_names, read_conversations, router_token_counts, run_gptq)
+from moechat.quantize import (GPTQMODEL_LOG, calibration_set, dequantize_gptq, library_output, load_quantized,
+                              qmodel_class, quantize_stage, quantized_tensor_names, read_conversations,
+                              router_token_counts, run_gptq)
 from tests._release_tiny import save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +65,14 @@ def run(tmp_path_factory):
         else:
             params = tiny_params(tmp / "params.yaml", seed=1337, quantize=dataclasses.asdict(CFG))
             files = tmp / name / "metrics"
-            subprocess.run([sys.executable, str(ROOT / "stages" / "quantize.py"), "--model", str(folder),
-                            "--data", str(prepared), "--out", str(tmp / name / "quantized"),
-                            "--metrics", str(files / "quantize.json"), "--experts", str(files / "experts.json"),
-                            "--params", str(params), "--device", "cpu"],
-                           check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=tmp)
+            proc = subprocess.run([sys.executable, str(ROOT / "stages" / "quantize.py"), "--model", str(folder),
+                                   "--data", str(prepared), "--out", str(tmp / name / "quantized"),
+                                   "--metrics", str(files / "quantize.json"), "--experts", str(files / "experts.json"),
+                                   "--params", str(params), "--device", "cpu"],
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=tmp, capture_output=True, text=True,
+                                  check=False)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out["stage_output"] = proc
             metrics = json.loads((files / "quantize.json").read_text())
             experts = json.loads((files / "experts.json").read_text())
         out[name] = (model, tok, tmp / name / "quantized", metrics, prepared, experts)
@@ -174,6 +181,44 @@ def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
         fp_logits = model(enc["input_ids"]).logits[0, -1]
     assert torch.isfinite(q_logits).all()
     assert (q_logits - fp_logits).abs().max() < 0.25 * fp_logits.abs().max() + 0.05
+
+
+def test_stage_console_shows_its_summary_and_gptqmodel_output_goes_to_the_log(run):
+    """GPTQModel's banner, warnings, progress and timing tables (~440 lines on this model) land in
+    <out>/gptqmodel.log; the stage prints its one summary line."""
+    proc = run["stage_output"]
+    assert proc.stdout.splitlines() == [line for line in proc.stdout.splitlines() if line.startswith("quantize: ")]
+    assert len(proc.stdout.splitlines()) == 1
+    for marker in ("GPT-QModel", "Calibration dataset size", "INFO  ", "WARN  ", "rope_scaling",
+                   "HF: overriding trust_remote_code"):
+        assert marker not in proc.stdout + proc.stderr, marker
+    for name in ("normal", "dead"):
+        log = (run[name][2] / GPTQMODEL_LOG).read_text()
+        assert "GPT-QModel" in log or name == "normal"  # the banner prints once per process (at import)
+        assert "Calibration dataset size should be more than 256" in log
+        assert "Kernel" in log and len(log.splitlines()) > 100
+
+
+def test_library_output_moves_chatter_and_keeps_errors_visible(capsys):
+    log = io.StringIO()
+    with library_output(log, "test log"):
+        print("INFO  Kernel: selected TorchLinear")
+        print("\r\x1b[2KERROR Quantization: Module `x` -> Hessian contains non-finite values.")
+        logging.getLogger("tokenicer").warning("Auto fixed pad_token_id=0")
+        warnings.warn("moechat-test: `rope_scaling` is deprecated", FutureWarning)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "ERROR Quantization: Module `x` -> Hessian contains non-finite values. (from test log)"]
+    for text in ("Kernel: selected", "Hessian contains", "WARNING tokenicer: Auto fixed", "rope_scaling"):
+        assert text in log.getvalue()
+    assert logging.getLogger("tokenicer").propagate and not logging.getLogger("tokenicer").handlers  # restored
+
+    with pytest.raises(RuntimeError, match="boom"), library_output(io.StringIO(), "test log"):
+        print("INFO  last words before the failure")
+        raise RuntimeError("boom")
+    err = capsys.readouterr().err
+    assert "last 1 lines of test log" in err and "INFO  last words before the failure" in err
 
 
 def test_quantize_seconds_exclude_model_loading(monkeypatch, tmp_path):

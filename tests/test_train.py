@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,17 @@ def run_inprocess(ws: Path, run: str, cfg: TrainConfig, seed: int = 7) -> dict:
                  out / "live")
 
 
+def live_files(live_dir: Path) -> dict[str, str]:
+    """Every curve file under the DVCLive folder's plots/, by relative path."""
+    return {p.relative_to(live_dir).as_posix(): p.read_text() for p in sorted((live_dir / "plots").rglob("*"))
+            if p.is_file()}
+
+
+def expert_share_rows(live_dir: Path, layer: int) -> list[dict[str, str]]:
+    with open(live_dir / "plots/expert_shares" / f"layer{layer}.tsv") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
 def logged(live_dir: Path, name: str = "train/loss") -> list[tuple[int, float]]:
     with open(live_dir / "plots/metrics" / f"{name}.tsv") as f:
         return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in csv.DictReader(f, delimiter="\t")]
@@ -108,6 +120,17 @@ def test_loss_falls_and_outputs_land(workspace):
     shares = [logged(workspace / "falls/live", f"moe/layer1/expert{e}_share")[-1][1] for e in range(4)]
     assert abs(sum(shares) - 1.0) < 1e-5
     assert logged(workspace / "falls/live", "moe/layer1/dropped_share")[-1][1] == 0.0
+    # one long-format TSV per MoE layer (one chart with every expert): a row per series per step
+    rows = expert_share_rows(workspace / "falls/live", 1)
+    assert list(rows[0]) == ["step", "series", "share"]
+    assert [(int(r["step"]), r["series"]) for r in rows] == [
+        (s, series) for s in range(1, 31) for series in ("expert0", "expert1", "expert2", "expert3", "dropped")]
+    for s in range(1, 31):
+        step_rows = {r["series"]: float(r["share"]) for r in rows if int(r["step"]) == s}
+        assert sum(v for k, v in step_rows.items() if k != "dropped") == pytest.approx(1.0, abs=1e-6)
+        assert step_rows["dropped"] == 0.0
+        assert step_rows["expert2"] == logged(workspace / "falls/live", "moe/layer1/expert2_share")[s - 1][1]
+    assert not (workspace / "falls/live/plots/expert_shares/layer0.tsv").exists()  # layer 0 is dense
     lrs = [v for _, v in logged(workspace / "falls/live", "train/lr")]
     assert lrs[0] == pytest.approx(3e-3 / 3) and lrs[-1] == pytest.approx(3e-4, rel=0.05)
 
@@ -159,6 +182,11 @@ def test_kill_9_then_rerun_gives_the_same_per_step_losses(workspace):
     assert metrics["resumed_from_step"] in (4, 8) and metrics["fingerprint"] == reference["fingerprint"]
     assert logged(workspace / "crash/live") == expected  # every step, bit for bit, no duplicates
     assert logged(workspace / "crash/live", "val/lm_loss") == logged(workspace / "straight/live", "val/lm_loss")
+    # the per-layer expert-share TSVs come back with the checkpoint too; tokens_per_s is timing, the rest exact
+    straight, crash = live_files(workspace / "straight/live"), live_files(workspace / "crash/live")
+    assert sorted(straight) == sorted(crash)
+    assert {k: v for k, v in crash.items() if "tokens_per_s" not in k} \
+        == {k: v for k, v in straight.items() if "tokens_per_s" not in k}
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000008", "step_00000012"]
 
 
@@ -177,6 +205,31 @@ def test_changed_params_do_not_resume_another_experiment(workspace, capsys):
     assert again["fingerprint"] == second["fingerprint"] and again["resumed_from_step"] == 4
     for key in ("loss", "lm_loss", "aux_loss", "z_loss", "val_lm_loss"):
         assert again[key] is not None and again[key] == second[key], key
+
+
+def test_curves_belong_to_the_resumed_experiment_not_to_the_last_one_run(workspace):
+    """`dvc exp run` of A, then of B (other params), then of A again in the same workspace: the rerun of A
+    resumes A's checkpoint and its curves must be A's, not B's rows up to A's step. Also when DVC deleted
+    the live folder before the stage (a non-persistent out): the checkpoint brings the curves back."""
+    live = workspace / "lineage/live"
+    a_cfg, b_cfg = tiny_cfg(max_steps=4, save_every=2), tiny_cfg(max_steps=6, save_every=2, lr=1e-3)
+    a = run_inprocess(workspace, "lineage", a_cfg)
+    a_curves = live_files(live)
+    b = run_inprocess(workspace, "lineage", b_cfg)
+    b_curves = live_files(live)
+    assert a["fingerprint"] != b["fingerprint"] and b["resumed_from_step"] is None
+    assert [s for s, _ in logged(live)] == list(range(1, 7))  # B started fresh: none of A's rows
+    assert b_curves["plots/metrics/train/loss.tsv"] != a_curves["plots/metrics/train/loss.tsv"]
+    again = run_inprocess(workspace, "lineage", a_cfg)
+    assert again["resumed_from_step"] == 4 and live_files(live) == a_curves
+    shutil.rmtree(live)  # what DVC does to an out without persist: true
+    b_again = run_inprocess(workspace, "lineage", b_cfg)
+    assert b_again["resumed_from_step"] == 6 and live_files(live) == b_curves
+    # stale files of another experiment go away on a fresh start (here: a layer this model does not have)
+    (live / "plots/expert_shares/layer7.tsv").write_text("step\tseries\tshare\n1\texpert0\t1.0\n")
+    run_inprocess(workspace, "lineage", tiny_cfg(max_steps=2, save_every=2, lr=2e-3))
+    assert sorted(p.name for p in (live / "plots/expert_shares").iterdir()) == ["layer1.tsv"]
+    assert [s for s, _ in logged(live)] == [1, 2]
 
 
 def test_scheduler_holds_when_the_optimizer_step_was_skipped(workspace, monkeypatch):
@@ -337,16 +390,3 @@ def test_batch_stream_is_a_seeded_permutation_per_epoch_and_shards_by_rank():
     r0 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=0, world=2)]
     r1 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=1, world=2)]
     assert one == [[5, 1], [7, 2], [9, 0], [3, 8]] and r0 == [[5, 1], [9, 0]] and r1 == [[7, 2], [3, 8]]
-
-
-def test_resume_repairs_dvclive_files_torn_by_a_kill(tmp_path):
-    """kill -9 can land mid-write: the torn row and the torn summary must not stop the resumed run."""
-    from moechat.train import LIVE_METRICS_SUBDIR, truncate_live_history
-
-    tsv = tmp_path / LIVE_METRICS_SUBDIR / "train" / "loss.tsv"
-    tsv.parent.mkdir(parents=True)
-    tsv.write_text("step\tloss\n1\t6.0\n2\t5.5\n3\t5.1\n4\t4.")  # step 4 torn, steps 3-4 past the checkpoint
-    (tmp_path / "metrics.json").write_text('{"step": 3, "train": {"lo')
-    truncate_live_history(tmp_path, last_step=2)
-    assert tsv.read_text() == "step\tloss\n1\t6.0\n2\t5.5\n"
-    assert not (tmp_path / "metrics.json").exists()

@@ -4,6 +4,9 @@ Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
   model.safetensors                 the weights (the module's state dict)
   optimizer.safetensors + .json     the optimizer state dict (bnb 8-bit state included), tensors by name
   rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R
+  live/                             the DVCLive folder's `plots/` and `metrics.json` as of this step, so a
+                                    resumed run continues the curves of its own lineage, never those of
+                                    another experiment that ran in the same workspace since
   state.json                        step, data cursor, scheduler, GradScaler, last losses, counters;
                                     written last: it marks the checkpoint complete
 
@@ -33,9 +36,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from moechat.config import MoechatError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRASH_PREFIX = ".trash-"
+LIVE_COPY = "live"  # inside a checkpoint: the DVCLive curves of its lineage up to its step
+LIVE_ITEMS = ("plots", "metrics.json")  # what of a DVCLive folder a checkpoint keeps and restores
 # DeepSpeed ZeRO-2's optimizer state_dict holds these small objects besides tensors: the loss scaler
 # (static or dynamic), the ZeRO stage enum and the per-parameter slice addresses. They are stored as class
 # name + plain attributes and rebuilt only when their exact name is listed here (no pickle, no lookup of
@@ -50,7 +56,7 @@ ALLOWED_ENUMS = frozenset({"deepspeed.runtime.zero.config:ZeroStageEnum"})
 NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MoechatError, RuntimeError):
     """A checkpoint that cannot be written or read back; the message names the file and the fix."""
 
 
@@ -301,10 +307,12 @@ def _remove(path: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder` and the folder itself, so a rename after this cannot publish
+    """Flush every file under `folder` and every folder, so a rename after this cannot publish
     a checkpoint whose data is still only in the page cache (power loss)."""
     for path in folder.iterdir():
-        if path.is_file():
+        if path.is_dir():
+            _fsync_tree(path)
+        elif path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -313,16 +321,59 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+# ----------------------------------------------------------------------------------------------------
+# DVCLive curves travel with the checkpoint
+
+
+def _copy_live(src: Path, dst: Path) -> None:
+    """Copy the DVCLive items (`plots/`, `metrics.json`) that exist in `src` into `dst` (which lacks them)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in LIVE_ITEMS:
+        item = Path(src) / name
+        if item.is_dir():
+            shutil.copytree(item, dst / name)
+        elif item.is_file():
+            shutil.copy2(item, dst / name)
+
+
+def reset_live(live_dir: Path) -> None:
+    """Empty the DVCLive items of `live_dir`: a fresh experiment must not inherit curves (or extra
+    per-expert series) that another experiment left in the workspace."""
+    for name in LIVE_ITEMS:
+        item = Path(live_dir) / name
+        if item.is_dir():
+            shutil.rmtree(item)
+        elif item.exists():
+            item.unlink()
+
+
+def restore_live(checkpoint: Path, live_dir: Path) -> bool:
+    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint`.
+
+    Whatever the workspace holds (another experiment's curves, rows a crashed run wrote past this step,
+    a row torn by kill -9, or nothing because DVC removed a non-persistent out) is discarded: the copy was
+    taken after the step's rows were flushed, so it is consistent. A crash during the restore is harmless,
+    the next run restores again from the same copy. Returns False (and leaves `live_dir` empty) for a
+    checkpoint written before curves were saved with it."""
+    reset_live(live_dir)
+    saved = Path(checkpoint) / LIVE_COPY
+    if not saved.is_dir():
+        return False
+    _copy_live(saved, Path(live_dir))
+    return True
+
+
 def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optimizer_state: Any,
                     scheduler_state: dict[str, Any], keep: int, rank: int = 0, world_size: int = 1,
                     barrier: Callable[[], None] = lambda: None, per_rank_optimizer: bool = False,
-                    scaler_state: Optional[dict[str, Any]] = None) -> Path:
+                    scaler_state: Optional[dict[str, Any]] = None, live_dir: Optional[Path] = None) -> Path:
     """Write one checkpoint atomically and prune to the newest `keep` of this fingerprint.
 
     Collective under several processes: every rank calls it (each writes its own RNG file; with
     `per_rank_optimizer`, as for DeepSpeed ZeRO partitions, its own optimizer shard); rank 0 writes
     the weights, state.json last, fsyncs and renames the folder into place. `scaler_state` is the fp16
-    GradScaler's state_dict (plain numbers), None without one."""
+    GradScaler's state_dict (plain numbers), None without one. `live_dir` (rank 0, after this step's
+    DVCLive rows are written) is copied into the checkpoint's `live/` for `restore_live`."""
     folder = Path(root) / state.fingerprint
     final = folder / step_dir_name(state.step)
     tmp = folder / f".tmp-{final.name}"
@@ -344,6 +395,8 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
         # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
+        if live_dir is not None:
+            _copy_live(live_dir, tmp / LIVE_COPY)
     barrier()
     if rank == 0:
         meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,

@@ -17,7 +17,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
-class ConfigError(ValueError):
+class MoechatError(Exception):
+    """An error the user can fix from its message; stage scripts print it as one line, no traceback."""
+
+
+class ConfigError(MoechatError, ValueError):
     """A params.yaml value that cannot work; the message names the key, the value and the fix."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def make_demo_repo(workdir: Path, root: Path | None = None, preset: str = "tiny"
     for name in DVC_FILES:
         if (root / name).exists():
             shutil.copy2(root / name, workdir / name)
-    (workdir / ".gitignore").write_text("__pycache__/\n")
+    ignore = (root / ".gitignore").read_text() if (root / ".gitignore").exists() else "__pycache__/\n"
+    (workdir / ".gitignore").write_text(ignore + "/demo.log\n")  # checkpoints and plots pages stay out of git
     run(["git", "add", "-A"], workdir, env)
     run(["git", "commit", "-q", "-m", f"moechat demo ({preset} preset)"], workdir, env)
     return workdir
@@ -100,6 +102,31 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
     return result
 
 
+STAGE_NAMES = ("download", "prepare", "init", "train", "evaluate", "export", "quantize")
+SUMMARY_PREFIXES = tuple(f"{name}: " for name in STAGE_NAMES)  # each stage ends with one such line
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm bars share the `train: ` prefix
+
+
+def repro_quietly(workdir: Path, log_path: Path) -> None:
+    """`dvc repro` with its full output in `log_path`; the terminal gets each stage's summary line.
+
+    On failure the log's tail is printed and the error names the log, so nothing is hidden.
+    """
+    env = demo_env(workdir)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        for line in proc.stdout:
+            log.write(line)
+            summary = line.rsplit("\r", 1)[-1]
+            if summary.startswith(SUMMARY_PREFIXES) and not PROGRESS_BAR.search(summary):
+                print(summary.rstrip(), flush=True)
+        code = proc.wait()
+    if code != 0:
+        print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        raise RuntimeError(f"moechat demo: `dvc repro` failed with exit code {code}; full output in {log_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moechat demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None,
@@ -107,15 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="preset under presets/ to merge over params.yaml")
     args = parser.parse_args(argv)
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moechat-demo-"))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="moechat-demo-"))).resolve()
     make_demo_repo(workdir, preset=args.preset)
+    print(f"moechat demo: running the whole DAG in {workdir} (full log: {workdir / 'demo.log'})", flush=True)
     start = time.perf_counter()
-    run(["dvc", "repro"], workdir, demo_env(workdir))
+    repro_quietly(workdir, workdir / "demo.log")
     minutes = (time.perf_counter() - start) / 60
+    # Commit the results, so `dvc metrics diff` and `dvc exp show` compare experiments against this run.
+    env = demo_env(workdir)
+    run(["git", "add", "-A"], workdir, env)
+    run(["git", "commit", "-q", "-m", "moechat demo: results of dvc repro"], workdir, env)
     print(f"\nmoechat demo: whole DAG in {minutes:.1f} min in {workdir}")
-    print(f"  metrics:   cd {workdir} && dvc metrics show")
-    print(f"  plots:     cd {workdir} && dvc plots show")
-    print(f"  chat:      moechat chat {workdir}/models/quantized --prompt 'Hello!'")
+    print(f"  metrics:     cd {workdir} && dvc metrics show metrics/eval.json metrics/quantize.json")
+    print(f"  plots:       cd {workdir} && dvc plots show   (open dvc_plots/index.html)")
+    print(f"  chat:        moechat chat {workdir}/models/quantized --prompt 'Hello!'")
+    print(f"  experiment:  cd {workdir} && dvc exp run -S model.num_experts=2 && dvc metrics diff")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moechat.config import EvalConfig
+from moechat.config import ConfigError, EvalConfig
 
 IGNORE = -100
 
@@ -191,9 +191,20 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def check_max_new_tokens(model: PreTrainedModel, max_new_tokens: int) -> None:
+    """`eval.max_new_tokens` must leave room for the prompt in the model's positions; checked before any
+    work so a bad value fails with its params key, not from inside `generate` after the val pass."""
+    limit = getattr(model.config, "n_positions", None)
+    if limit is not None and max_new_tokens >= limit:
+        raise ConfigError(f"params.yaml: eval.max_new_tokens={max_new_tokens} must be < the model's "
+                          f"n_positions={limit} (the prompt needs positions too); set eval.max_new_tokens to at "
+                          f"most {limit - 1}, e.g. {max(1, limit // 2)}")
+
+
 def generate_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
                      seed: int) -> list[dict[str, Any]]:
     """Greedy and seeded-sampling replies to each of `cfg.prompts` (single-turn chats)."""
+    check_max_new_tokens(model, cfg.max_new_tokens)
     samples = []
     for i, prompt in enumerate(tqdm(cfg.prompts, desc="samples", disable=None)):
         messages = [{"role": "user", "content": prompt}]
@@ -209,6 +220,7 @@ def generate_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, val: Any, cfg: EvalConfig,
              seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The evaluate stage's work: val metrics (eval.json) and chat samples (samples.json)."""
+    check_max_new_tokens(model, cfg.max_new_tokens)  # before the val pass, which can take minutes
     metrics = evaluate_lm(model, val, cfg.batch_size, cfg.max_batches, cfg.dead_expert_threshold)
     metrics["dead_expert_threshold"] = cfg.dead_expert_threshold
     samples = generate_samples(model, tokenizer, cfg, seed)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from moechat.config import Params
+from moechat.config import MoechatError, Params
 from moechat.data.oasst import source_kind
 from moechat.io import atomic_dir
 
@@ -25,7 +25,7 @@ CODE_FILES = ("configuration_moechat.py", "modeling_moechat.py")
 METRIC_STAGES = ("prepare", "train", "eval")
 
 
-class ExportError(RuntimeError):
+class ExportError(MoechatError, RuntimeError):
     """The exported folder would not load elsewhere; the message says what is missing."""
 
 

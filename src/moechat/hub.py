@@ -18,6 +18,8 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
+from moechat.config import MoechatError
+
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 TIMEOUT_S = 10.0
 # What `load_dataset` / `from_pretrained` raise when the network or the repo fails mid-download: transport
@@ -25,7 +27,7 @@ TIMEOUT_S = 10.0
 HUB_LOAD_ERRORS: tuple[type[BaseException], ...] = (httpx2.HTTPError, OSError)
 
 
-class HubError(RuntimeError):
+class HubError(MoechatError, RuntimeError):
     """A params key names a Hub repo the Hub cannot serve now; the message names the key and the fix."""
 
 

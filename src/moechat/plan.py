@@ -30,7 +30,7 @@ from typing import Optional
 
 import yaml
 
-from moechat.config import ConfigError, ModelConfig, TrainConfig, load_params
+from moechat.config import ConfigError, ModelConfig, MoechatError, TrainConfig, load_params
 
 GIB = 1024**3
 CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
@@ -143,7 +143,7 @@ def largest_micro_batch(model: ModelConfig, train: TrainConfig, vocab_size: int,
     return best
 
 
-class MemoryBudgetError(RuntimeError):
+class MemoryBudgetError(MoechatError, RuntimeError):
     """The config does not fit train.gpu_memory_gb; the message says what to lower."""
 
 

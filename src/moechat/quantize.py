@@ -34,20 +34,26 @@ import copy
 import functools
 import inspect
 import json
+import logging
 import os
 import random
+import re
+import shutil
 import statistics
+import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.io import atomic_dir
-from moechat.config import QuantizeConfig
+from moechat.config import MoechatError, QuantizeConfig
 
 # GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
 # modules of one block are quantized (inputs before outputs); ":!" = run but do not quantize; "mlp:moe"
@@ -66,9 +72,27 @@ MOECHAT_MODULE_TREE = [
     },
 ]
 CALIB_MIN_TOKENS = 2  # a calibration conversation needs at least one next-token pair
+GPTQMODEL_LOG = "gptqmodel.log"  # GPTQModel's full console output, kept inside the quantized folder
+
+# stdlib loggers that print while GPTQModel is imported or loads a model: torchao ("Failed to load
+# .../_C_mxfp8...so" on CPU), torch's pytree ("Enum subclass ... register_constant() is deprecated"),
+# tokenicer (its "Auto fixed pad_token_id" INFO lines) and DeepSpeed ("Setting accelerator to CPU").
+LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "DeepSpeed")
+# logbar prints info / warn / error itself, but GPTQModel also calls the stdlib `Logger.warning` on it
+# (e.g. "HF: overriding trust_remote_code"), which no handler takes: Python's last-resort stderr printer.
+LOGBAR_LOGGER = "logbar"
+FAILURE_TAIL_LINES = 40
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ERROR_LINE = re.compile(r"(ERROR|CRIT)\b")
 
 
-class QuantizeError(RuntimeError):
+def _error_lines(text: str) -> list[str]:
+    """The ERROR / CRIT lines of captured output (logbar writes "\\r" + level label + message)."""
+    lines = (_ANSI.sub("", part).strip() for line in text.split("\n") for part in line.split("\r"))
+    return [line for line in lines if _ERROR_LINE.match(line)]
+
+
+class QuantizeError(MoechatError, RuntimeError):
     """Quantization cannot run on this input; the message names the file, row or value and the fix."""
 
 
@@ -80,6 +104,58 @@ def _require_gptqmodel():
                             f"pip install -e \".[gptq]\" (gptqmodel==7.6.0)") from err
     # GPTQModel sizes its CPU worker pool from this; on a 2-core machine the default stalls.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+
+@contextlib.contextmanager
+def library_output(log: TextIO, where: str = "the captured output") -> Iterator[None]:
+    """Move GPTQModel's console output into `log` (readable: a file opened "w+" or a StringIO) for the block.
+
+    GPTQModel logs through logbar, which prints every line (its banner at import, kernel choice,
+    generation_config dumps, progress bars, timing tables) to `sys.stdout` itself rather than through
+    logging handlers, so the block redirects stdout; the stdlib loggers in `LIBRARY_LOGGERS` and
+    `LOGBAR_LOGGER` and Python warnings (transformers' `rope_scaling` FutureWarning) go to the same log.
+    Nothing is filtered, only moved. tokenicer calls `logging.basicConfig(level=INFO)` when imported; the
+    root logger's level and handlers are put back afterwards so other libraries' INFO lines stay off the
+    console. Errors stay visible: ERROR / CRIT lines are repeated on stderr when the block ends, and when it
+    raises, the last lines of `log` are written to stderr before the exception propagates.
+    """
+    root = logging.getLogger()
+    root_state = (root.level, list(root.handlers))
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    propagate = {name: logging.getLogger(name).propagate for name in LIBRARY_LOGGERS}
+    for name in (*LIBRARY_LOGGERS, LOGBAR_LOGGER):
+        logging.getLogger(name).addHandler(handler)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).propagate = False
+
+    def to_log(message, category, filename, lineno, file=None, line=None) -> None:
+        log.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def captured() -> str:
+        log.flush()
+        log.seek(0)
+        return log.read()
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.showwarning = to_log
+            yield
+    except BaseException:
+        tail = captured().splitlines()[-FAILURE_TAIL_LINES:]
+        print(f"--- last {len(tail)} lines of {where} ---\n" + "\n".join(tail) + "\n---", file=sys.stderr)
+        raise
+    else:
+        for line in _error_lines(captured()):
+            print(f"{line} (from {where})", file=sys.stderr)
+    finally:
+        for name in (*LIBRARY_LOGGERS, LOGBAR_LOGGER):
+            logging.getLogger(name).removeHandler(handler)
+        for name, value in propagate.items():
+            logging.getLogger(name).propagate = value
+        root.setLevel(root_state[0])
+        root.handlers[:] = root_state[1]
+        log.flush()
 
 
 @functools.cache
@@ -174,22 +250,31 @@ def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[li
     """Quantize `model_dir` on `device` and save it to `out_dir` atomically; returns GPTQModel's per-module
     log (one dict per quantized Linear: layer, module, samples, loss) and the seconds spent loading the
     model (`load_seconds`) and quantizing it (`quantize_seconds`, the GPTQ / RTN pass alone).
+    GPTQModel's console output (hundreds of lines) goes to `out_dir/gptqmodel.log`, not the terminal.
 
     fp32 on every device: CPUs here run fp16 ~100x slower, and on a GPU fp32 keeps the output identical
     in format and size to a CPU run (a ~0.5B model fits a 16 GB GPU in fp32 with room to spare)."""
-    qcls = qmodel_class()
-    start = time.perf_counter()
-    qmodel = qcls.from_pretrained(str(model_dir), quantize_config=gptq_config(cfg), trust_remote_code=True,
-                                  device=str(device), dtype=torch.float32)
-    loaded = time.perf_counter()
-    data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
-    # GPTQModel writes a per-run log file under ./logs; keep it out of the user's project folder
-    with tempfile.TemporaryDirectory(prefix="moechat-gptq-") as scratch, contextlib.chdir(scratch):
-        log = qmodel.quantize(data, batch_size=1, tokenizer=tokenizer, calibration_data_min_length=CALIB_MIN_TOKENS)
-    seconds = {"load_seconds": loaded - start, "quantize_seconds": time.perf_counter() - loaded}
-    with atomic_dir(out_dir) as tmp:
-        qmodel.save(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+    fd, log_name = tempfile.mkstemp(prefix="moechat-gptqmodel-", suffix=".log")
+    os.close(fd)
+    log_path = Path(log_name)  # outside out_dir, so it survives a failed run (its path is printed then)
+    with open(log_path, "w+", encoding="utf-8") as log_file, library_output(log_file, str(log_path)):
+        qcls = qmodel_class()
+        start = time.perf_counter()
+        qmodel = qcls.from_pretrained(str(model_dir), quantize_config=gptq_config(cfg), trust_remote_code=True,
+                                      device=str(device), dtype=torch.float32)
+        loaded = time.perf_counter()
+        data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
+        # GPTQModel writes a per-run log file under ./logs; keep it out of the user's project folder
+        with tempfile.TemporaryDirectory(prefix="moechat-gptq-") as scratch, contextlib.chdir(scratch):
+            log = qmodel.quantize(data, batch_size=1, tokenizer=tokenizer,
+                                  calibration_data_min_length=CALIB_MIN_TOKENS)
+        seconds = {"load_seconds": loaded - start, "quantize_seconds": time.perf_counter() - loaded}
+        with atomic_dir(out_dir) as tmp:
+            qmodel.save(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            log_file.flush()
+            shutil.copyfile(log_path, tmp / GPTQMODEL_LOG)
+    log_path.unlink()
     rows = log.get("gptq", []) if isinstance(log, dict) else []
     if not rows:
         raise QuantizeError(f"GPTQModel returned no per-module log ({type(log).__name__}); no module was quantized "

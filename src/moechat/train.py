@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
-from moechat.config import ConfigError, ModelConfig, TrainConfig
+from moechat.config import ConfigError, ModelConfig, MoechatError, TrainConfig
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 # Dense 16-bit tensor-core peaks (no sparsity: half the datasheets' "with sparsity" figures) from NVIDIA's
@@ -42,13 +41,14 @@ PEAK_FLOPS_16BIT = (
     ("V100 PCIe", 112e12), ("V100", 125e12), ("T4", 65e12),
 )
 LIVE_METRICS_SUBDIR = Path("plots") / "metrics"
+EXPERT_SHARES_SUBDIR = Path("plots") / "expert_shares"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoechatError, RuntimeError):
     """The loss went NaN/inf; the message names the step and the checkpoint that survives."""
 
 
-class TrainOOMError(RuntimeError):
+class TrainOOMError(MoechatError, RuntimeError):
     """CUDA ran out of memory; the message says what to lower, with the planner's estimate."""
 
 
@@ -329,30 +329,22 @@ def evaluate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, to
 # Logging, accounting
 
 
-def truncate_live_history(live_dir: Path, last_step: int) -> None:
-    """Drop DVCLive rows logged after `last_step` (by a run that crashed past its last checkpoint), so the
-    resumed curves continue without duplicates. A kill -9 can land mid-write: a torn last row is dropped,
-    and a torn summary (metrics.json, rewritten by DVCLive on every step) is removed, not parsed."""
-    for tsv in (Path(live_dir) / LIVE_METRICS_SUBDIR).rglob("*.tsv"):
-        lines = tsv.read_text().splitlines(keepends=True)
-        if not lines:
-            continue
-        header = lines[0].rstrip("\n").split("\t")
-        step_col = header.index("step")
-        kept = [lines[0]] + [
-            ln for ln in lines[1:]
-            if ln.endswith("\n") and len(ln.split("\t")) == len(header)
-            and int(ln.split("\t")[step_col]) <= last_step
-        ]
-        tmp = tsv.with_suffix(".tsv.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, tsv)
-    summary = Path(live_dir) / "metrics.json"
-    if summary.exists():
-        try:
-            json.loads(summary.read_text())
-        except json.JSONDecodeError:
-            summary.unlink()
+def log_expert_shares(live_dir: Path, step: int, router: list[dict[str, Any]]) -> None:
+    """Append this step's routing to one long-format TSV per MoE layer,
+    `<live>/plots/expert_shares/layer{i}.tsv` (`step, series, share`; series `expert0..N-1` and
+    `dropped`), so one chart per layer draws every expert (dvc_templates/expert_shares.json). Each call
+    opens, appends and closes, like DVCLive's own rows, so the checkpoint's copy of the live folder is
+    consistent."""
+    folder = Path(live_dir) / EXPERT_SHARES_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in router:
+        path = folder / f"layer{r['layer']}.tsv"
+        rows = [f"{step}\texpert{e}\t{share}\n" for e, share in enumerate(r["expert_share"])]
+        rows.append(f"{step}\tdropped\t{r['dropped_share']}\n")
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            if f.tell() == 0:
+                f.write("step\tseries\tshare\n")
+            f.write("".join(rows))
 
 
 def match_peak_flops(device_name: str) -> Optional[tuple[str, float]]:
@@ -494,8 +486,13 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     if main:
         from dvclive import Live
 
-        if resume is not None:
-            truncate_live_history(live_dir, state.step)
+        # the curves belong to the checkpoint lineage: restored from the checkpoint when resuming (whatever
+        # another experiment or a crashed run left in the workspace), empty on a fresh start
+        if resume is None:
+            ckpt.reset_live(live_dir)
+        elif not ckpt.restore_live(resume, live_dir):
+            accelerator.print(f"{resume} holds no copy of the DVCLive curves (written by an older moechat); "
+                              f"the curves in {live_dir} start at step {state.step + 1}")
         live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
     if resume is not None:
         ckpt.restore_rank_rng(resume, rank)
@@ -528,6 +525,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
                                                      "aux_loss": stats.aux_loss, "z_loss": stats.z_loss})
             if live is not None:
                 log_step(live, step, stats, lr, stats.tokens / dt)
+                log_expert_shares(live_dir, step, stats.router)
             if step % cfg.eval_every == 0 or step == total_steps:
                 val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 state = dataclasses.replace(state, last_val={**val, "step": step})
@@ -542,7 +540,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
                 scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
                 ckpt.save_checkpoint(checkpoint_dir, state, raw_model, inner.state_dict(), scheduler.state_dict(),
                                      cfg.keep_checkpoints, rank, world, accelerator.wait_for_everyone,
-                                     per_rank_optimizer, scaler)
+                                     per_rank_optimizer, scaler, live_dir=live_dir if main else None)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
     except NonFiniteLossError as err:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from moechat.io import atomic_dir
-from moechat.config import TokenizerConfig
+from moechat.config import MoechatError, TokenizerConfig
 from moechat.hub import HUB_LOAD_ERRORS, require_hub_repo
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MoechatError, ValueError):
     """`tokenizer.source` cannot give a usable tokenizer; the message says what to set."""
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Literal
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
-from moechat.config import DataConfig
+from moechat.config import DataConfig, MoechatError
 from moechat.hub import HUB_LOAD_ERRORS, looks_like_path, require_hub_repo
 
 DETOXIFY_KEYS = ("toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat",
@@ -61,11 +61,11 @@ REASONS = ("tree_state", "lang", "synthetic", "deleted", "review", "orphan")
 RAW_FILE = "messages.parquet"
 
 
-class DataError(ValueError):
+class DataError(MoechatError, ValueError):
     """Input data that cannot be used; the message names the source, the field or row, and the fix."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(MoechatError, RuntimeError):
     """`data.source` could not be read (path missing, Hub dataset not loadable); the message says what to
     set. An unreachable or unknown Hub id raises `moechat.hub.HubError` before any download starts."""
 

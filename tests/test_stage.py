@@ -1,0 +1,40 @@
+"""Stage entry points: a fixable error is one line naming the fix; third-party warnings are filtered."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from moechat.stage import quiet_third_party
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bad_params_give_one_line_and_exit_1(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["thread_policy"] = "longest"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py"), "--params", str(params),
+                           "--out", str(tmp_path / "raw"), "--metrics", str(tmp_path / "m.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"download: error: {params}: data.thread_policy='longest' is not one of best | all; pick one of those")
+
+
+def test_third_party_warnings_are_dropped_and_errors_kept(monkeypatch, caplog):
+    monkeypatch.delenv("MOECHAT_VERBOSE", raising=False)
+    quiet_third_party()
+    logger = logging.getLogger("DeepSpeed")
+    logger.setLevel(logging.WARNING)  # what DeepSpeed does to its logger on import: the filter must survive it
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Setting accelerator to CPU")
+        logger.error("a real failure")
+    messages = [r.getMessage() for r in caplog.records if r.name == "DeepSpeed"]
+    assert messages == ["a real failure"]
