@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
-from moechat.export import export_model, load_trained, read_metrics
+from moechat.evaluate import load_model
+from moechat.export import export_model, read_metrics
 
 
 def main() -> None:
@@ -25,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    model, tokenizer = load_trained(args.model)
+    model, tokenizer = load_model(args.model, torch.device("cpu"))  # export only copies weights
     summary = export_model(model, tokenizer, params, read_metrics(args.metrics_dir), args.out, args.max_shard_size)
     print(f"export: {args.out}: {len(summary['shards'])} safetensors shard(s), {summary['weight_bytes']:,} bytes, "
           f"{summary['params']['total']:,} params ({summary['params']['active']:,} active per token)")

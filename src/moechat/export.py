@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.config import MoechatError, Params
@@ -164,14 +163,3 @@ def _eval_section(ev: Optional[dict[str, Any]]) -> str:
         rows += [("mean expert-share CV", router["mean_cv"]), ("dead experts (all layers)", router["dead_experts"]),
                  ("dropped share", router["dropped_share"]), ("mean router entropy (nats)", router["mean_entropy"])]
     return _table(rows) + "\n"
-
-
-def load_trained(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The trained folder (models/final) in its saved dtype, on the CPU (export only copies weights)."""
-    import moechat.modeling  # noqa: F401  (registers the Auto classes and auto_map writing)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; run `dvc repro train` first")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", device_map=None)
-    return model.to(torch.device("cpu")).eval(), AutoTokenizer.from_pretrained(str(model_dir))
