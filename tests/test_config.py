@@ -110,3 +110,68 @@ def test_upcycling_with_a_freshly_trained_tokenizer_is_refused():
     raw["tokenizer"]["source"] = "train"
     with pytest.raises(ConfigError, match="model.init_from='gpt2-medium' needs the parent's tokenizer"):
         params_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 12: values that passed validation and failed late, or were accepted silently
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        (None, "seed", -1, "seed=-1 must be in 0..4294967295"),
+        (None, "seed", 2**32, "seed=4294967296 must be in 0..4294967295"),
+        ("train", "beta1", 1.0, "train.beta1=1.0 must be in [0, 1)"),
+        ("train", "beta2", -0.5, "train.beta2=-0.5 must be in [0, 1)"),
+        ("model", "initializer_range", -0.02, "model.initializer_range=-0.02 must be > 0"),
+        ("train", "weight_decay", -0.1, "train.weight_decay=-0.1 must be >= 0"),
+        ("train", "grad_clip", -1.0, "train.grad_clip=-1.0 must be >= 0 (0 = no clipping)"),
+        ("model", "moe_every", 9, "model.moe_every=9 must be <= model.n_layer=8"),
+        ("eval", "prompts", [], "eval.prompts must list at least one non-empty prompt"),
+        ("eval", "prompts", ["  "], "eval.prompts must list at least one non-empty prompt"),
+        ("model", "layer_norm_epsilon", 0.0, "model.layer_norm_epsilon=0.0 must be > 0"),
+        ("model", "aux_loss_coef", float("inf"), "model.aux_loss_coef=inf must be a finite number"),
+        ("train", "lr", float("nan"), "train.lr=nan must be a finite number"),
+        ("model", "n_positions", 10_000_000, "model.n_positions=10000000 must be <= 65536"),
+    ],
+)
+def test_values_that_failed_late_are_refused_at_load(section, key, value, expected):
+    raw = reference()
+    (raw if section is None else raw[section])[key] = value
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    assert expected in str(err.value)
+
+
+def test_tutel_backend_without_tutel_is_refused_at_load(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tutel" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"model.moe_backend=tutel but tutel is not installed.*moe_backend: torch"):
+        params_from_dict(with_change("model", "moe_backend", "tutel"))
+
+
+def test_yaml11_exponent_float_gets_the_spelling_that_works(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("lr: 3.0e-4", "lr: 3e-4")
+    assert "lr: 3e-4" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"train.lr='3e-4' was read as a string.*write 3.0e-4"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_duplicate_yaml_key_is_named_with_both_lines(tmp_path):
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  lr:"))
+    lines.insert(at + 1, "  lr: 1.0e-3")
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert f"params.yaml:{at + 2}: key 'lr' appears twice in one mapping (first at line {at + 1})" in str(err.value)
+
+
+def test_duplicate_section_is_named_not_reported_as_missing_keys(tmp_path):
+    text = (ROOT / "params.yaml").read_text() + "\nquantize:\n  bits: 4\n"
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"key 'quantize' appears twice"):
+        load_params(tmp_path / "params.yaml")

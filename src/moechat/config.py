@@ -8,6 +8,9 @@ work, with an error that names the key, the value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,7 +134,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found; run from the project root or pass --params PATH")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     if overrides:
@@ -152,7 +155,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     params = _build(Params, raw, source, prefix="")
+    _check_finite(params, source)
     _check(params, source)
+    _check_ranges(params, source)
     return params
 
 
@@ -203,6 +208,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _yaml11_float_string(value):
+        raise ConfigError(f"{source}: {key}={value!r} was read as a string: YAML 1.1 needs a dot in the mantissa "
+                          f"of a float; write {_yaml11_float_fix(value)}")
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(
             f"{source}: {key}={value!r} must be of type {hint.__name__}, got {type(value).__name__}"
@@ -265,3 +273,106 @@ def _check(p: Params, source: str) -> None:
         _require(getattr(q, key) >= 1, f"quantize.{key}={getattr(q, key)} must be >= 1", source)
     _require(q.min_expert_tokens >= 0,
              f"quantize.min_expert_tokens={q.min_expert_tokens} must be >= 0 (0 = never fall back)", source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the YAML file: duplicate keys and YAML 1.1 floats
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in one mapping (plain PyYAML keeps the last silently, so
+    `lr` set twice, or a section pasted twice, would drop values without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}:{line}: key {key!r} appears twice in one mapping "
+                                  f"(first at line {seen[key]}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a params file with duplicate keys refused; a syntax error names the file and line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.load(text, Loader=_loader_for(path)) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({err.problem}); fix the syntax there") from None
+
+
+def _loader_for(path: Path) -> type:
+    """_UniqueKeyLoader whose marks carry the file's path (the messages name the file)."""
+
+    class Loader(_UniqueKeyLoader):
+        def __init__(self, stream: Any):
+            super().__init__(stream)
+            self.name = str(path)
+
+    return Loader
+
+
+# 1e-3, 5E+4, -2e5: floats in YAML 1.2 and Python, strings under PyYAML's YAML 1.1 resolver.
+_YAML11_FLOAT_STRING = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")
+
+
+def _yaml11_float_string(value: str) -> bool:
+    return _YAML11_FLOAT_STRING.match(value.strip()) is not None
+
+
+def _yaml11_float_fix(value: str) -> str:
+    mantissa, exponent = re.split(r"[eE]", value.strip())
+    return f"{mantissa}.0e{exponent}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Range checks added for issue 12: values that used to pass here and fail late (or silently misbehave)
+
+SEED_MAX = 2**32 - 1  # numpy's and torch.manual_seed's range
+N_POSITIONS_MAX = 65536  # the position table and activations beyond this do not fit one 16 GB GPU
+
+
+def _check_finite(p: Params, source: str) -> None:
+    """Every float param is a finite number: `.inf`/`.nan` pass the type check and end in NaN losses."""
+    for section in dataclasses.fields(p):
+        value = getattr(p, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for f in dataclasses.fields(value):
+            x = getattr(value, f.name)
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{source}: {section.name}.{f.name}={x} must be a finite number")
+
+
+def _check_ranges(p: Params, source: str) -> None:
+    """Ranges that no run can use, checked before any stage works; each message names the key and the fix."""
+    m, t, e = p.model, p.train, p.eval
+    _require(0 <= p.seed <= SEED_MAX, f"seed={p.seed} must be in 0..{SEED_MAX} (2^32-1), e.g. 1337", source)
+    for key in ("beta1", "beta2"):
+        _require(0.0 <= getattr(t, key) < 1.0,
+                 f"train.{key}={getattr(t, key)} must be in [0, 1), e.g. beta1: 0.9, beta2: 0.95", source)
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0 (0 = no decay)", source)
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping)", source)
+    _require(m.initializer_range > 0,
+             f"model.initializer_range={m.initializer_range} must be > 0 (the std of the weight init), e.g. 0.02",
+             source)
+    _require(m.layer_norm_epsilon > 0,
+             f"model.layer_norm_epsilon={m.layer_norm_epsilon} must be > 0 (it keeps LayerNorm from dividing "
+             f"by zero), e.g. 1.0e-5", source)
+    _require(m.moe_every <= m.n_layer,
+             f"model.moe_every={m.moe_every} must be <= model.n_layer={m.n_layer}, or the model has no MoE "
+             f"layer at all; lower moe_every (1 = every layer)", source)
+    _require(m.n_positions <= N_POSITIONS_MAX,
+             f"model.n_positions={m.n_positions} must be <= {N_POSITIONS_MAX}: the position table and the "
+             f"activations of such sequences need tens of GB; use the longest train.seq_len you train on", source)
+    _require(len(e.prompts) >= 1 and all(prompt.strip() for prompt in e.prompts),
+             "eval.prompts must list at least one non-empty prompt (the evaluate stage samples a reply to "
+             "each)", source)
+    _require(m.moe_backend != "tutel" or importlib.util.find_spec("tutel") is not None,
+             "model.moe_backend=tutel but tutel is not installed; tutel is not on PyPI: `pip install "
+             "git+https://github.com/microsoft/tutel@main`, or set model.moe_backend: torch (same results)", source)
