@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -15,7 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from moechat import checkpoint as ckpt
+from moechat import train as train_module
 from moechat.config import TrainConfig
+from tests.test_train import logged, run_inprocess, tiny_cfg, workspace  # noqa: F401  (workspace: a fixture)
 
 
 def tiny_net(seed: int = 0) -> torch.nn.Module:
@@ -260,7 +263,7 @@ def test_dvclive_curves_travel_with_the_checkpoint(tmp_path):
     (live / "plots/metrics/moe").mkdir()
     (live / "plots/metrics/moe/expert7_share.tsv").write_text("step\texpert7_share\n1\t0.1\n")
     (live / "metrics.json").write_text('{"step": 3, "tra')
-    assert ckpt.restore_live(path, live)
+    assert ckpt.restore_live(path, live, 2)
     assert (live / "plots/metrics/train/loss.tsv").read_text() == "step\tloss\n1\t6.0\n2\t5.5\n"
     assert not (live / "plots/metrics/moe").exists()
     assert json.loads((live / "metrics.json").read_text()) == {"step": 2, "train": {"loss": 5.5}}
@@ -271,5 +274,143 @@ def test_dvclive_curves_travel_with_the_checkpoint(tmp_path):
     bare = ckpt.save_checkpoint(tmp_path / "ckpts", dataclasses.replace(state, step=3), net,
                                 torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
     (live / "plots").mkdir()
-    assert not ckpt.restore_live(bare, live) and not (live / "plots").exists()
+    assert not ckpt.restore_live(bare, live, 3) and (live / "plots").is_dir()
     assert ckpt.latest_checkpoint(tmp_path / "ckpts", "abc123abc123") == bare  # the copy is optional
+
+
+def test_checkpoint_without_curve_copy_keeps_the_workspace_curves_up_to_its_step(tmp_path):
+    """An older checkpoint has no live/ copy: the workspace rows up to its step are the only record of the
+    curve before it and must stay; rows past it (a crashed run's) and a torn row go."""
+    live = tmp_path / "live"
+    (live / "plots/metrics/train").mkdir(parents=True)
+    (live / "plots/expert_shares").mkdir(parents=True)
+    (live / "plots/metrics/train/loss.tsv").write_text(
+        "timestamp\tstep\tloss\n10\t1\t6.0\n11\t2\t5.5\n12\t3\t5.1\n13\t4\t4.")
+    (live / "plots/expert_shares/layer1.tsv").write_text(
+        "step\tseries\tshare\n2\texpert0\t0.5\n3\texpert0\t0.4\n")
+    net = tiny_net()
+    bare = ckpt.save_checkpoint(tmp_path / "ckpts", ckpt.TrainState(step=2, fingerprint="abc123abc123"), net,
+                                torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
+    assert not ckpt.restore_live(bare, live, 2)
+    assert (live / "plots/metrics/train/loss.tsv").read_text() == "timestamp\tstep\tloss\n10\t1\t6.0\n11\t2\t5.5\n"
+    assert (live / "plots/expert_shares/layer1.tsv").read_text() == "step\tseries\tshare\n2\texpert0\t0.5\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# A damaged newest checkpoint: fall back to the newest intact one, or refuse naming the folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _rename_a_weight(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    weights["0.renamed"] = weights.pop("0.weight")
+    save_file(weights, str(path))
+
+
+def _drop_a_param_group(path: Path) -> None:
+    tree = json.loads(path.read_text())
+    tree["param_groups"] = tree["param_groups"][:0]
+    path.write_text(json.dumps(tree))
+
+
+DAMAGES = {
+    "truncated weights": ("model.safetensors", _truncate),
+    "garbled state.json": ("state.json", lambda p: p.write_text('{"step": 4, "curs')),
+    "state.json without the scheduler": ("state.json", lambda p: p.write_text(
+        json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "scheduler"}))),
+    "invalid UTF-8 state.json": ("state.json", lambda p: p.write_bytes(b"\xff\xfe{}")),
+    "missing optimizer tensors": ("optimizer.safetensors", lambda p: p.unlink()),
+    "truncated optimizer tensors": ("optimizer.safetensors", _truncate),
+    "optimizer json naming absent tensors": ("optimizer.json", lambda p: p.write_text(
+        p.read_text().replace('"__tensor__": "state.0.exp_avg"', '"__tensor__": "nowhere"'))),
+    "weights of another model": ("model.safetensors", _rename_a_weight),
+    "optimizer of another model": ("optimizer.json", _drop_a_param_group),
+    "truncated RNG state": ("rng_rank0.safetensors", _truncate),
+}
+
+
+def _two_checkpoints(root: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Checkpoints at steps 2 and 4 of fingerprint abc123abc123, from different weights and a stepped AdamW."""
+    nets = []
+    for step_no, seed in ((2, 1), (4, 2)):
+        net = tiny_net(seed)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        step(net, opt, seed)
+        state = ckpt.TrainState(step=step_no, fingerprint="abc123abc123")
+        ckpt.save_checkpoint(root, state, net, opt.state_dict(), {"last_epoch": step_no}, keep=3)
+        nets.append(net)
+    return nets[0], nets[1]
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, damage):
+    older, _ = _two_checkpoints(tmp_path)
+    name, spoil = DAMAGES[damage]
+    newest = tmp_path / "abc123abc123" / "step_00000004"
+    spoil(newest / name)
+    fresh = tiny_net(seed=9)
+    lines: list[str] = []
+    path, loaded = ckpt.resume_point(tmp_path, "abc123abc123", fresh, 0,
+                                     torch.optim.AdamW(fresh.parameters()).state_dict(), log=lines.append)
+    assert path.name == "step_00000002" and loaded.state.step == 2 and loaded.scheduler_state == {"last_epoch": 2}
+    assert all(torch.equal(a, b) for a, b in zip(older.state_dict().values(), fresh.state_dict().values()))
+    assert len(lines) == 2 and lines[0].startswith("checkpoint step_00000004 is damaged, skipping it: ")
+    assert str(newest) in lines[0]  # which file (or folder) and why
+    assert lines[1] == f"resuming from {tmp_path / 'abc123abc123' / 'step_00000002'}, the newest intact checkpoint"
+    assert newest.exists()  # nothing of the user's is deleted
+
+
+def test_no_intact_checkpoint_refuses_naming_the_folder_to_delete(tmp_path):
+    _two_checkpoints(tmp_path)
+    for step_dir in ("step_00000002", "step_00000004"):
+        _truncate(tmp_path / "abc123abc123" / step_dir / "model.safetensors")
+    net = tiny_net(seed=9)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.resume_point(tmp_path, "abc123abc123", net, 0, log=lambda line: None)
+    message = str(err.value)
+    assert message.startswith(f"no intact checkpoint in {tmp_path / 'abc123abc123'} (2 damaged; newest: ")
+    assert message.endswith(f"delete {tmp_path / 'abc123abc123'} to train this experiment from step 0")
+    assert "\n" not in message
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model was not touched
+    assert ckpt.resume_point(tmp_path, "nocheckpoint", net, 0) is None
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_matches_the_uninterrupted_run(workspace, capsys):
+    reference = run_inprocess(workspace, "ckpt-straight", tiny_cfg())  # 12 steps; checkpoints 8 and 12 kept
+    shutil.copytree(workspace / "ckpt-straight/checkpoints", workspace / "ckpt-damaged/checkpoints")
+    newest = workspace / "ckpt-damaged/checkpoints" / reference["fingerprint"] / "step_00000012"
+    _truncate(newest / "model.safetensors")
+    capsys.readouterr()
+    resumed = run_inprocess(workspace, "ckpt-damaged", tiny_cfg())
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert f"checkpoint step_00000012 is damaged, skipping it: {newest / 'model.safetensors'} cannot be read" in out
+    assert resumed["resumed_from_step"] == 8
+    for key in ("loss", "lm_loss", "aux_loss", "val_lm_loss"):
+        assert resumed[key] == reference[key], key
+    assert logged(workspace / "ckpt-damaged/live") == logged(workspace / "ckpt-straight/live")
+    ckpt.read_checkpoint(newest)  # the damaged step was written again, whole
+
+
+def test_ctrl_c_in_training_says_from_which_step_dvc_repro_resumes(workspace, monkeypatch):
+    real_step = train_module.train_step
+
+    def interrupted_at_6(*args):
+        if args[-1] == 6:  # the step number
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_at_6)
+    with pytest.raises(train_module.TrainingInterrupted) as err:
+        run_inprocess(workspace, "ctrl-c", tiny_cfg())
+    fp = json.loads(next((workspace / "ctrl-c/checkpoints").glob("*/step_00000004/state.json")).read_text())["fingerprint"]
+    assert str(err.value) == (f"interrupted at step 6/12; `dvc repro` resumes from step 4 "
+                              f"(checkpoint {workspace / 'ctrl-c/checkpoints' / fp / 'step_00000004'})")
+    assert err.value.exit_code == 130
+    monkeypatch.undo()
+    assert run_inprocess(workspace, "ctrl-c", tiny_cfg())["resumed_from_step"] == 4

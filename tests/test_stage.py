@@ -9,7 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from moechat.stage import quiet_third_party
+import pytest
+
+from moechat.stage import quiet_third_party, run_stage
+from moechat.train import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,21 @@ def test_third_party_warnings_are_dropped_and_errors_kept(monkeypatch, caplog):
         logger.error("a real failure")
     messages = [r.getMessage() for r in caplog.records if r.name == "DeepSpeed"]
     assert messages == ["a real failure"]
+
+
+@pytest.mark.parametrize("raised, line", [
+    (TrainingInterrupted("interrupted at step 6/12; `dvc repro` resumes from step 4 (checkpoint c/s)"),
+     "train: error: interrupted at step 6/12; `dvc repro` resumes from step 4 (checkpoint c/s)"),
+    (KeyboardInterrupt(),
+     "train: interrupted; outputs are written atomically, so `dvc repro` starts this stage again"),
+])
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, raised, line):
+    monkeypatch.setattr(sys, "argv", ["stages/train.py"])
+
+    def main():
+        raise raised
+
+    with pytest.raises(SystemExit) as done:
+        run_stage(main)
+    assert done.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [line]

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from moechat.config import MoechatError
 
@@ -347,20 +348,46 @@ def reset_live(live_dir: Path) -> None:
             item.unlink()
 
 
-def restore_live(checkpoint: Path, live_dir: Path) -> bool:
-    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint`.
+def restore_live(checkpoint: Path, live_dir: Path, step: int) -> bool:
+    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint` (of `step`).
 
     Whatever the workspace holds (another experiment's curves, rows a crashed run wrote past this step,
     a row torn by kill -9, or nothing because DVC removed a non-persistent out) is discarded: the copy was
     taken after the step's rows were flushed, so it is consistent. A crash during the restore is harmless,
-    the next run restores again from the same copy. Returns False (and leaves `live_dir` empty) for a
-    checkpoint written before curves were saved with it."""
-    reset_live(live_dir)
+    the next run restores again from the same copy. A checkpoint written before curves were saved with it
+    has no copy: then the workspace curves are kept up to `step` (rows past it and torn rows are cut),
+    since they are the only record of the steps before it, and False is returned."""
     saved = Path(checkpoint) / LIVE_COPY
     if not saved.is_dir():
+        trim_live(live_dir, step)
         return False
+    reset_live(live_dir)
     _copy_live(saved, Path(live_dir))
     return True
+
+
+def trim_live(live_dir: Path, step: int) -> None:
+    """Cut every curve TSV under `live_dir/plots` to its rows of steps <= `step`; torn rows go too."""
+    plots = Path(live_dir) / "plots"
+    for path in sorted(plots.rglob("*.tsv")) if plots.is_dir() else []:
+        lines = path.read_text(encoding="utf-8").split("\n")
+        header = lines[0].split("\t")
+        if "step" not in header:
+            continue
+        column = header.index("step")
+        kept = [line for line in lines[1:] if _row_step(line, len(header), column) is not None
+                and _row_step(line, len(header), column) <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join([lines[0], *kept]) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _row_step(line: str, n_fields: int, column: int) -> Optional[int]:
+    """The step of one TSV row, or None for a torn (short or non-numeric) row."""
+    fields = line.split("\t")
+    if len(fields) != n_fields or not fields[column].isdigit():
+        return None
+    return int(fields[column])
 
 
 def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optimizer_state: Any,
@@ -433,26 +460,101 @@ class LoadedCheckpoint:
     scaler_state: Optional[dict[str, Any]] = None  # the fp16 GradScaler's state_dict, when one was saved
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> LoadedCheckpoint:
+def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0,
+                    optimizer_state: Any = None) -> LoadedCheckpoint:
     """Load weights into `model` (in place) and return the optimizer/scheduler state and counters.
 
-    The caller restores RNG with `restore_rank_rng` as the last thing before the loop continues."""
+    Every file is read and checked first (`read_checkpoint`, `check_matches` against the model and, when
+    given, the fresh `optimizer_state` of the run), so a bad checkpoint raises CheckpointError naming the
+    file and leaves `model` untouched. The caller restores RNG with `restore_rank_rng` as the last thing
+    before the loop continues."""
+    weights, loaded = read_checkpoint(path, rank)
+    check_matches(path, weights, loaded, model, optimizer_state)
+    model.load_state_dict(weights, strict=True)
+    return loaded
+
+
+# What reading a damaged file raises: truncated/garbled safetensors, JSON, undecodable bytes, missing files.
+_READ_ERRORS = (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError,
+                ValueError, IndexError)
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], LoadedCheckpoint]:
+    """Read and decode every file a resume of `rank` needs (state.json, weights, optimizer, RNG) without
+    touching any model: (weights, the rest). Any damage is a CheckpointError naming the file."""
     path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
-    stored = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(stored, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}/model.safetensors does not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); delete {path.parent} to start over")
-    stem = f"optimizer_rank{rank}" if meta.pop("per_rank_optimizer") else "optimizer"
-    optimizer_state = load_tree(path, stem)
+    current = path / "state.json"
     try:
+        meta = json.loads(current.read_text(encoding="utf-8"))
+        stem = f"optimizer_rank{rank}" if meta.pop("per_rank_optimizer") else "optimizer"
         scheduler_state = decode_tree(meta.pop("scheduler"), {})
         scaler_state = decode_tree(meta.pop("scaler", None), {})
+        meta.pop("world_size")
+        state = TrainState.from_dict(meta)
+        current = path / "model.safetensors"
+        weights = load_file(str(current))
+        current = path / f"{stem}.json"
+        encoded = json.loads(current.read_text(encoding="utf-8"))
+        current = path / f"{stem}.safetensors"
+        tensors = load_file(str(current))
+        current = path / f"{stem}.json"  # names a tensor the .safetensors lacks: KeyError
+        optimizer_state = decode_tree(encoded, tensors)
+        current = path / f"rng_rank{rank}.safetensors"
+        load_file(str(current))
+        current = path / f"rng_rank{rank}.json"
+        json.loads(current.read_text(encoding="utf-8"))["numpy"]
     except CheckpointError as err:
-        raise CheckpointError(f"{path / 'state.json'}: {err}; delete {path} if you did not write it") from None
-    meta.pop("world_size")
-    return LoadedCheckpoint(TrainState.from_dict(meta), optimizer_state, scheduler_state, scaler_state)
+        raise CheckpointError(f"{current}: {err}") from None
+    except _READ_ERRORS as err:
+        raise CheckpointError(f"{current} cannot be read ({type(err).__name__}: {err})") from None
+    return weights, LoadedCheckpoint(state, optimizer_state, scheduler_state, scaler_state)
+
+
+def check_matches(path: Path, weights: dict[str, torch.Tensor], loaded: LoadedCheckpoint, model: torch.nn.Module,
+                  optimizer_state: Any = None) -> None:
+    """The saved weights have exactly the model's names and shapes; the saved optimizer state has the
+    parameter groups of the run's fresh `optimizer_state` (a torch/bnb state dict; others are not compared)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        reshaped = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        raise CheckpointError(f"{Path(path) / 'model.safetensors'} does not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shape {reshaped[:3]})")
+    saved = loaded.optimizer_state
+    if not (isinstance(saved, dict) and isinstance(optimizer_state, dict)
+            and "param_groups" in saved and "param_groups" in optimizer_state):
+        return
+    shape = [len(g.get("params", [])) for g in saved["param_groups"]]
+    if shape != [len(g["params"]) for g in optimizer_state["param_groups"]]:
+        raise CheckpointError(f"{Path(path) / 'optimizer.json'}: parameter groups of sizes {shape} do not match "
+                              f"the optimizer's {[len(g['params']) for g in optimizer_state['param_groups']]}")
+    ids = {i for g in optimizer_state["param_groups"] for i in g["params"]}
+    if not set(saved.get("state", {})) <= ids:
+        raise CheckpointError(f"{Path(path) / 'optimizer.json'}: state for parameters the optimizer does not have")
+
+
+def resume_point(root: Path, fp: str, model: torch.nn.Module, rank: int = 0, optimizer_state: Any = None,
+                 log: Callable[[str], None] = print) -> Optional[tuple[Path, LoadedCheckpoint]]:
+    """Load the newest intact checkpoint of `fp` into `model`: (its folder, its state), or None when there is
+    no checkpoint. A damaged newer one is skipped, saying which and why; when every one is damaged this
+    refuses with the folder to delete rather than silently starting over (the user decides to lose them)."""
+    found = complete_checkpoints(root, fp)
+    skipped: list[str] = []
+    for path in reversed(found):
+        try:
+            loaded = load_checkpoint(path, model, rank, optimizer_state)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            log(f"checkpoint {path.name} is damaged, skipping it: {err}")
+            continue
+        if skipped:
+            log(f"resuming from {path}, the newest intact checkpoint")
+        return path, loaded
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {Path(root) / fp} ({len(found)} damaged; newest: "
+                              f"{skipped[0]}); delete {Path(root) / fp} to train this experiment from step 0")
+    return None
 
 
 def restore_rank_rng(path: Path, rank: int) -> None:

@@ -41,10 +41,16 @@ quiet_third_party()
 
 
 def run_stage(main: Callable[[], Optional[int]]) -> NoReturn:
-    """Run a stage's `main`; an error the user can fix (MoechatError) prints as one line and exits 1."""
+    """Run a stage's `main`; an error the user can fix (MoechatError) prints as one line and exits 1 (or the
+    error's `exit_code`), Ctrl-C prints one line and exits 130."""
+    stage = Path(sys.argv[0]).stem
     try:
         code = main() or 0
     except MoechatError as err:
-        print(f"{Path(sys.argv[0]).stem}: error: {err}", file=sys.stderr)
-        code = 1
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        code = getattr(err, "exit_code", 1)
+    except KeyboardInterrupt:  # outside a stage's own handling: nothing half-written is ever published
+        print(f"{stage}: interrupted; outputs are written atomically, so `dvc repro` starts this stage again",
+              file=sys.stderr)
+        code = 130
     sys.exit(code)

@@ -52,6 +52,23 @@ class TrainOOMError(MoechatError, RuntimeError):
     """CUDA ran out of memory; the message says what to lower, with the planner's estimate."""
 
 
+class TrainingInterrupted(MoechatError):
+    """Ctrl-C during training; the message says from which step `dvc repro` resumes."""
+
+    exit_code = 130  # the shell's code for SIGINT
+
+
+def interrupted(checkpoint_dir: Path, fp: str, step: int, total_steps: int) -> TrainingInterrupted:
+    """The one line for a Ctrl-C at `step`: what survives and what the next `dvc repro` does."""
+    last = ckpt.latest_checkpoint(checkpoint_dir, fp)
+    if last is None:
+        return TrainingInterrupted(f"interrupted at step {step}/{total_steps} before the first checkpoint; "
+                                   f"`dvc repro` starts this experiment again from step 0")
+    saved = int(ckpt.STEP_DIR.match(last.name).group(1))
+    return TrainingInterrupted(f"interrupted at step {step}/{total_steps}; `dvc repro` resumes from step {saved} "
+                               f"(checkpoint {last})")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Engine setup
 
@@ -198,7 +215,7 @@ class BatchStream:
 
     def __init__(self, n_rows: int, global_batch: int, seed: int):
         if n_rows < global_batch:
-            raise ValueError(f"the train split has {n_rows} blocks, fewer than one global batch of {global_batch} "
+            raise ConfigError(f"the train split has {n_rows} blocks, fewer than one global batch of {global_batch} "
                              f"(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
                              f"train.grad_accum, or prepare more data")
         self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
@@ -465,10 +482,10 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     # the resolved precision, not `auto`: a bf16 run and an fp16 (loss-scaled) run are different experiments
     fp = ckpt.fingerprint(dataclasses.asdict(run_cfg), seed, init_dir, data_dir, world)
     state = ckpt.TrainState(fingerprint=fp)
-    resume = ckpt.latest_checkpoint(checkpoint_dir, fp)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    found = ckpt.resume_point(checkpoint_dir, fp, raw_model, rank, inner.state_dict(), log=accelerator.print)
+    resume, loaded = found if found is not None else (None, None)
     if resume is not None:
-        loaded = ckpt.load_checkpoint(resume, raw_model, rank)
-        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         if per_rank_optimizer:  # ZeRO takes one state dict per saved rank; ours are saved with the same world
             inner.load_state_dict([loaded.optimizer_state] * world, load_from_fp32_weights=True)
         else:
@@ -490,9 +507,9 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         # another experiment or a crashed run left in the workspace), empty on a fresh start
         if resume is None:
             ckpt.reset_live(live_dir)
-        elif not ckpt.restore_live(resume, live_dir):
+        elif not ckpt.restore_live(resume, live_dir, state.step):
             accelerator.print(f"{resume} holds no copy of the DVCLive curves (written by an older moechat); "
-                              f"the curves in {live_dir} start at step {state.step + 1}")
+                              f"kept the curves in {live_dir} up to step {state.step}")
         live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
     if resume is not None:
         ckpt.restore_rank_rng(resume, rank)
@@ -549,6 +566,8 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
                                  f"Lower train.lr, or use train.precision: bf16/fp32 if this was fp16") from None
     except torch.OutOfMemoryError as err:
         raise oom_error(err, f"at step {state.step + 1}", model_cfg, run_cfg, vocab, world) from err
+    except KeyboardInterrupt:
+        raise interrupted(checkpoint_dir, fp, state.step + 1, total_steps) from None
     finally:
         bar.close()
         if live is not None:
