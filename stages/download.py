@@ -1,6 +1,7 @@
 """download stage: read `data.source` (Hub id, local message rows, or a trees export) into data/raw.
 
-Writes canonical message rows (`messages.parquet`) and metrics/download.json with counts and a content hash.
+Writes canonical message rows (`messages.parquet`) and metrics/download.json with counts, a content hash and,
+for a local source, the files read (`files`) and skipped (`skipped`: hidden files, documentation).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     metrics = download(params.data, args.out)
     write_json(args.metrics, metrics)
+    skipped = metrics.get("skipped") or []
+    note = f"; skipped {len(skipped)} hidden or documentation file(s): {', '.join(skipped[:3])}" if skipped else ""
     print(f"download: {metrics['rows']} messages in {metrics['trees']} trees from {metrics['source']} "
-          f"({metrics['kind']}) -> {args.out} sha256={metrics['sha256'][:12]}")
+          f"({metrics['kind']}) -> {args.out} sha256={metrics['sha256'][:12]}{note}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,7 @@ def test_field_types_are_checked_before_arrow_casts(tmp_path, rows, field, value
     path = _write_rows(tmp_path / "bad.jsonl", bad)
     got = type(value).__name__
     with pytest.raises(oasst.DataError, match=rf"field '{field}' must be {expected}, got {got} {value!r} in 2 of 6 "
-                                              rf"rows \(first: message_id='{bad[2]['message_id']}'\)"):
+                                              rf"rows \(first: message_id='{bad[2]['message_id']}' at {re.escape(path)}:3\)"):
         oasst.load_messages(path)
 
 
@@ -283,3 +284,119 @@ def test_bad_data_params_are_named_config_errors(tmp_path):
         load_params(PARAMS, overrides={"data": {"overlong": "wrap"}})
     with pytest.raises(ConfigError, match="unknown key data.lang"):
         load_params(PARAMS, overrides={"data": {"lang": ["en"]}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 12: unreadable files and data folders are named errors; nothing is dropped without a word
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n"], ids=["empty", "whitespace"])
+def test_empty_jsonl_is_named_as_holding_no_rows(tmp_path, content):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content)
+    with pytest.raises(oasst.DataError, match=rf"^{re.escape(str(path))}: holds no rows \(empty or whitespace only\)"):
+        oasst.load_messages(str(path))
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes((json.dumps(rows[0]) + "\n").encode() + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(oasst.DataError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8"):
+        oasst.load_messages(str(path))
+
+
+@pytest.mark.parametrize("kind", ["plain text named .gz", "truncated gzip"])
+def test_unreadable_gzip_is_named(tmp_path, rows, kind):
+    path = tmp_path / "rows.jsonl.gz"
+    text = "".join(json.dumps(r) + "\n" for r in rows[:50]).encode()
+    path.write_bytes(text if kind == "plain text named .gz" else gzip.compress(text)[:200])
+    with pytest.raises(oasst.DataError, match=rf"^{re.escape(str(path))}: not a readable gzip file"):
+        oasst.load_messages(str(path))
+
+
+def test_corrupt_parquet_is_named(tmp_path, rows):
+    from datasets import Dataset
+
+    path = tmp_path / "rows.parquet"
+    Dataset.from_list(rows[:20], features=oasst.FEATURES).to_parquet(str(path))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(oasst.DataError, match=rf"^{re.escape(str(path))}: not a readable parquet file"):
+        oasst.load_messages(str(path))
+
+
+def test_data_folder_refuses_unknown_files_and_reports_hidden_and_docs(tmp_path, rows):
+    folder = tmp_path / "oasst"
+    (folder / ".cache").mkdir(parents=True)
+    _write_rows(folder / "a.jsonl", rows[:300])
+    _write_rows(folder / "b.jsonl", rows[300:])
+    _write_rows(folder / ".cache" / "old.jsonl", rows[:5])  # would be duplicate ids if read
+    (folder / ".gitattributes").write_text("*.jsonl filter=lfs\n")
+    (folder / "README.md").write_text("# oasst1\n")
+    loaded, info = oasst.load_messages(str(folder))
+    assert loaded.to_list() == rows
+    assert info["files"] == [str(folder / "a.jsonl"), str(folder / "b.jsonl")]
+    assert info["skipped"] == [str(folder / ".cache/old.jsonl"), str(folder / ".gitattributes"),
+                               str(folder / "README.md")]
+    (folder / "extra.json").write_text(json.dumps(rows[:3]))
+    with pytest.raises(oasst.DataError, match=r"1 file\(s\) of a type moechat does not read \(extra.json\)"):
+        oasst.load_messages(str(folder))
+
+
+def test_row_errors_in_a_folder_name_the_file_and_line(tmp_path, rows):
+    folder = tmp_path / "oasst"
+    folder.mkdir()
+    bad = copy.deepcopy(rows[300:310])
+    bad[3]["role"] = "system"
+    _write_rows(folder / "a.jsonl", rows[:300])
+    _write_rows(folder / "b.jsonl", bad)
+    with pytest.raises(oasst.DataError, match=rf"got 'system' in 1 rows \(first: message_id='{bad[3]['message_id']}' "
+                                              rf"at {re.escape(str(folder / 'b.jsonl'))}:4\)"):
+        oasst.load_messages(str(folder))
+    bad[3]["role"], bad[5]["emojis"] = "assistant", ["+1"]
+    _write_rows(folder / "b.jsonl", bad)
+    with pytest.raises(oasst.DataError, match=rf"^{re.escape(str(folder / 'b.jsonl'))}:6: message .*emojis must be"):
+        oasst.load_messages(str(folder))
+    _write_rows(folder / "b.jsonl", rows[:1])
+    with pytest.raises(oasst.DataError, match=rf"appears 2 times \(at {re.escape(str(folder / 'a.jsonl'))}:1 and "
+                                              rf"{re.escape(str(folder / 'b.jsonl'))}:1\)"):
+        oasst.load_messages(str(folder))
+
+
+def _chain(n: int, tree: str = "deep") -> list[dict]:
+    """One tree of n messages, each the only reply to the one before, roles alternating from a prompt."""
+    out = []
+    for i in range(n):
+        out.append({"message_id": f"{tree}-{i}", "parent_id": f"{tree}-{i - 1}" if i else None,
+                    "message_tree_id": tree, "text": f"message {i}", "role": ("prompter", "assistant")[i % 2],
+                    "lang": "en", "deleted": False, "synthetic": False, "review_result": True, "rank": 0,
+                    "tree_state": "ready_for_export"})
+    return out
+
+
+def test_a_5000_deep_trees_export_loads(tmp_path):
+    n = 5000
+    rows = _chain(n)
+    opening = "".join(json.dumps({k: v for k, v in r.items() if k not in ("parent_id", "message_tree_id",
+                                                                          "tree_state")})[:-1] + ', "replies": ['
+                      for r in rows)
+    path = tmp_path / "deep.trees.jsonl"
+    path.write_text(json.dumps({"message_tree_id": "deep", "tree_state": "ready_for_export"})[:-1]
+                    + ', "prompt": ' + opening + "]}" * n + "}\n")
+    loaded, _ = oasst.load_messages(str(path))
+    assert len(loaded) == n and loaded[n - 1]["parent_id"] == f"deep-{n - 2}"
+
+
+def test_a_3000_deep_reply_chain_gives_its_threads():
+    rows = _chain(3000)
+    kept = oasst.filter_messages(rows, DataConfig(thread_policy="all")).kept
+    threads = oasst.build_threads(kept, "all")
+    assert len(threads.conversations) == 1 and len(threads.conversations[0]["messages"]) == 3000
+    assert oasst.build_threads(kept, "best").conversations == threads.conversations
+    # below the first reply, 2,998 user messages without an answer: the walk that looks for an assistant
+    # below each reply must not recurse 3,000 deep
+    for row in rows[2:]:
+        row["role"] = "prompter"
+    kept = oasst.filter_messages(rows, DataConfig(thread_policy="all")).kept
+    for policy in ("all", "best"):
+        (thread,) = oasst.build_threads(kept, policy).conversations
+        assert [m["content"] for m in thread["messages"]] == ["message 0", "message 1"]

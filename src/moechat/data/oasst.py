@@ -12,6 +12,9 @@ import gzip
 import hashlib
 import json
 import os
+import sys
+import zlib
+from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,73 +89,169 @@ def source_kind(source: str) -> Literal["trees", "messages", "hub"]:
 
 def load_messages(source: str, revision: str | None = None) -> tuple[Dataset, dict[str, Any]]:
     """Read `source` into canonical message rows; returns the rows and where they came from (incl. the
-    Hub commit actually read, when the Hub says)."""
+    Hub commit actually read, when the Hub says, and for local sources the files read and skipped)."""
     kind = source_kind(source)
     info: dict[str, Any] = {"source": source, "kind": kind, "revision": revision, "resolved_revision": None}
-    if kind == "trees":
-        rows = list(_rows_from_trees(Path(source)))
-    elif kind == "messages":
-        rows = list(_rows_from_message_files(Path(source)))
-    else:
+    if kind == "hub":
         raw_rows, info["resolved_revision"] = _rows_from_hub(source, revision)
-        rows = list(raw_rows)
-    canonical = [canonical_row(row) for row in tqdm(rows, desc="canonical rows", unit="row", disable=None)]
-    validate_rows(canonical, source)
+        located = [(None, row) for row in raw_rows]
+    else:
+        files, skipped = data_files(Path(source))
+        info["files"] = [str(f) for f in files]
+        info["skipped"] = [str(f) for f in skipped]
+        located = [item for file in files for item in _rows_from_file(file)]
+    if not located:
+        raise DataError(f"data.source={source!r}: 0 message rows read"
+                        + (f" from {', '.join(info['files'])}" if info.get("files") else "")
+                        + "; point data.source at a non-empty export")
+    origins = [origin for origin, _ in located]
+    canonical = [_canonical_at(row, origin) for origin, row in tqdm(located, desc="canonical rows", unit="row",
+                                                                   disable=None)]
+    validate_rows(canonical, source, origins)
     return Dataset.from_list(canonical, features=FEATURES), info
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+def _canonical_at(row: Any, origin: str | None) -> dict[str, Any]:
+    """canonical_row, with the file and line of a row that cannot be converted in the error."""
+    try:
+        return canonical_row(row)
+    except DataError as err:
+        raise DataError(f"{origin}: {err}" if origin else str(err)) from None
 
 
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}); each line must be one object")
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}")
-            yield obj
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+DOC_SUFFIXES = (".md", ".txt", ".rst")  # a dataset folder's README/SCHEMA/LICENSE: skipped, listed in download.json
 
 
-def _rows_from_trees(path: Path) -> Iterator[dict[str, Any]]:
-    """Flatten an Open-Assistant trees export: the tree's id and state go onto every message, the parent
-    id comes from the nesting."""
+def data_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """The message-row or trees files of a source path and the files skipped (hidden ones, documentation).
+
+    A folder is read whole or refused: a file of any other type is an error naming it, not silently left
+    out (it would drop its rows without a word); hidden files (a `.` in the path) are skipped and listed."""
+    if not path.is_dir():
+        if not path.name.endswith(DATA_SUFFIXES):
+            raise DownloadError(f"data.source={str(path)!r}: not a .jsonl, .jsonl.gz or .parquet file; point it at "
+                                f"message-row files or at a *.trees.jsonl[.gz] export")
+        return [path], []
+    files, skipped, unknown = [], [], []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if any(part.startswith(".") for part in relative.parts):
+            skipped.append(file)
+        elif file.name.endswith(DATA_SUFFIXES):
+            files.append(file)
+        elif file.name.endswith(DOC_SUFFIXES) or file.name.upper().startswith(("README", "LICENSE")):
+            skipped.append(file)
+        else:
+            unknown.append(file)
+    if unknown:
+        raise DataError(f"data.source={str(path)!r}: {len(unknown)} file(s) of a type moechat does not read "
+                        f"({', '.join(str(f.relative_to(path)) for f in unknown[:5])}); the folder may hold only "
+                        f"{', '.join(DATA_SUFFIXES)} files (plus documentation): convert or move those out")
+    if not files:
+        raise DownloadError(f"data.source={str(path)!r}: no .jsonl, .jsonl.gz or .parquet files found; point it "
+                            f"at message-row files or at a *.trees.jsonl[.gz] export")
+    return files, skipped
+
+
+def _rows_from_file(file: Path) -> list[tuple[str, Any]]:
+    """(origin "file:line" or "file row N", raw row) of one local file; an empty file is an error."""
+    if file.name.endswith((".trees.jsonl", ".trees.jsonl.gz")):
+        located = list(_rows_from_trees(file))
+    elif file.suffix == ".parquet":
+        located = [(f"{file} row {i + 1}", row) for i, row in enumerate(_read_parquet(file))]
+    else:
+        located = [(f"{file}:{line_no}", row) for line_no, row in _read_jsonl(file)]
+    if not located:
+        raise DataError(f"{file}: holds no rows (empty or whitespace only); remove it or write the export again")
+    return located
+
+
+def _read_parquet(file: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(file).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{file}: not a readable parquet file ({type(err).__name__}: {err}); "
+                        f"download or write it again") from None
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+# A JSON line nests two levels per reply (object, `replies` list); Python's parser counts each against the
+# recursion limit, which the default 1000 makes a 500-deep reply chain. This bound parses chains ~12,000
+# deep and stays far from the C stack.
+JSON_NESTING_LIMIT = 25_000
+
+
+@contextmanager
+def _deep_json():
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, JSON_NESTING_LIMIT))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; unreadable bytes or JSON are errors naming file:line.
+    Lines are decoded one by one, so an invalid UTF-8 byte is reported on its own line."""
+    try:
+        with _open_bytes(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({err.reason} at byte {err.start} of the "
+                                    f"line); save the file as UTF-8") from None
+                if line.strip():
+                    yield line_no, _parse_line(path, line_no, line)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: not a readable gzip file ({type(err).__name__}: {err}); download it again, "
+                        f"or drop the .gz suffix if it is plain text") from None
+
+
+def _parse_line(path: Path, line_no: int, line: str) -> dict[str, Any]:
+    try:
+        with _deep_json():
+            obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}); each line must be one object") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line_no}: nested deeper than {JSON_NESTING_LIMIT} levels; split the tree "
+                        f"or export it as message rows") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}")
+    return obj
+
+
+def _rows_from_trees(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Flatten an Open-Assistant trees export (iteratively: a reply chain may run thousands deep): the tree's
+    id and state go onto every message, the parent id comes from the nesting."""
     if not path.exists():
         raise DownloadError(f"data.source={str(path)!r}: no such file; point data.source at an existing "
                             f"*.trees.jsonl[.gz] export")
-    for line_no, tree in enumerate(_read_jsonl(path), 1):
+    for line_no, tree in _read_jsonl(path):
         if not isinstance(tree.get("prompt"), dict) or "message_tree_id" not in tree:
             raise DataError(f"{path}:{line_no}: a trees export line needs `message_tree_id` and a `prompt` "
                             f"object; is this a message-row file? (rename it so it does not end in .trees.jsonl)")
         stack = [(tree["prompt"], None)]
         while stack:
             message, parent_id = stack.pop()
+            if not isinstance(message, dict):
+                raise DataError(f"{path}:{line_no}: a reply of message {parent_id!r} is "
+                                f"{type(message).__name__}, not an object; fix the export")
             row = {k: v for k, v in message.items() if k != "replies"}
             row.setdefault("parent_id", parent_id)
             row.setdefault("message_tree_id", tree["message_tree_id"])
             row.setdefault("tree_state", tree.get("tree_state"))
-            yield row
+            yield f"{path}:{line_no}", row
             stack.extend((reply, message.get("message_id")) for reply in reversed(message.get("replies") or []))
-
-
-def _rows_from_message_files(path: Path) -> Iterator[dict[str, Any]]:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [p for p in files if p.name.endswith((".jsonl", ".jsonl.gz", ".parquet"))]
-    if not files:
-        raise DownloadError(f"data.source={str(path)!r}: no .jsonl, .jsonl.gz or .parquet files found; point it "
-                            f"at message-row files or at a *.trees.jsonl[.gz] export")
-    for file in files:
-        if file.name.endswith(".trees.jsonl") or file.name.endswith(".trees.jsonl.gz"):
-            yield from _rows_from_trees(file)
-        elif file.suffix == ".parquet":
-            yield from Dataset.from_parquet(str(file)).to_list()
-        else:
-            yield from _read_jsonl(file)
 
 
 def _rows_from_hub(source: str, revision: str | None) -> tuple[Iterable[dict[str, Any]], str | None]:
@@ -232,15 +331,19 @@ class _Missing:
 _MISSING = _Missing()
 
 
-def validate_rows(rows: list[dict[str, Any]], source: str) -> None:
-    """Named errors for rows that cannot be used: which field, how many rows, one example id."""
+def validate_rows(rows: list[dict[str, Any]], source: str, origins: list[str | None] | None = None) -> None:
+    """Named errors for rows that cannot be used: which field, how many rows, one example id and, when
+    `origins` (file:line per row) is given, where that example is."""
+    def first(bad: list[int]) -> str:
+        where = origins[bad[0]] if origins is not None and origins[bad[0]] else None
+        return f"first: message_id={rows[bad[0]].get('message_id')!r}" + (f" at {where}" if where else "")
+
     problems = []
     for name in REQUIRED + REQUIRED_NULLABLE:
-        bad = [r for r in rows if r[name] is _MISSING or (name in REQUIRED and r[name] is None)]
+        bad = [i for i, r in enumerate(rows) if r[name] is _MISSING or (name in REQUIRED and r[name] is None)]
         if bad:
-            what = "missing" if any(r[name] is _MISSING for r in bad) else "null"
-            problems.append(f"field {name!r} {what} in {len(bad)} of {len(rows)} rows "
-                            f"(first: message_id={bad[0].get('message_id')!r})")
+            what = "missing" if any(rows[i][name] is _MISSING for i in bad) else "null"
+            problems.append(f"field {name!r} {what} in {len(bad)} of {len(rows)} rows ({first(bad)})")
     if problems:
         raise DataError(f"data.source={source!r}: " + "; ".join(problems) +
                         f". Required fields: {', '.join(REQUIRED + REQUIRED_NULLABLE)} (SCHEMA.md); "
@@ -249,26 +352,29 @@ def validate_rows(rows: list[dict[str, Any]], source: str) -> None:
     for name, feature in FEATURES.items():
         if not isinstance(feature, Value):
             continue  # nested fields are converted, with named errors, by canonical_row
-        bad = [r for r in rows if not _has_type(r[name], feature.dtype)]
+        bad = [i for i, r in enumerate(rows) if not _has_type(r[name], feature.dtype)]
         if bad:
             nullable = " or null" if name not in REQUIRED else ""
+            value = rows[bad[0]][name]
             problems.append(f"field {name!r} must be {_PY_TYPES[feature.dtype]}{nullable}, got "
-                            f"{type(bad[0][name]).__name__} {bad[0][name]!r} in {len(bad)} of {len(rows)} rows "
-                            f"(first: message_id={bad[0]['message_id']!r})")
+                            f"{type(value).__name__} {value!r} in {len(bad)} of {len(rows)} rows ({first(bad)})")
     if problems:
         raise DataError(f"data.source={source!r}: " + "; ".join(problems) +
                         " (types as in SCHEMA.md: JSON true/false, numbers and strings, not quoted values); "
                         "fix the export")
-    bad_roles = [r for r in rows if r["role"] not in ROLES]
+    bad_roles = [i for i, r in enumerate(rows) if r["role"] not in ROLES]
     if bad_roles:
         raise DataError(f"data.source={source!r}: field 'role' must be prompter|assistant, got "
-                        f"{bad_roles[0]['role']!r} in {len(bad_roles)} rows "
-                        f"(first: message_id={bad_roles[0]['message_id']!r})")
-    counts = Counter(r["message_id"] for r in rows)
-    dup = [mid for mid, n in counts.items() if n > 1]
-    if dup:
-        raise DataError(f"data.source={source!r}: message_id {dup[0]!r} appears {counts[dup[0]]} times "
-                        f"({len(dup)} duplicated ids); each message must appear once")
+                        f"{rows[bad_roles[0]]['role']!r} in {len(bad_roles)} rows ({first(bad_roles)})")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        if r["message_id"] in seen:
+            n = sum(1 for x in rows if x["message_id"] == r["message_id"])
+            where = f" (at {origins[seen[r['message_id']]]} and {origins[i]})" if origins is not None and origins[i] \
+                else ""
+            raise DataError(f"data.source={source!r}: message_id {r['message_id']!r} appears {n} times{where}; "
+                            f"each message must appear once")
+        seen[r["message_id"]] = i
 
 
 _PY_TYPES = {"string": "str", "bool": "bool", "int32": "int"}
@@ -473,18 +579,27 @@ def build_threads(kept: dict[str, dict[str, Any]], policy: Literal["best", "all"
 
 
 def _assistant_ends(root: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> Iterator[list]:
-    """Root paths of every assistant message that has no assistant message anywhere below it."""
-    def has_assistant_below(mid: str) -> bool:
-        return any(c["role"] == "assistant" or has_assistant_below(c["message_id"]) for c in children.get(mid, []))
-
-    stack = [[root]]
-    while stack:
-        path = stack.pop()
-        node = path[-1]
-        if node["role"] == "assistant" and not has_assistant_below(node["message_id"]):
-            yield path
+    """Root paths of every assistant message that has no assistant message anywhere below it, in depth-first
+    order. Iterative, with parent links instead of copied paths: reply chains can run thousands deep."""
+    order, parent = [], {root["message_id"]: None}
+    stack = [root]
+    while stack:  # pre-order, children in sibling order
+        node = stack.pop()
+        order.append(node)
         for child in reversed(children.get(node["message_id"], [])):
-            stack.append(path + [child])
+            parent[child["message_id"]] = node
+            stack.append(child)
+    assistant_below: set[str] = set()
+    for node in reversed(order):  # children before parents
+        up = parent[node["message_id"]]
+        if up is not None and (node["role"] == "assistant" or node["message_id"] in assistant_below):
+            assistant_below.add(up["message_id"])
+    for node in order:
+        if node["role"] == "assistant" and node["message_id"] not in assistant_below:
+            path = [node]
+            while parent[path[-1]["message_id"]] is not None:
+                path.append(parent[path[-1]["message_id"]])
+            yield path[::-1]
 
 
 def split_trees(tree_ids: Iterable[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
