@@ -1,7 +1,8 @@
 """prepare stage: data/raw message rows -> filtered threads, train/val split by tree, tokenizer, packed blocks.
 
 Writes data/prepared/{train,val} (packed, `train.seq_len` tokens per row), conversations_{split}.jsonl,
-data/tokenizer/ (with the ChatML chat_template) and metrics/prepare.json.
+data/tokenizer/ (with the ChatML chat_template) and metrics/prepare.json (written with its counts also when the
+stage refuses because a split would be empty).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.io import write_json
-from moechat.data.prepare import prepare
+from moechat.data.prepare import EmptySplitError, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    metrics = prepare(args.raw, args.out, args.tokenizer_out, params.data, params.tokenizer,
-                      seq_len=params.train.seq_len, seed=params.seed)
+    try:
+        metrics = prepare(args.raw, args.out, args.tokenizer_out, params.data, params.tokenizer,
+                          seq_len=params.train.seq_len, seed=params.seed)
+    except EmptySplitError as err:
+        write_json(args.metrics, err.metrics)  # the counts say what dropped everything
+        raise
     write_json(args.metrics, metrics)
     train, val = metrics["train"], metrics["val"]
     print(f"prepare: {metrics['threads']} threads ({metrics['thread_policy']}) from {metrics['messages_kept']}/"

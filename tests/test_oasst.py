@@ -65,7 +65,7 @@ def test_filter_counts_on_fixture(rows):
     # 2 synthetic-tree rows + 1 synthetic sibling; 1 deleted; review false + null; orphans: 4 under the
     # Spanish root, 2 under the deleted answer, 1 under the unreviewed prompt, 1 German-parented, 1 absent.
     assert filtered.dropped == {"tree_state": 2, "lang": 23, "synthetic": 3, "deleted": 1, "review": 2,
-                                "orphan": 9}
+                                "empty_text": 0, "orphan": 9}
     assert filtered.orphans_parent_absent == 1
     assert filtered.dropped == _reference_reasons(rows, cfg)
     assert len(filtered.kept) + sum(filtered.dropped.values()) == len(rows)
@@ -400,3 +400,16 @@ def test_a_3000_deep_reply_chain_gives_its_threads():
     for policy in ("all", "best"):
         (thread,) = oasst.build_threads(kept, policy).conversations
         assert [m["content"] for m in thread["messages"]] == ["message 0", "message 1"]
+
+
+def test_whitespace_only_messages_are_filtered_and_counted(rows):
+    rows = copy.deepcopy(rows)
+    kept = oasst.filter_messages(rows, DataConfig()).kept
+    leaf = next(r for r in rows if r["message_id"] in kept and r["role"] == "assistant"
+                and not any(c["parent_id"] == r["message_id"] for c in rows))
+    leaf["text"] = " \n\t "
+    filtered = oasst.filter_messages(rows, DataConfig())
+    assert filtered.dropped["empty_text"] == 1 and leaf["message_id"] not in filtered.kept
+    for policy in ("best", "all"):
+        threads = oasst.build_threads(filtered.kept, policy).conversations
+        assert all(m["content"] for c in threads for m in c["messages"])

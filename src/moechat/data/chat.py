@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from datasets import Dataset, Features, List, Value, load_from_disk
@@ -82,8 +83,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(bpe_training_pieces(texts), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+# What the BPE trainer sees of one message. Its merge counting is quadratic in the length of a pre-token (a
+# run without whitespace), so one 2 MB message of base64 or a minified file would hold `prepare` for many
+# minutes. Merges learned from the first 64k characters of a message and from 256-character slices of a
+# long run are the merges that matter; the data itself is tokenized whole, never cut.
+BPE_MAX_MESSAGE_CHARS = 65_536
+BPE_MAX_RUN_CHARS = 256
+_LONG_RUN = re.compile(rf"\S{{{BPE_MAX_RUN_CHARS + 1},}}")
+
+
+def bpe_training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """Each text cut to BPE_MAX_MESSAGE_CHARS, with runs of non-whitespace longer than BPE_MAX_RUN_CHARS
+    handed over as separate slices of at most that length (so no pre-token is longer)."""
+    for text in texts:
+        text = text[:BPE_MAX_MESSAGE_CHARS]
+        start = 0
+        for run in _LONG_RUN.finditer(text):
+            if run.start() > start:
+                yield text[start:run.start()]
+            yield from (run.group()[i:i + BPE_MAX_RUN_CHARS] for i in range(0, len(run.group()), BPE_MAX_RUN_CHARS))
+            start = run.end()
+        yield text[start:]
 
 
 def add_chat_format(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

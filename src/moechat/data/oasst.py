@@ -59,7 +59,8 @@ READY = "ready_for_export"
 
 # Filter reasons in the order they are tested; a message is counted under the first that applies.
 # `orphan` = the message passes every own test but its parent is not kept (dropped above, or absent).
-REASONS = ("tree_state", "lang", "synthetic", "deleted", "review", "orphan")
+# `empty_text` = whitespace-only text: an empty reply would teach the model to answer with nothing.
+REASONS = ("tree_state", "lang", "synthetic", "deleted", "review", "empty_text", "orphan")
 
 RAW_FILE = "messages.parquet"
 
@@ -459,6 +460,8 @@ def own_reason(row: dict[str, Any], cfg: DataConfig) -> str | None:
         return "deleted"
     if row["review_result"] is not True:
         return "review"
+    if not row["text"].strip():
+        return "empty_text"
     return None
 
 
@@ -611,3 +614,40 @@ def split_trees(tree_ids: Iterable[str], val_fraction: float, seed: int) -> tupl
                         f"split: widen data.langs, set data.include_synthetic: true, or use a larger source")
     n_val = min(max(1, round(len(ids) * val_fraction)), len(ids) - 1)
     return set(ids[n_val:]), set(ids[:n_val])
+
+
+# What to change when a filter or thread rule leaves too little, by the reason that removed the most.
+ADVICE = {
+    "tree_state": "no tree is ready_for_export in the source; use a complete export",
+    "lang": "widen data.langs (metrics/download.json lists the source's languages)",
+    "synthetic": "set data.include_synthetic: true",
+    "deleted": "the source's messages are marked deleted; use an export with live messages",
+    "review": "the source's messages failed or lack review (review_result); use a reviewed export",
+    "empty_text": "the source's texts are empty or whitespace; fix the export",
+    "orphan": "replies whose parent is filtered or absent are dropped; use a source with whole trees",
+    "tree_without_assistant_reply": "no assistant reply survives the filters; use a source with assistant replies",
+    "roles_not_alternating": "user and assistant turns do not alternate in the source's trees; fix the export",
+    "root_not_prompter": "the source's trees start with an assistant message; fix the export",
+}
+
+
+def too_few_trees(rows: list[dict[str, Any]], cfg: DataConfig, filtered: Filtered, threads: Threads) -> str:
+    """Why fewer than 2 trees have a conversation (a train/val split needs 2): the counts and the advice for
+    the reason that removed the most; about the assistant replies alone when none of them is left."""
+    trees = len({c["message_tree_id"] for c in threads.conversations})
+    head = f"only {trees} message tree(s) have a conversation, a train/val split needs 2"
+    replies = [r for r in rows if r["role"] == "assistant"]
+    if not any(r["role"] == "assistant" for r in filtered.kept.values()):
+        causes = Counter(own_reason(r, cfg) or "orphan" for r in replies)
+        if not causes:
+            return f"{head}: the source holds no assistant reply at all; use an export with replies"
+        return (f"{head}: none of the {len(replies)} assistant replies is left (removed: {_counts(causes)}); "
+                f"{ADVICE[causes.most_common(1)[0][0]]}")
+    causes = Counter({**filtered.dropped, **threads.skipped})
+    advice = ADVICE[causes.most_common(1)[0][0]] if +causes else "use a larger source"
+    return (f"{head}: of {len(rows)} messages {len(filtered.kept)} passed the filters (removed or skipped: "
+            f"{_counts(causes)}); {advice}")
+
+
+def _counts(counts: Counter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.most_common() if v) or "nothing"

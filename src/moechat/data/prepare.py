@@ -19,13 +19,37 @@ TRUNCATIONS = ("truncated_turns", "truncated_reply")
 DROPS = ("overlong", "prompt_too_long", "no_assistant_tokens", "special_token_in_text")
 
 
+class EmptySplitError(oasst.DataError):
+    """prepare would leave a split with no conversation; `metrics` holds the counts so far, which the stage
+    still writes to metrics/prepare.json (they say what dropped everything)."""
+
+    def __init__(self, message: str, metrics: dict[str, Any]):
+        super().__init__(message)
+        self.metrics = metrics
+
+
 def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path, data: DataConfig,
             tokenizer_cfg: TokenizerConfig, seq_len: int, seed: int) -> dict[str, Any]:
     """Write `out_dir/{train,val}` (packed blocks), `out_dir/conversations_{split}.jsonl` and the tokenizer
-    folder; return the metrics dict for metrics/prepare.json."""
+    folder; return the metrics dict for metrics/prepare.json. Raises EmptySplitError (with the metrics)
+    when fewer than 2 trees have a conversation or a split loses every conversation to seq_len."""
     rows = oasst.read_raw(raw_dir).to_list()
     filtered = oasst.filter_messages(rows, data)
     threads = oasst.build_threads(filtered.kept, data.thread_policy)
+    metrics: dict[str, Any] = {
+        "messages": len(rows),
+        "messages_kept": len(filtered.kept),
+        "filtered": filtered.dropped,
+        "orphans_parent_absent": filtered.orphans_parent_absent,
+        "thread_policy": data.thread_policy,
+        "threads": len(threads.conversations),
+        "threads_skipped": threads.skipped,
+        "seq_len": seq_len,
+        "overlong": data.overlong,
+    }
+    if len({c["message_tree_id"] for c in threads.conversations}) < 2:
+        raise EmptySplitError(f"data.source={data.source!r}: " + oasst.too_few_trees(rows, data, filtered, threads),
+                              metrics)
     train_trees, val_trees = oasst.split_trees((c["message_tree_id"] for c in threads.conversations),
                                                data.val_fraction, seed)
     splits = {
@@ -36,8 +60,10 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
     train_texts = (f"{m['role']}\n{m['content']}" for c in splits["train"] for m in c["messages"])
     tokenizer = chat.load_or_train_tokenizer(tokenizer_cfg, train_texts)
     pad_id = tokenizer.convert_tokens_to_ids(chat.PAD)
+    metrics["trees"] = {"train": len(train_trees), "val": len(val_trees)}
+    metrics["tokenizer"] = {"source": tokenizer_cfg.source, "size": len(tokenizer), "pad_id": pad_id,
+                            "eos": tokenizer.eos_token, "eos_id": tokenizer.eos_token_id}
 
-    split_metrics = {}
     with atomic_dir(out_dir) as tmp:
         for split, conversations in splits.items():
             tokens = chat.tokenize_conversations(conversations, tokenizer, seq_len, data.overlong, data.num_proc,
@@ -47,27 +73,32 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
             blocks = chat.build_blocks(kept_tokens["input_ids"], kept_tokens["labels"], seq_len, pad_id, seed)
             blocks.save_to_disk(str(tmp / split))
             _write_jsonl(tmp / f"conversations_{split}.jsonl", [conversations[i] for i in keep])
-            split_metrics[split] = split_figures(tokens, len(blocks), seq_len,
-                                                 trees=len({conversations[i]["message_tree_id"] for i in keep}))
+            metrics[split] = split_figures(tokens, len(blocks), seq_len,
+                                           trees=len({conversations[i]["message_tree_id"] for i in keep}))
+        empty = [split for split in splits if metrics[split]["conversations"] == 0]
+        if empty:  # raised inside atomic_dir: the previous prepared folder stays as it was
+            raise EmptySplitError(empty_split_message(empty[0], metrics[empty[0]], seq_len), metrics)
     chat.save_tokenizer(tokenizer, tokenizer_dir)
+    return {**metrics, "packing_efficiency": metrics["train"]["packing_efficiency"],
+            "naive_padding_efficiency": metrics["train"]["naive_padding_efficiency"]}
 
-    return {
-        "messages": len(rows),
-        "messages_kept": len(filtered.kept),
-        "filtered": filtered.dropped,
-        "orphans_parent_absent": filtered.orphans_parent_absent,
-        "thread_policy": data.thread_policy,
-        "threads": len(threads.conversations),
-        "threads_skipped": threads.skipped,
-        "trees": {"train": len(train_trees), "val": len(val_trees)},
-        "tokenizer": {"source": tokenizer_cfg.source, "size": len(tokenizer), "pad_id": pad_id,
-                      "eos": tokenizer.eos_token, "eos_id": tokenizer.eos_token_id},
-        "seq_len": seq_len,
-        "overlong": data.overlong,
-        "packing_efficiency": split_metrics["train"]["packing_efficiency"],
-        "naive_padding_efficiency": split_metrics["train"]["naive_padding_efficiency"],
-        **split_metrics,
-    }
+
+# What to change when one drop reason removed a whole split.
+DROP_ADVICE = {
+    "prompt_too_long": "raise train.seq_len (and model.n_positions) above the first user turns",
+    "overlong": "set data.overlong: truncate, or raise train.seq_len",
+    "no_assistant_tokens": "raise train.seq_len so that some reply fits",
+    "special_token_in_text": "the conversations quote chat control tokens such as <|im_end|>; clean the source",
+}
+
+
+def empty_split_message(split: str, figures: dict[str, Any], seq_len: int) -> str:
+    dropped = {k: v for k, v in figures["dropped"].items() if v}
+    lengths = figures["length_before_fit"]
+    reason = max(dropped, key=dropped.get)
+    return (f"train.seq_len={seq_len}: the {split} split has 0 conversations left, all dropped "
+            f"({', '.join(f'{k}={v}' for k, v in dropped.items())}; their full lengths: p50={lengths['p50']:.0f}, "
+            f"max={lengths['max']} tokens); {DROP_ADVICE[reason]}")
 
 
 def split_figures(tokens: Dataset, n_blocks: int, seq_len: int, trees: int) -> dict[str, Any]:
