@@ -241,3 +241,17 @@ def test_quantize_seconds_exclude_model_loading(monkeypatch, tmp_path):
     _, seconds = run_gptq(tmp_path / "export", tok, [[1, 2, 3]], CFG, tmp_path / "quantized")
     assert seconds["load_seconds"] >= 0.6
     assert 0.05 <= seconds["quantize_seconds"] < 0.5
+
+
+def test_calibration_windows_are_cut_to_the_models_length():
+    """quantize.calib_max_tokens above the model's n_positions used to fail the last stage in the forward."""
+    from tests._release_tiny import conversations
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, n_positions=16)
+    convs = [c["messages"] for c in conversations(8)]
+    calib = calibration_set(convs, tok, 8, 1024, seed=1, n_positions=model.config.n_positions)
+    assert max(len(ids) for ids in calib) == 16
+    assert calib == calibration_set(convs, tok, 8, 16, seed=1)  # the same windows as calib_max_tokens: 16
+    counts = router_token_counts(model, calib)  # runs: every window fits the model
+    assert sum(counts[1]) == sum(len(ids) for ids in calib) * model.config.num_experts_per_tok

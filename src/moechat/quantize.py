@@ -202,8 +202,12 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
 
 
 def calibration_set(conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase, n: int,
-                    max_tokens: int, seed: int) -> list[list[int]]:
-    """`n` conversations drawn with `seed`, rendered through the chat template and cut to `max_tokens`."""
+                    max_tokens: int, seed: int, n_positions: Optional[int] = None) -> list[list[int]]:
+    """`n` conversations drawn with `seed`, rendered through the chat template and cut to `max_tokens`, and
+    never past the model's `n_positions` (quantize.calib_max_tokens may exceed an upcycled or small model's
+    length; the windows are cut to fit instead of failing the last stage)."""
+    if n_positions is not None:
+        max_tokens = min(max_tokens, n_positions)
     rng = random.Random(seed)
     picked = rng.sample(conversations, min(n, len(conversations)))
     ids = [list(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])[:max_tokens]
@@ -420,7 +424,7 @@ def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: Qua
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     fp_model, tokenizer = load_model(model_dir, device)
     calib = calibration_set(read_conversations(conversations_path), tokenizer, cfg.calib_samples,
-                            cfg.calib_max_tokens, seed)
+                            cfg.calib_max_tokens, seed, n_positions=fp_model.config.n_positions)
     fp_counts = router_token_counts(fp_model, calib)
     rows, seconds = run_gptq(model_dir, tokenizer, calib, cfg, out_dir, device)
     experts = expert_report(rows, fp_counts, fp_model.config.num_experts)
