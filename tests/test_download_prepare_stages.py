@@ -38,6 +38,7 @@ def test_repro_download_prepare_then_nothing_then_only_prepare(repo):
     download = json.loads((path / "metrics" / "download.json").read_text())
     prepare = json.loads((path / "metrics" / "prepare.json").read_text())
     assert download["rows"] > 0 and len(download["sha256"]) == 64
+    assert download["files"] == ["tests/fixtures/oasst1_fixture.jsonl"] and download["skipped"] == []
     assert prepare["messages"] == download["rows"]
     assert prepare["train"]["blocks"] > 0 and prepare["val"]["blocks"] > 0
     assert (path / "data" / "tokenizer" / "tokenizer_config.json").exists()
