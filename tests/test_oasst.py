@@ -247,8 +247,9 @@ def test_field_types_are_checked_before_arrow_casts(tmp_path, rows, field, value
         r[field] = value
     path = _write_rows(tmp_path / "bad.jsonl", bad)
     got = type(value).__name__
+    where = rf"\(first: message_id='{bad[2]['message_id']}' at {re.escape(path)}:3\)"
     with pytest.raises(oasst.DataError, match=rf"field '{field}' must be {expected}, got {got} {value!r} in 2 of 6 "
-                                              rf"rows \(first: message_id='{bad[2]['message_id']}' at {re.escape(path)}:3\)"):
+                                              rf"rows {where}"):
         oasst.load_messages(path)
 
 

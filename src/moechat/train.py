@@ -216,8 +216,8 @@ class BatchStream:
     def __init__(self, n_rows: int, global_batch: int, seed: int):
         if n_rows < global_batch:
             raise ConfigError(f"the train split has {n_rows} blocks, fewer than one global batch of {global_batch} "
-                             f"(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
-                             f"train.grad_accum, or prepare more data")
+                              f"(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
+                              f"train.grad_accum, or prepare more data")
         self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -483,7 +483,10 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     fp = ckpt.fingerprint(dataclasses.asdict(run_cfg), seed, init_dir, data_dir, world)
     state = ckpt.TrainState(fingerprint=fp)
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    found = ckpt.resume_point(checkpoint_dir, fp, raw_model, rank, inner.state_dict(), log=accelerator.print)
+    # the fresh optimizer's parameter groups, which a checkpoint's optimizer state must match (ZeRO's
+    # partitioned state is loaded and checked by DeepSpeed itself)
+    template = None if per_rank_optimizer else inner.state_dict()
+    found = ckpt.resume_point(checkpoint_dir, fp, raw_model, rank, template, log=accelerator.print)
     resume, loaded = found if found is not None else (None, None)
     if resume is not None:
         if per_rank_optimizer:  # ZeRO takes one state dict per saved rank; ours are saved with the same world
