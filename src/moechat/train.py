@@ -425,6 +425,19 @@ def load_model(init_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
 
 
+def agree_on_resume(accelerator: Accelerator, resume: Optional[Path], folder: Path) -> None:
+    """Every process resumes from the same step. A file damaged for one rank only (its RNG state or optimizer
+    shard) makes that rank fall back alone; continuing would mix two checkpoints, so this refuses instead."""
+    if accelerator.num_processes == 1:
+        return
+    step = int(ckpt.STEP_DIR.match(resume.name).group(1)) if resume is not None else -1
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        newest = folder / ckpt.step_dir_name(max(steps))
+        raise ckpt.CheckpointError(f"the processes found different newest intact checkpoints (step by rank: "
+                                   f"{steps}); {newest} is damaged for some of them: delete it and rerun")
+
+
 def save_final(model: torch.nn.Module, accelerator: Accelerator, init_dir: Path, out_dir: Path) -> None:
     """save_pretrained (safetensors) plus the tokenizer files of the init folder, renamed into place."""
     state_dict = accelerator.get_state_dict(model)
@@ -488,6 +501,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     template = None if per_rank_optimizer else inner.state_dict()
     found = ckpt.resume_point(checkpoint_dir, fp, raw_model, rank, template, log=accelerator.print)
     resume, loaded = found if found is not None else (None, None)
+    agree_on_resume(accelerator, resume, Path(checkpoint_dir) / fp)
     if resume is not None:
         if per_rank_optimizer:  # ZeRO takes one state dict per saved rank; ours are saved with the same world
             inner.load_state_dict([loaded.optimizer_state] * world, load_from_fp32_weights=True)
