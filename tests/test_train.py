@@ -23,6 +23,7 @@ from moechat import checkpoint as ckpt
 from moechat.config import ConfigError, TrainConfig
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat import plan
+from moechat.schedule import Schedule
 from moechat.train import (BatchStream, NonFiniteLossError, TrainOOMError, deepspeed_config, lr_multiplier,
                            match_peak_flops, micro_batches, param_groups, resolve_precision, train)
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB, PAD, SEQ = 48, 47, 32
 
 TINY_TRAIN = dict(seq_len=SEQ, micro_batch_size=4, grad_accum=1, epochs=1, max_steps=12, lr=3e-3, min_lr=3e-4,
-                  warmup_steps=2, optimizer="adamw", precision="fp32", gradient_checkpointing=False,
+                  warmup_steps=2, warmup_ratio=None, optimizer="adamw", precision="fp32", gradient_checkpointing=False,
                   eval_every=4, eval_batches=2, save_every=4, keep_checkpoints=2)
 
 
@@ -242,6 +243,22 @@ def test_scheduler_holds_when_the_optimizer_step_was_skipped(workspace, monkeypa
     assert lrs == pytest.approx([3e-3 / 3] * 3)  # warmup's first value, never advanced
 
 
+def test_a_warmup_longer_than_the_data_allows_is_refused_before_step_0(workspace):
+    """64 train blocks / (4 x 1) = 16 steps per epoch: a 16-step warmup never reaches train.lr."""
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=16 >= the run's 16 optimizer steps.*warmup_ratio"):
+        run_inprocess(workspace, "long_warmup", tiny_cfg(max_steps=None, epochs=1, warmup_steps=16))
+    assert not (workspace / "long_warmup/checkpoints").exists() and not (workspace / "long_warmup/live").exists()
+
+
+def test_warmup_ratio_is_sized_from_the_blocks(workspace):
+    m = run_inprocess(workspace, "ratio", tiny_cfg(max_steps=None, epochs=1, warmup_steps=None, warmup_ratio=0.25,
+                                                   eval_every=16, save_every=16))
+    assert (m["total_steps"], m["warmup_steps"]) == (16, 4)
+    lrs = [v for _, v in logged(workspace / "ratio/live", "train/lr")]
+    assert lrs[3] < lrs[4] == pytest.approx(3e-3)  # the peak at step warmup_steps (0-based), then cosine
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
 def test_preflight_memory_check_runs_in_train(workspace, monkeypatch):
     """The stage refuses before allocating when the (simulated) GPU is too small for the planner's estimate."""
     import moechat.train as train_module
@@ -368,7 +385,8 @@ def test_precision_auto_choices():
 
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     cfg = tiny_cfg(lr=1e-3, min_lr=1e-4, warmup_steps=4)
-    lrs = [cfg.lr * lr_multiplier(s, cfg, 24) for s in range(25)]
+    schedule = Schedule(steps_per_epoch=24, total_steps=24, warmup_steps=4)
+    lrs = [cfg.lr * lr_multiplier(s, cfg, schedule) for s in range(25)]
     assert lrs[:4] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])
     assert lrs[4] == pytest.approx(1e-3) and lrs[14] == pytest.approx(5.5e-4) and lrs[24] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
