@@ -24,7 +24,7 @@ from moechat.config import ConfigError, TrainConfig
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat import plan
 from moechat.schedule import Schedule
-from moechat.train import (BatchStream, NonFiniteLossError, TrainOOMError, deepspeed_config, lr_multiplier,
+from moechat.train import (BatchStream, NonFiniteLossError, build_optimizer, TrainOOMError, deepspeed_config, lr_multiplier,
                            match_peak_flops, micro_batches, param_groups, resolve_precision, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,3 +408,23 @@ def test_batch_stream_is_a_seeded_permutation_per_epoch_and_shards_by_rank():
     r0 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=0, world=2)]
     r1 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=1, world=2)]
     assert one == [[5, 1], [7, 2], [9, 0], [3, 8]] and r0 == [[5, 1], [9, 0]] and r1 == [[7, 2], [3, 8]]
+
+
+def test_adamw_8bit_keeps_32bit_state_for_wte_wpe_and_lm_head():
+    """bitsandbytes quantises the state of every tensor of >= 4096 values; the embeddings and the head are
+    overridden to 32 bits, the other matrices stay 8-bit (small tensors are 32-bit by bitsandbytes' rule)."""
+    torch.manual_seed(0)
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                             n_inner=256, num_experts=4, num_experts_per_tok=2, moe_every=2,
+                                             pad_token_id=0, eos_token_id=1))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw_8bit"), offload=False)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    dtypes = {name: {optimizer.state[p]["state1"].dtype, optimizer.state[p]["state2"].dtype}
+              for name, p in model.named_parameters() if p.numel() >= 4096}
+    assert {name for name, d in dtypes.items() if d == {torch.float32}} == {
+        "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}  # wpe: 64 x 64 = 4096 values
+    assert all(d == {torch.uint8} for name, d in dtypes.items()
+               if name not in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"))
+    assert len(dtypes) == 3 + 2 * 2 + 2 + 4 * 2  # wte, wpe, head; attention x 2 layers; dense MLP; 4 experts

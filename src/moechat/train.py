@@ -158,8 +158,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> 
     if cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, **kw)
+        optimizer = bnb.optim.AdamW8bit(groups, **kw)
+        keep_embeddings_in_32bit(model, bnb.optim.GlobalOptimManager.get_instance())
+        return optimizer
     return torch.optim.AdamW(groups, **kw)
+
+
+EMBEDDING_LIKE = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight")
+
+
+def keep_embeddings_in_32bit(model: torch.nn.Module, manager: Any) -> None:
+    """32-bit Adam state for wte, wpe and lm_head under 8-bit AdamW: bitsandbytes recommends it for
+    embeddings (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", Sec. 3: rare tokens'
+    rows see sparse, outlier-heavy updates that 8-bit state quantises badly). bitsandbytes keys overrides by
+    parameter identity in its process-wide GlobalOptimManager, read at the optimizer's first step."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name in EMBEDDING_LIKE:
+        if name in named:  # a tied lm_head is wte, already listed
+            manager.override_config(named[name], "optim_bits", 32)
 
 
 # ----------------------------------------------------------------------------------------------------
