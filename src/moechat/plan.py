@@ -31,7 +31,7 @@ from typing import Optional
 
 import yaml
 
-from moechat.config import ConfigError, DataConfig, ModelConfig, MoechatError, TrainConfig, load_params
+from moechat.config import ConfigError, DataConfig, ModelConfig, MoechatError, Params, TrainConfig, load_params
 from moechat.schedule import build_schedule
 
 GIB = 1024**3
@@ -345,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0 if plan.fits else 1
 
 
-def run_for(params, vocab: int, args: argparse.Namespace) -> Optional[RunSize]:
+def run_for(params: Params, vocab: int, args: argparse.Namespace) -> Optional[RunSize]:
     """The CLI's run size: None when the data size is neither measured nor estimable."""
     data = data_size(params.data, params.train.seq_len, Path(args.prepare_metrics))
     if data is None:

@@ -168,10 +168,11 @@ EMBEDDING_LIKE = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.w
 
 
 def keep_embeddings_in_32bit(model: torch.nn.Module, manager: Any) -> None:
-    """32-bit Adam state for wte, wpe and lm_head under 8-bit AdamW: bitsandbytes recommends it for
-    embeddings (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", Sec. 3: rare tokens'
-    rows see sparse, outlier-heavy updates that 8-bit state quantises badly). bitsandbytes keys overrides by
-    parameter identity in its process-wide GlobalOptimManager, read at the optimizer's first step."""
+    """32-bit Adam state for wte, wpe and lm_head under 8-bit AdamW, as bitsandbytes recommends for
+    embeddings (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", Sec. 2.3: the
+    embedding layer is where 8-bit state destabilised training; their StableEmbedding keeps its state in 32 bits).
+    bitsandbytes keys overrides by parameter identity in its process-wide GlobalOptimManager and reads them
+    when it creates each state, at the optimizer's first step."""
     named = dict(model.named_parameters(remove_duplicate=False))
     for name in EMBEDDING_LIKE:
         if name in named:  # a tied lm_head is wte, already listed
