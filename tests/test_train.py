@@ -228,7 +228,7 @@ def test_curves_belong_to_the_resumed_experiment_not_to_the_last_one_run(workspa
     assert b_again["resumed_from_step"] == 6 and live_files(live) == b_curves
     # stale files of another experiment go away on a fresh start (here: a layer this model does not have)
     (live / "plots/expert_shares/layer7.tsv").write_text("step\tseries\tshare\n1\texpert0\t1.0\n")
-    run_inprocess(workspace, "lineage", tiny_cfg(max_steps=2, save_every=2, lr=2e-3))
+    run_inprocess(workspace, "lineage", tiny_cfg(max_steps=2, save_every=2, lr=2e-3, warmup_steps=1))
     assert sorted(p.name for p in (live / "plots/expert_shares").iterdir()) == ["layer1.tsv"]
     assert [s for s, _ in logged(live)] == [1, 2]
 
@@ -278,7 +278,7 @@ def test_oom_while_preparing_gets_the_planner_advice(workspace, monkeypatch):
     monkeypatch.setattr(Accelerator, "prepare", oom)
     with pytest.raises(TrainOOMError, match=r"CUDA out of memory while placing the model and optimizer on the GPU: "
                                             r"the planner estimated .* GiB for micro_batch_size=4"):
-        run_inprocess(workspace, "oom", tiny_cfg(max_steps=2))
+        run_inprocess(workspace, "oom", tiny_cfg(max_steps=2, warmup_steps=1))
 
 
 def test_non_finite_loss_stops_naming_the_step(workspace, monkeypatch):
