@@ -1,4 +1,5 @@
-"""evaluate stage: val loss/perplexity over assistant tokens, accuracy, router health, chat samples.
+"""evaluate stage: val loss/perplexity over assistant tokens, accuracy, router health, chat samples, and
+the lm-evaluation-harness tasks of `eval.lm_eval_tasks` (scores under `lm_eval` in the metrics file).
 
 Usage (see dvc.yaml): python stages/evaluate.py --model models/final --data data/prepared
     --metrics metrics/eval.json --samples metrics/samples.json --plots metrics/eval [--params params.yaml]
@@ -13,6 +14,7 @@ from moechat.stage import run_stage  # first: it filters third-party import-time
 from moechat.config import load_params
 from moechat.data.chat import load_packed
 from moechat.evaluate import evaluate, load_model, pick_device, share_rows
+from moechat.harness import run_lm_eval, task_manager
 from moechat.io import write_json
 
 
@@ -28,8 +30,11 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
+    manager = task_manager(params.eval)  # lm-eval tasks checked before the val pass
     model, tokenizer = load_model(args.model, pick_device(args.device))
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
+    if params.eval.lm_eval_tasks:
+        metrics["lm_eval"] = run_lm_eval(model, tokenizer, params.eval, params.seed, manager)
     write_json(args.metrics, metrics)
     write_json(args.samples, samples)
     write_json(args.plots / "expert_shares.json", share_rows(metrics))
@@ -37,7 +42,9 @@ def main() -> None:
     router = metrics.get("router", {})
     print(f"evaluate: loss {metrics['loss']:.4f} ppl {metrics['perplexity']:.2f} acc {metrics['accuracy']:.3f} "
           f"on {metrics['tokens']:,} assistant tokens; router cv {router.get('mean_cv', 0):.3f}, "
-          f"dead experts {router.get('dead_experts', 0)}; {len(samples)} samples -> {args.samples}")
+          f"dead experts {router.get('dead_experts', 0)}; {len(samples)} samples -> {args.samples}"
+          + "".join(f"; {task} acc {m['acc']:.3f}" for task, m in metrics.get("lm_eval", {}).get("tasks", {}).items()
+                    if "acc" in m))
 
 
 if __name__ == "__main__":

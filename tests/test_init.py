@@ -29,6 +29,7 @@ from moechat.init import (
     init_scratch,
     initialize,
     load_dense_parent,
+    parent_layers,
     upcycle,
 )
 from moechat.modeling import MoeChatConfig
@@ -115,11 +116,87 @@ def test_upcycle_copies_an_untied_parent_head_and_refuses_to_tie_it():
         upcycle(build_config(tiny_params(tie_word_embeddings=True), make_tokenizer()), parent, seed=0)
 
 
-def test_upcycle_takes_the_first_n_layer_blocks_of_a_deeper_parent():
-    parent = dense_parent(n_layer=3)
-    model = upcycle(build_config(tiny_params(n_layer=2), make_tokenizer()), parent, seed=0)
-    torch.testing.assert_close(model.transformer.h[1].attn.c_attn.weight, parent.transformer.h[1].attn.c_attn.weight.t())
+def assert_block_is_a_copy(block, parent_block) -> None:
+    torch.testing.assert_close(block.attn.c_attn.weight, parent_block.attn.c_attn.weight.t(), rtol=0, atol=0)
+    torch.testing.assert_close(block.attn.c_proj.bias, parent_block.attn.c_proj.bias, rtol=0, atol=0)
+    torch.testing.assert_close(block.ln_1.weight, parent_block.ln_1.weight, rtol=0, atol=0)
+    for mlp in (block.mlp.experts if block.is_moe else [block.mlp]):
+        torch.testing.assert_close(mlp.c_fc.weight, parent_block.mlp.c_fc.weight.t(), rtol=0, atol=0)
+        torch.testing.assert_close(mlp.c_proj.weight, parent_block.mlp.c_proj.weight.t(), rtol=0, atol=0)
+
+
+def test_default_parent_blocks_are_evenly_spaced_keeping_first_and_last():
+    assert parent_layers(8, 24) == [0, 3, 7, 10, 13, 16, 20, 23]  # gpt2-medium into the reference depth
+    assert parent_layers(2, 2) == [0, 1] and parent_layers(1, 12) == [11] and parent_layers(3, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("init_layers, expected", [(None, [0, 3, 5]), ((1, 2, 4), [1, 2, 4])])
+def test_upcycle_copies_the_selected_parent_blocks(init_layers, expected):
+    parent = dense_parent(n_layer=6)
+    model = upcycle(build_config(tiny_params(n_layer=3, moe_every=1), make_tokenizer()), parent, seed=0,
+                    init_layers=init_layers)
+    for block, parent_index in zip(model.transformer.h, expected):
+        assert_block_is_a_copy(block, parent.transformer.h[parent_index])
+    others = set(range(6)) - set(expected)
+    for block in model.transformer.h:  # and not one of the others (they all differ: random init)
+        assert not any(torch.equal(block.ln_1.weight, parent.transformer.h[o].ln_1.weight)
+                       and torch.equal(block.attn.c_attn.weight, parent.transformer.h[o].attn.c_attn.weight.t())
+                       for o in others)
     torch.testing.assert_close(model.transformer.ln_f.weight, parent.transformer.ln_f.weight)
+
+
+def test_init_layers_beyond_the_parent_is_a_named_error():
+    with pytest.raises(UpcycleError, match=r"model.init_layers=\[0, 1, 6\] must name 3 blocks .* 0..5"):
+        upcycle(build_config(tiny_params(n_layer=3), make_tokenizer()), dense_parent(n_layer=6), seed=0,
+                init_layers=(0, 1, 6))
+
+
+def test_drop_upcycling_reinitialises_a_different_share_of_units_per_expert():
+    parent = dense_parent()
+    model = upcycle(build_config(tiny_params(), make_tokenizer()), parent, seed=0, reinit_ratio=0.5)
+    dense_fc = parent.transformer.h[1].mlp.c_fc.weight.t()  # [n_inner, n_embd]
+    dense_proj = parent.transformer.h[1].mlp.c_proj.weight.t()  # [n_embd, n_inner]
+    changed_sets = []
+    for expert in model.transformer.h[1].mlp.experts:
+        changed = (expert.c_fc.weight != dense_fc).any(dim=1)
+        assert int(changed.sum()) == 64  # 0.5 x n_inner=128 units, every other row an exact copy
+        assert torch.equal((expert.c_proj.weight != dense_proj).any(dim=0), changed)  # the same units
+        fresh = expert.c_fc.weight[changed]
+        assert fresh.std().item() == pytest.approx(dense_fc.std().item(), rel=0.15)
+        torch.testing.assert_close(expert.c_fc.bias, parent.transformer.h[1].mlp.c_fc.bias)
+        changed_sets.append(frozenset(changed.nonzero().flatten().tolist()))
+    assert len(set(changed_sets)) == 4  # a different draw per expert
+    assert_block_is_a_copy(model.transformer.h[0], parent.transformer.h[0])  # dense blocks are untouched
+
+
+def expert_weights(model) -> list[torch.Tensor]:
+    return [torch.cat([e.c_fc.weight.flatten(), e.c_proj.weight.flatten()]).detach().clone()
+            for e in model.transformer.h[1].mlp.experts]
+
+
+@pytest.mark.parametrize("reinit_ratio", [0.0, 0.5])
+def test_experts_of_a_layer_are_no_longer_equal_after_a_few_steps(reinit_ratio):
+    """Exact copies give the router no LM-loss gradient (every choice computes the same MLP); with
+    Drop-Upcycling it gets one at step 0, and after a few steps no two experts are equal."""
+    parent = dense_parent()
+    config = build_config(tiny_params(top_k=2, aux_loss_coef=0.0, z_loss_coef=0.0), make_tokenizer())
+    model = upcycle(config, parent, seed=0, reinit_ratio=reinit_ratio).train()
+    x = torch.randint(0, PARENT_VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
+    model(input_ids=x, labels=x).loss.backward()
+    router_grad = model.transformer.h[1].mlp.router.weight.grad.abs().max().item()
+    if reinit_ratio == 0:
+        assert router_grad < 1e-6
+        return
+    assert router_grad > 1e-4
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = expert_weights(model)
+    for _ in range(3):
+        optimizer.step()
+        optimizer.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+    after = expert_weights(model)
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))  # every expert was trained
+    assert all(not torch.allclose(after[i], after[j]) for i in range(4) for j in range(i + 1, 4))
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -171,9 +248,10 @@ def test_initialize_upcycles_from_a_local_folder_and_writes_a_loadable_model(tmp
     parent.save_pretrained(tmp_path / "parent")
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(tmp_path / "tokenizer")
-    report = initialize(tiny_params(init_from=str(tmp_path / "parent")), seed=3, seq_len=16,
-                        tokenizer_dir=tmp_path / "tokenizer", out_dir=tmp_path / "init")
+    report = initialize(tiny_params(init_from=str(tmp_path / "parent"), upcycle_reinit_ratio=0.0), seed=3,
+                        seq_len=16, tokenizer_dir=tmp_path / "tokenizer", out_dir=tmp_path / "init")
     assert report["layers"] == ["dense", "moe"] and report["moe_layers"] == [1]
+    assert report["upcycling"] == {"parent_layers": [0, 1], "parent_n_layer": 2, "reinit_ratio": 0.0}
     assert report["params"]["active"] < report["params"]["total"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "init").eval()
     x = torch.randint(0, PARENT_VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))

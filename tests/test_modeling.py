@@ -436,3 +436,15 @@ def test_bad_model_params_raise_config_error(overrides, message):
     raw["model"].update(overrides)
     with pytest.raises(ConfigError, match=re.escape(message)):
         params_from_dict(raw)
+
+
+def test_router_losses_are_summed_over_moe_layers_as_switch_and_st_moe_weight_them():
+    """Each router gets the published per-layer weight (aux 0.01, z 0.001), whatever the number of MoE layers."""
+    model = tiny_model(n_layer=4, moe_every=1)
+    x = tokens(12, seed=3)
+    out = model(x, labels=x)
+    routing = model.transformer(x).routing
+    assert len(routing) == 4
+    torch.testing.assert_close(out.aux_loss, sum(r.aux_loss for _, r in routing))
+    torch.testing.assert_close(out.z_loss, sum(r.z_loss for _, r in routing))
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.aux_loss + 0.001 * out.z_loss)

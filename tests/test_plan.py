@@ -127,3 +127,46 @@ def test_preflight_refuses_on_a_simulated_16_gib_gpu():
     with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 "):  # a bigger GPU: params rule
         plan.preflight(ref, big, 50260, 1, "cuda", 80 * GIB)
     assert plan.preflight(ref, big, 50260, 1, "cpu", None) is None  # no GPU budget on CPU
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run size
+
+
+def test_flops_per_token_from_the_config_equals_the_models_own_count():
+    cfg = ModelConfig(n_positions=16, n_embd=8, n_layer=4, n_head=2, n_inner=16, num_experts=4, top_k=2, moe_every=2)
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=4, n_head=2,
+                                             n_inner=16, num_experts=4, num_experts_per_tok=2, moe_every=2))
+    assert plan.flops_per_token(cfg, VOCAB, 16) == model.flops_per_token(16)
+
+
+def test_run_size_is_measured_from_prepare_json_when_it_matches(tmp_path):
+    from moechat.config import load_params
+
+    params = load_params("params.yaml")
+    metrics = tmp_path / "prepare.json"
+    metrics.write_text(json.dumps({"seq_len": 1024, "thread_policy": params.data.thread_policy,
+                                   "train": {"tokens": 3_000_000, "blocks": 3200}}))
+    data = plan.data_size(params.data, 1024, metrics)
+    assert data == plan.DataSize(3_000_000, 3200, str(metrics))
+    run = plan.run_size(params.model, params.train, 50260, data, mfu=0.5, peak_flops=1e14)
+    assert (run.steps_per_epoch, run.total_steps, run.warmup_steps) == (100, 200, 10)
+    assert run.tokens_per_run == 200 * 32 * 1024
+    assert run.seconds == pytest.approx(run.tokens_per_run * run.flops_per_token / 5e13)
+    other_policy = {"best": "all", "all": "best"}[params.data.thread_policy]
+    metrics.write_text(json.dumps({"seq_len": 1024, "thread_policy": other_policy, "train": {"tokens": 1, "blocks": 1}}))
+    assert plan.data_size(params.data, 1024, metrics).source.startswith("estimate")  # stale file: not used
+
+
+def test_cli_prints_tokens_steps_warmup_and_time_beside_the_memory(capsys, tmp_path):
+    assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path),
+                      "--prepare-metrics", str(tmp_path / "absent.json")]) == 0
+    text = capsys.readouterr().out
+    assert "total" in text and "fits in 16 GiB" in text
+    assert "7.14M train tokens per epoch in 7,264 blocks [estimate (English OASST1, thread_policy all" in text
+    assert "optimizer steps 454 (227 per epoch), warmup 22" in text
+    assert "min at 30% MFU (assumed) of 44.1 TFLOP/s per GPU" in text
+    assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path), "--json",
+                      "--prepare-metrics", str(tmp_path / "absent.json")]) == 0
+    run = json.loads(capsys.readouterr().out)["run"]
+    assert run["total_steps"] == 454 and run["warmup_steps"] == 22

@@ -23,14 +23,15 @@ from moechat import checkpoint as ckpt
 from moechat.config import ConfigError, TrainConfig
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat import plan
-from moechat.train import (BatchStream, NonFiniteLossError, TrainOOMError, deepspeed_config, lr_multiplier,
+from moechat.schedule import Schedule
+from moechat.train import (BatchStream, NonFiniteLossError, build_optimizer, TrainOOMError, deepspeed_config, lr_multiplier,
                            match_peak_flops, micro_batches, param_groups, resolve_precision, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, PAD, SEQ = 48, 47, 32
 
 TINY_TRAIN = dict(seq_len=SEQ, micro_batch_size=4, grad_accum=1, epochs=1, max_steps=12, lr=3e-3, min_lr=3e-4,
-                  warmup_steps=2, optimizer="adamw", precision="fp32", gradient_checkpointing=False,
+                  warmup_steps=2, warmup_ratio=None, optimizer="adamw", precision="fp32", gradient_checkpointing=False,
                   eval_every=4, eval_batches=2, save_every=4, keep_checkpoints=2)
 
 
@@ -227,7 +228,7 @@ def test_curves_belong_to_the_resumed_experiment_not_to_the_last_one_run(workspa
     assert b_again["resumed_from_step"] == 6 and live_files(live) == b_curves
     # stale files of another experiment go away on a fresh start (here: a layer this model does not have)
     (live / "plots/expert_shares/layer7.tsv").write_text("step\tseries\tshare\n1\texpert0\t1.0\n")
-    run_inprocess(workspace, "lineage", tiny_cfg(max_steps=2, save_every=2, lr=2e-3))
+    run_inprocess(workspace, "lineage", tiny_cfg(max_steps=2, save_every=2, lr=2e-3, warmup_steps=1))
     assert sorted(p.name for p in (live / "plots/expert_shares").iterdir()) == ["layer1.tsv"]
     assert [s for s, _ in logged(live)] == [1, 2]
 
@@ -240,6 +241,22 @@ def test_scheduler_holds_when_the_optimizer_step_was_skipped(workspace, monkeypa
     run_inprocess(workspace, "skipped", tiny_cfg(max_steps=3, save_every=3))
     lrs = [v for _, v in logged(workspace / "skipped/live", "train/lr")]
     assert lrs == pytest.approx([3e-3 / 3] * 3)  # warmup's first value, never advanced
+
+
+def test_a_warmup_longer_than_the_data_allows_is_refused_before_step_0(workspace):
+    """64 train blocks / (4 x 1) = 16 steps per epoch: a 16-step warmup never reaches train.lr."""
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=16 >= the run's 16 optimizer steps.*warmup_ratio"):
+        run_inprocess(workspace, "long_warmup", tiny_cfg(max_steps=None, epochs=1, warmup_steps=16))
+    assert not (workspace / "long_warmup/checkpoints").exists() and not (workspace / "long_warmup/live").exists()
+
+
+def test_warmup_ratio_is_sized_from_the_blocks(workspace):
+    m = run_inprocess(workspace, "ratio", tiny_cfg(max_steps=None, epochs=1, warmup_steps=None, warmup_ratio=0.25,
+                                                   eval_every=16, save_every=16))
+    assert (m["total_steps"], m["warmup_steps"]) == (16, 4)
+    lrs = [v for _, v in logged(workspace / "ratio/live", "train/lr")]
+    assert lrs[3] < lrs[4] == pytest.approx(3e-3)  # the peak at step warmup_steps (0-based), then cosine
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
 def test_preflight_memory_check_runs_in_train(workspace, monkeypatch):
@@ -261,7 +278,7 @@ def test_oom_while_preparing_gets_the_planner_advice(workspace, monkeypatch):
     monkeypatch.setattr(Accelerator, "prepare", oom)
     with pytest.raises(TrainOOMError, match=r"CUDA out of memory while placing the model and optimizer on the GPU: "
                                             r"the planner estimated .* GiB for micro_batch_size=4"):
-        run_inprocess(workspace, "oom", tiny_cfg(max_steps=2))
+        run_inprocess(workspace, "oom", tiny_cfg(max_steps=2, warmup_steps=1))
 
 
 def test_non_finite_loss_stops_naming_the_step(workspace, monkeypatch):
@@ -368,7 +385,8 @@ def test_precision_auto_choices():
 
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     cfg = tiny_cfg(lr=1e-3, min_lr=1e-4, warmup_steps=4)
-    lrs = [cfg.lr * lr_multiplier(s, cfg, 24) for s in range(25)]
+    schedule = Schedule(steps_per_epoch=24, total_steps=24, warmup_steps=4)
+    lrs = [cfg.lr * lr_multiplier(s, cfg, schedule) for s in range(25)]
     assert lrs[:4] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])
     assert lrs[4] == pytest.approx(1e-3) and lrs[14] == pytest.approx(5.5e-4) and lrs[24] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
@@ -390,3 +408,23 @@ def test_batch_stream_is_a_seeded_permutation_per_epoch_and_shards_by_rank():
     r0 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=0, world=2)]
     r1 = [b["input_ids"][:, 0].tolist() for b in micro_batches(blocks, rows, 2, rank=1, world=2)]
     assert one == [[5, 1], [7, 2], [9, 0], [3, 8]] and r0 == [[5, 1], [9, 0]] and r1 == [[7, 2], [3, 8]]
+
+
+def test_adamw_8bit_keeps_32bit_state_for_wte_wpe_and_lm_head():
+    """bitsandbytes quantises the state of every tensor of >= 4096 values; the embeddings and the head are
+    overridden to 32 bits, the other matrices stay 8-bit (small tensors are 32-bit by bitsandbytes' rule)."""
+    torch.manual_seed(0)
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                             n_inner=256, num_experts=4, num_experts_per_tok=2, moe_every=2,
+                                             pad_token_id=0, eos_token_id=1))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw_8bit"), offload=False)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    dtypes = {name: {optimizer.state[p]["state1"].dtype, optimizer.state[p]["state2"].dtype}
+              for name, p in model.named_parameters() if p.numel() >= 4096}
+    assert {name for name, d in dtypes.items() if d == {torch.float32}} == {
+        "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}  # wpe: 64 x 64 = 4096 values
+    assert all(d == {torch.uint8} for name, d in dtypes.items()
+               if name not in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"))
+    assert len(dtypes) == 3 + 2 * 2 + 2 + 4 * 2  # wte, wpe, head; attention x 2 layers; dense MLP; 4 experts

@@ -33,7 +33,7 @@ class DataConfig:
     source: str = "OpenAssistant/oasst1"
     revision: Optional[str] = "main"
     langs: tuple[str, ...] = ("en",)
-    thread_policy: Literal["best", "all"] = "best"
+    thread_policy: Literal["best", "all"] = "all"
     val_fraction: float = 0.05
     include_synthetic: bool = False
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -49,6 +49,8 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     init_from: Optional[str] = None
+    init_layers: Optional[tuple[int, ...]] = None  # parent blocks (0-based) seeding ours; null = evenly spaced
+    upcycle_reinit_ratio: float = 0.5  # Drop-Upcycling: share of each expert's FFN units re-initialised
     n_positions: int = 1024
     n_embd: int = 1024
     n_layer: int = 8
@@ -72,11 +74,12 @@ class TrainConfig:
     seq_len: int = 1024
     micro_batch_size: int = 4
     grad_accum: int = 8
-    epochs: int = 1
+    epochs: int = 2
     max_steps: Optional[int] = None
     lr: float = 3e-4
     min_lr: float = 3e-5
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None  # set exactly one of warmup_steps / warmup_ratio (moechat.schedule)
+    warmup_ratio: Optional[float] = 0.05  # share of the run's optimizer steps, sized from the data
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -105,6 +108,9 @@ class EvalConfig:
         "Write a haiku about autumn.",
         "How do I reverse a list in Python?",
     )
+    lm_eval_tasks: tuple[str, ...] = ("arc_easy", "hellaswag", "piqa")  # lm-evaluation-harness; [] = none
+    lm_eval_limit: Optional[int] = 500  # examples per task; null = the whole task
+    lm_eval_include_path: Optional[str] = None  # folder of local lm-eval task YAMLs (offline tasks)
 
 
 @dataclass(frozen=True)
@@ -203,8 +209,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key}={value!r} is not one of {choices}; pick one of those")
         return value
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: {key}={value!r} must be a list of strings, e.g. [en]")
+        item = args[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            kind, example = ("strings", "[en]") if item is str else ("integers", "[0, 3, 7]")
+            raise ConfigError(f"{source}: {key}={value!r} must be a list of {kind}, e.g. {example}")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -246,6 +254,7 @@ def _check(p: Params, source: str) -> None:
     _require(m.init_from is None or p.tokenizer.source != "train",
              f"model.init_from={m.init_from!r} needs the parent's tokenizer, but tokenizer.source='train' builds "
              f"a new vocabulary; set tokenizer.source to the parent (e.g. gpt2) or model.init_from to null", source)
+    _check_upcycling(m, source)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)", source)
     _require(t.seq_len <= m.n_positions,
              f"train.seq_len={t.seq_len} must be <= model.n_positions={m.n_positions}; "
@@ -256,7 +265,7 @@ def _check(p: Params, source: str) -> None:
     _require(t.max_steps is None or t.max_steps >= 1,
              f"train.max_steps={t.max_steps} must be null or >= 1", source)
     _require(0 < t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in (0, train.lr={t.lr}]", source)
-    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0", source)
+    _check_warmup(t, source)
     _require(t.gpu_memory_gb > 0, f"train.gpu_memory_gb={t.gpu_memory_gb} must be > 0", source)
     for key in ("batch_size", "max_new_tokens"):
         _require(getattr(e, key) >= 1, f"eval.{key}={getattr(e, key)} must be >= 1", source)
@@ -266,6 +275,8 @@ def _check(p: Params, source: str) -> None:
              f"eval.dead_expert_threshold={e.dead_expert_threshold} must be in [0, 1)", source)
     _require(e.temperature >= 0, f"eval.temperature={e.temperature} must be >= 0 (0 = greedy)", source)
     _require(0.0 < e.top_p <= 1.0, f"eval.top_p={e.top_p} must be in (0, 1]", source)
+    _require(e.lm_eval_limit is None or e.lm_eval_limit >= 1,
+             f"eval.lm_eval_limit={e.lm_eval_limit} must be null (whole tasks) or >= 1", source)
     _require(q.bits in (2, 3, 4, 8), f"quantize.bits={q.bits} must be one of 2, 3, 4, 8 (GPTQ)", source)
     _require(q.group_size == -1 or q.group_size >= 1,
              f"quantize.group_size={q.group_size} must be -1 (per column) or >= 1", source)
@@ -376,3 +387,37 @@ def _check_ranges(p: Params, source: str) -> None:
     _require(m.moe_backend != "tutel" or importlib.util.find_spec("tutel") is not None,
              "model.moe_backend=tutel but tutel is not installed; tutel is not on PyPI: `pip install "
              "git+https://github.com/microsoft/tutel@main`, or set model.moe_backend: torch (same results)", source)
+
+
+def _check_warmup(t: TrainConfig, source: str) -> None:
+    """Exactly one warmup key; a warmup that covers a fixed-length run is refused here, one sized from
+    the data when the blocks are counted (moechat.schedule.build_schedule, before step 0)."""
+    _require((t.warmup_steps is None) != (t.warmup_ratio is None),
+             f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio}: set exactly one "
+             f"(the other to null), e.g. warmup_ratio: 0.05", source)
+    if t.warmup_ratio is not None:
+        _require(0.0 <= t.warmup_ratio < 1.0,
+                 f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1), e.g. 0.05", source)
+        return
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0", source)
+    _require(t.max_steps is None or t.warmup_steps < t.max_steps,
+             f"train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps} or the rate never "
+             f"reaches train.lr; lower warmup_steps, or set it to null and train.warmup_ratio: 0.05", source)
+
+
+def _check_upcycling(m: ModelConfig, source: str) -> None:
+    """model.init_layers names one parent block per block of ours, in order; the parent's depth is checked
+    when it is loaded (moechat.init)."""
+    _require(0.0 <= m.upcycle_reinit_ratio <= 1.0,
+             f"model.upcycle_reinit_ratio={m.upcycle_reinit_ratio} must be in [0, 1] (0 = exact copies of the "
+             f"parent MLP, 0.5 = Drop-Upcycling's choice)", source)
+    if m.init_layers is None:
+        return
+    _require(m.init_from is not None,
+             f"model.init_layers={list(m.init_layers)} selects blocks of a dense parent, but model.init_from is "
+             f"null; set model.init_from (e.g. gpt2-medium) or model.init_layers to null", source)
+    _require(len(m.init_layers) == m.n_layer,
+             f"model.init_layers={list(m.init_layers)} names {len(m.init_layers)} blocks but model.n_layer="
+             f"{m.n_layer}; list one parent block per layer, or null for evenly spaced ones", source)
+    _require(all(0 <= a < b for a, b in zip(m.init_layers, m.init_layers[1:])) and m.init_layers[0] >= 0,
+             f"model.init_layers={list(m.init_layers)} must be increasing block indices >= 0 (0-based)", source)

@@ -6,8 +6,21 @@ from the dense parent, every expert of an MoE block is a copy of the dense MLP i
 router is freshly initialised. With all experts equal and the top-k weights renormalised to 1 the
 upcycled model computes exactly its parent's function at step 0 (tested).
 
-Layer policy: `model.n_layer` may be smaller than the parent's; the first `n_layer` blocks are taken
-(set n_layer to the parent's depth, e.g. 24 for gpt2-medium, to keep all of it). Vocabulary: the
+Layer policy: `model.n_layer` may be smaller than the parent's; `model.init_layers` names the parent
+blocks that seed ours, in order. By default they are evenly spaced over the parent and keep its first and
+last blocks (for gpt2-medium into 8 layers: 0, 3, 7, 10, 13, 16, 20, 23): the last block writes the
+residual stream that ln_f and the head were trained to read, and the first turns embeddings into what
+every later block expects; layer-pruning studies find the middle blocks the most redundant (Gromov et
+al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"; Men et al. 2024, ShortGPT).
+
+Symmetry breaking: experts that are exact copies get identical gradients from the LM loss, and the
+router gets none (every choice gives the same output), so they only drift apart through the routing
+noise. Drop-Upcycling (Nakamura et al. 2025, "Drop-Upcycling: Training Sparse Mixture of Experts with
+Partial Re-initialization", ICLR) re-initialises a random share r of each expert's FFN units (c_fc rows,
+c_proj columns) from N(mean, std) of the parent matrix, a different share per expert; r = 0.5 was their
+best setting and is the default (`model.upcycle_reinit_ratio`; 0 keeps exact copies, upcycled = parent).
+
+Vocabulary: the
 tokenizer may extend the parent's (the chat tokens ChatML adds); new rows of wte / lm_head start at
 the mean of the parent's rows (Hewitt 2021), so they do not skew the softmax. Output head: the parent's
 `lm_head` is copied (for GPT-2 that is wte, to which it is tied); a tied model cannot be built from a
@@ -17,8 +30,9 @@ parent with an untied head, which raises rather than silently computing somethin
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
@@ -110,9 +124,26 @@ def load_dense_parent(source: str) -> GPT2LMHeadModel:
     return parent.eval()
 
 
-def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int) -> MoeChatForCausalLM:
-    """Sparse upcycling of `parent` into a model built from `config` (see the module docstring)."""
+def parent_layers(n_layer: int, parent_depth: int, init_layers: Optional[Sequence[int]] = None) -> list[int]:
+    """The parent block (0-based) that seeds each of our `n_layer` blocks: `init_layers` when given, else
+    evenly spaced from the parent's first block to its last."""
+    if init_layers is None:
+        if n_layer == 1:
+            return [parent_depth - 1]
+        return [math.floor(i * (parent_depth - 1) / (n_layer - 1) + 0.5) for i in range(n_layer)]  # half up
+    if len(init_layers) != n_layer or max(init_layers) >= parent_depth:
+        raise UpcycleError(f"model.init_layers={list(init_layers)} must name {n_layer} blocks (model.n_layer) of "
+                           f"the dense parent's 0..{parent_depth - 1}; fix the list or set it to null")
+    return list(init_layers)
+
+
+def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int,
+            init_layers: Optional[Sequence[int]] = None, reinit_ratio: float = 0.0) -> MoeChatForCausalLM:
+    """Sparse upcycling of `parent` into a model built from `config` (see the module docstring): block i
+    is a copy of parent block `parent_layers(...)[i]`; with `reinit_ratio` > 0 the experts are then
+    Drop-Upcycled, seeded by `seed`."""
     _check_compatible(config, parent)
+    layers = parent_layers(config.n_layer, parent.config.n_layer, init_layers)
     model = init_scratch(config, seed)  # seeded: fixes the routers (and nothing else survives the copy)
     src = parent.transformer
     dst = model.transformer
@@ -121,8 +152,8 @@ def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int) -> MoeCha
         dst.wte.weight[:v_parent] = src.wte.weight
         dst.wte.weight[v_parent:] = src.wte.weight.mean(dim=0)
         dst.wpe.weight.copy_(src.wpe.weight[: config.n_positions])
-        for i, block in enumerate(dst.h):
-            parent_block = src.h[i]
+        for block, parent_index in zip(dst.h, layers):
+            parent_block = src.h[parent_index]
             for name in ("ln_1", "ln_2"):
                 getattr(block, name).load_state_dict(getattr(parent_block, name).state_dict())
             _copy_conv1d(block.attn.c_attn, parent_block.attn.c_attn)
@@ -136,7 +167,29 @@ def upcycle(config: MoeChatConfig, parent: GPT2LMHeadModel, seed: int) -> MoeCha
             head = parent.lm_head.weight
             model.lm_head.weight[:v_parent] = head
             model.lm_head.weight[v_parent:] = head.mean(dim=0)
+        if reinit_ratio > 0:
+            generator = torch.Generator().manual_seed(seed)
+            for block in dst.h:
+                if block.is_moe:
+                    for expert in block.mlp.experts:
+                        drop_upcycle(expert, reinit_ratio, generator)
     return model
+
+
+def drop_upcycle(expert: torch.nn.Module, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Re-initialise a random `ratio` of the expert's FFN units in place (Drop-Upcycling, Nakamura et al.
+    2025, Sec. 3): rows of c_fc.weight ([n_inner, n_embd]) and columns of c_proj.weight ([n_embd, n_inner])
+    drawn from N(mean, std) of the whole parent matrix; biases are kept (the paper's models have none).
+    Returns the re-initialised unit indices."""
+    n_inner = expert.c_fc.weight.shape[0]
+    units = torch.randperm(n_inner, generator=generator)[: round(ratio * n_inner)]
+    for weight, dim in ((expert.c_fc.weight, 0), (expert.c_proj.weight, 1)):
+        mean, std = weight.mean().item(), weight.std().item()
+        shape = list(weight.shape)
+        shape[dim] = units.numel()
+        fresh = torch.randn(shape, generator=generator) * std + mean
+        weight.index_copy_(dim, units.to(weight.device), fresh.to(weight.dtype).to(weight.device))
+    return units
 
 
 def _copy_conv1d(linear: torch.nn.Linear, conv1d: torch.nn.Module) -> None:
@@ -184,11 +237,14 @@ def _check_compatible(config: MoeChatConfig, parent_model: GPT2LMHeadModel) -> N
                            "(scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn / scale_attn_weights)")
 
 
-def model_report(model: MoeChatForCausalLM, seq_len: int, init_from: str | None) -> dict[str, Any]:
-    """What metrics/model.json records: parameter counts, which blocks are MoE, training FLOPs per token."""
+def model_report(model: MoeChatForCausalLM, seq_len: int, init_from: str | None,
+                 upcycling: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What metrics/model.json records: parameter counts, which blocks are MoE, training FLOPs per token,
+    and for an upcycled model the parent blocks copied and the re-initialised share."""
     cfg = model.config
     return {
         "init_from": init_from,
+        "upcycling": upcycling,
         "params": model.parameter_counts(),
         "layers": ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layer)],
         "moe_layers": cfg.moe_layers,
@@ -213,11 +269,15 @@ def initialize(model_cfg: ModelConfig, seed: int, seq_len: int, tokenizer_dir: P
     """Build (scratch or upcycled), save to `out_dir` with the tokenizer, and return the model report."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = build_config(model_cfg, tokenizer)
+    upcycling = None
     if model_cfg.init_from is None:
         model = init_scratch(config, seed)
     else:
-        model = upcycle(config, load_dense_parent(model_cfg.init_from), seed)
+        parent = load_dense_parent(model_cfg.init_from)
+        model = upcycle(config, parent, seed, model_cfg.init_layers, model_cfg.upcycle_reinit_ratio)
+        upcycling = {"parent_layers": parent_layers(config.n_layer, parent.config.n_layer, model_cfg.init_layers),
+                     "parent_n_layer": parent.config.n_layer, "reinit_ratio": model_cfg.upcycle_reinit_ratio}
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     save_atomic(model, tokenizer, out_dir)
-    return model_report(model, seq_len, model_cfg.init_from)
+    return model_report(model, seq_len, model_cfg.init_from, upcycling)

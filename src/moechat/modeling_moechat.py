@@ -511,12 +511,19 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
     @staticmethod
     def _router_losses(routing: list[tuple[int, RoutingResult]], logits: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean over MoE layers of the per-layer aux and z losses (zeros for a model without MoE layers)."""
+        """Sum over MoE layers of the per-layer aux and z losses (zeros for a model without MoE layers).
+
+        Summed, not averaged: Switch Transformer (Fedus et al. 2022, Sec. 2.2) and ST-MoE (Zoph et al.
+        2022, Sec. 3.1) add alpha x aux (alpha = 0.01) and c_z x z (c_z = 0.001) for every router, so the
+        published coefficients hold per layer whatever the depth; a mean would divide each layer's weight by
+        the number of MoE layers (4 in the reference). (transformers' Mixtral pools the layers' counts into one
+        loss instead, which is neither.)
+        """
         if not routing:
             zero = logits.new_zeros((), dtype=torch.float32)
             return zero, zero
-        aux = torch.stack([r.aux_loss for _, r in routing]).mean()
-        z = torch.stack([r.z_loss for _, r in routing]).mean()
+        aux = torch.stack([r.aux_loss for _, r in routing]).sum()
+        z = torch.stack([r.z_loss for _, r in routing]).sum()
         return aux, z
 
     @staticmethod

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from moechat.config import ConfigError, ModelConfig, MoechatError, TrainConfig, load_params
+from moechat.config import ConfigError, DataConfig, ModelConfig, MoechatError, Params, TrainConfig, load_params
+from moechat.schedule import build_schedule
 
 GIB = 1024**3
 CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
@@ -214,6 +216,93 @@ def render(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Run size: tokens, optimizer steps, warmup and projected time (beside the memory estimate)
+
+# RTX 4060 Ti 16 GB: 34 SMs x 2.535 GHz boost x 512 dense bf16 FLOP/clock/SM with fp32 accumulate (Ada
+# GeForce runs fp32-accumulate tensor math at half the fp16-accumulate rate; the Ada whitepaper's RTX 4090
+# row, 165.2 dense TFLOPS for 128 SMs at 2.52 GHz, gives the per-SM rate).
+RTX_4060_TI_BF16_FLOPS = 34 * 2.535e9 * 512
+DEFAULT_MFU = 0.30  # an assumption for the projection, not a measurement: metrics/train.json records the real MFU
+# English OASST1 train split: ~1.4M tokens per epoch with thread_policy best (issue 9's measurement of the
+# landed prepare stage, 1.3-1.5M); `all` has 5.1x the tokens of `best` on the real 100-tree sample
+# (metrics/bench_data.json: 175,467 vs 34,407 train tokens). Packed blocks are ~96% full (same file).
+OASST1_EN_BEST_TOKENS = 1.4e6
+OASST1_ALL_OVER_BEST = 5.1
+OASST1_PACKING_EFFICIENCY = 0.96
+
+
+@dataclass(frozen=True)
+class DataSize:
+    tokens_per_epoch: int
+    blocks: int
+    source: str  # "metrics/prepare.json" or "estimate (...)"
+
+
+@dataclass(frozen=True)
+class RunSize:
+    data: DataSize
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_run: int  # positions processed (blocks x seq_len), what the FLOPs count
+    flops_per_token: float
+    seconds: float  # projected wall time at `mfu` of `peak_flops` per GPU
+    mfu: float
+    peak_flops: float
+
+
+def data_size(data: DataConfig, seq_len: int, prepare_metrics: Optional[Path]) -> Optional[DataSize]:
+    """Train tokens and packed blocks per epoch: measured when metrics/prepare.json matches these params,
+    else an estimate for English OASST1, else None (an unknown source cannot be estimated)."""
+    if prepare_metrics is not None and Path(prepare_metrics).exists():
+        m = json.loads(Path(prepare_metrics).read_text())
+        if m.get("seq_len") == seq_len and m.get("thread_policy") == data.thread_policy:
+            return DataSize(int(m["train"]["tokens"]), int(m["train"]["blocks"]), str(prepare_metrics))
+    if data.source != "OpenAssistant/oasst1" or data.langs != ("en",):
+        return None
+    tokens = OASST1_EN_BEST_TOKENS * (OASST1_ALL_OVER_BEST if data.thread_policy == "all" else 1.0)
+    blocks = math.ceil(tokens / (seq_len * OASST1_PACKING_EFFICIENCY))
+    return DataSize(int(tokens), blocks, f"estimate (English OASST1, thread_policy {data.thread_policy}; "
+                                         f"run `dvc repro prepare` to measure)")
+
+
+def flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token, as MoeChatForCausalLM.flops_per_token counts them (6 N_active + attention,
+    PaLM appendix B), from the config alone."""
+    pc = count_params(model, vocab_size)
+    d, f = model.n_embd, model.n_inner
+    n_moe = sum(1 for i in range(model.n_layer) if (i + 1) % model.moe_every == 0)
+    idle_experts = n_moe * (model.num_experts - model.top_k) * ((d * f + f) + (f * d + d))
+    active_non_embedding = pc.total - pc.embedding - idle_experts
+    if model.tie_word_embeddings:
+        active_non_embedding += vocab_size * d
+    return float(6 * active_non_embedding + 12 * model.n_layer * d * seq_len)
+
+
+def run_size(model: ModelConfig, train: TrainConfig, vocab_size: int, data: DataSize, world_size: int = 1,
+             mfu: float = DEFAULT_MFU, peak_flops: float = RTX_4060_TI_BF16_FLOPS) -> RunSize:
+    """Optimizer steps and warmup from the real schedule function, and the wall time they take at `mfu`."""
+    schedule = build_schedule(train, data.blocks, world_size)
+    tokens = schedule.total_steps * train.micro_batch_size * train.grad_accum * world_size * train.seq_len
+    fpt = flops_per_token(model, vocab_size, train.seq_len)
+    seconds = tokens * fpt / (mfu * peak_flops * world_size)
+    return RunSize(data=data, steps_per_epoch=schedule.steps_per_epoch, total_steps=schedule.total_steps,
+                   warmup_steps=schedule.warmup_steps, tokens_per_run=tokens, flops_per_token=fpt, seconds=seconds,
+                   mfu=mfu, peak_flops=peak_flops)
+
+
+def render_run(run: RunSize) -> str:
+    d = run.data
+    return "\n".join([
+        f"run: {d.tokens_per_epoch / 1e6:.2f}M train tokens per epoch in {d.blocks:,} blocks [{d.source}]",
+        f"  optimizer steps {run.total_steps} ({run.steps_per_epoch} per epoch), warmup {run.warmup_steps}",
+        f"  {run.tokens_per_run / 1e6:.1f}M tokens x {run.flops_per_token / 1e9:.2f} GFLOP/token: "
+        f"~{run.seconds / 60:.0f} min at {run.mfu:.0%} MFU (assumed) of {run.peak_flops / 1e12:.1f} TFLOP/s per GPU "
+        f"(default: RTX 4060 Ti bf16)",
+    ])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="moechat plan", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -221,6 +310,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch_size")
     ap.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir for the exact vocab, if built")
     ap.add_argument("--world-size", type=int, default=1, help="GPUs sharing ZeRO-2 state (with train.deepspeed)")
+    ap.add_argument("--prepare-metrics", default="metrics/prepare.json",
+                    help="measured data size (default: metrics/prepare.json; estimated when absent)")
+    ap.add_argument("--gpu-tflops", type=float, default=RTX_4060_TI_BF16_FLOPS / 1e12,
+                    help="dense 16-bit peak per GPU for the time projection (default: RTX 4060 Ti, bf16)")
+    ap.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU for the time projection")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     overrides = yaml.safe_load(Path(args.preset).read_text()) if args.preset else None
@@ -235,9 +329,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     vocab = vocab_size_for(params.tokenizer.source, params.tokenizer.vocab_size, Path(args.tokenizer))
     plan = estimate(params.model, params.train, vocab, args.micro_batch, args.world_size)
     best = largest_micro_batch(params.model, params.train, vocab, args.world_size)
+    try:
+        run = run_for(params, vocab, args)
+    except ConfigError as err:
+        print(f"moechat plan: {err}")
+        return 2
     if args.json:
-        print(json.dumps({**asdict(plan), "fits": plan.fits, "largest_micro_batch": best}, indent=1))
+        print(json.dumps({**asdict(plan), "fits": plan.fits, "largest_micro_batch": best,
+                          "run": asdict(run) if run else None}, indent=1))
     else:
         print(render(plan))
         print(f"largest micro-batch that fits: {best}" if best else advice(params.model, params.train, vocab))
+        print(render_run(run) if run else f"run: no data size for data.source={params.data.source!r} "
+                                          f"(only English OASST1 is estimated); run `dvc repro prepare` to measure")
     return 0 if plan.fits else 1
+
+
+def run_for(params: Params, vocab: int, args: argparse.Namespace) -> Optional[RunSize]:
+    """The CLI's run size: None when the data size is neither measured nor estimable."""
+    data = data_size(params.data, params.train.seq_len, Path(args.prepare_metrics))
+    if data is None:
+        return None
+    return run_size(params.model, params.train, vocab, data, args.world_size, args.mfu, args.gpu_tflops * 1e12)

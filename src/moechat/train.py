@@ -28,6 +28,7 @@ from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
 from moechat.config import ConfigError, ModelConfig, MoechatError, TrainConfig
+from moechat.schedule import build_schedule, lr_multiplier, steps_per_epoch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 # Dense 16-bit tensor-core peaks (no sparsity: half the datasheets' "with sparsity" figures) from NVIDIA's
@@ -174,18 +175,25 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> 
     if cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, **kw)
+        optimizer = bnb.optim.AdamW8bit(groups, **kw)
+        keep_embeddings_in_32bit(model, bnb.optim.GlobalOptimManager.get_instance())
+        return optimizer
     return torch.optim.AdamW(groups, **kw)
 
 
-def lr_multiplier(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at `total_steps` (nanoGPT's schedule),
-    as a multiple of train.lr for LambdaLR. `step` counts optimizer steps already taken."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    ratio = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    lr = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
-    return lr / cfg.lr
+EMBEDDING_LIKE = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight")
+
+
+def keep_embeddings_in_32bit(model: torch.nn.Module, manager: Any) -> None:
+    """32-bit Adam state for wte, wpe and lm_head under 8-bit AdamW, as bitsandbytes recommends for
+    embeddings (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", Sec. 2.3: the
+    embedding layer is where 8-bit state destabilised training; their StableEmbedding keeps its state in 32 bits).
+    bitsandbytes keys overrides by parameter identity in its process-wide GlobalOptimManager and reads them
+    when it creates each state, at the optimizer's first step."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name in EMBEDDING_LIKE:
+        if name in named:  # a tied lm_head is wte, already listed
+            manager.override_config(named[name], "optim_bits", 32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +231,7 @@ class BatchStream:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.n_rows // self.global_batch
+        return steps_per_epoch(self.n_rows, self.global_batch)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -480,10 +488,11 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
     val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
     stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * stream.steps_per_epoch
+    schedule = build_schedule(cfg, stream.n_rows, world)  # refuses a warmup that covers the run, before step 0
+    total_steps = schedule.total_steps
 
     optimizer = build_optimizer(model, cfg, offload)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, schedule))
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
     except torch.OutOfMemoryError as err:
@@ -598,7 +607,8 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     tokens_per_s = state.tokens_seen / state.train_seconds if state.train_seconds else None
     mfu = flops_per_token * tokens_per_s / (peak * world) if peak and tokens_per_s else None
     return {
-        "steps": state.step, "resumed_from_step": start_step or None, "fingerprint": fp,
+        "steps": state.step, "total_steps": total_steps, "warmup_steps": schedule.warmup_steps,
+        "resumed_from_step": start_step or None, "fingerprint": fp,
         "loss": last.get("loss"), "lm_loss": last.get("lm_loss"), "aux_loss": last.get("aux_loss"),
         "z_loss": last.get("z_loss"), "val_lm_loss": val["lm_loss"], "tokens_seen": state.tokens_seen,
         "target_tokens_seen": state.target_tokens_seen, "train_seconds": state.train_seconds,
