@@ -14,6 +14,12 @@ from moechat.config import load_params
 from moechat.data.chat import load_packed
 from moechat.evaluate import evaluate, load_model, pick_device, share_rows
 from moechat.io import write_json
+from moechat.metrics import write_stage_report
+
+
+# What `dvc metrics` compares, plus router.* (the per-layer averages) when the model has MoE blocks; the
+# per-layer detail and batch count go to --run-facts.
+METRICS = ("loss", "perplexity", "accuracy", "tokens", "dead_expert_threshold")
 
 
 def main() -> None:
@@ -21,6 +27,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="save_pretrained folder of the trained model")
     parser.add_argument("--data", type=Path, required=True, help="prepared data folder (packed val split)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON with loss, perplexity, router stats")
+    parser.add_argument("--run-facts", type=Path, default=None,
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--samples", type=Path, required=True, help="JSON with the generated chat samples")
     parser.add_argument("--plots", type=Path, required=True, help="folder for DVC plot data files")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -30,7 +38,8 @@ def main() -> None:
     params = load_params(args.params)
     model, tokenizer = load_model(args.model, pick_device(args.device))
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
-    write_json(args.metrics, metrics)
+    router_keys = [f"router.{key}" for key in metrics.get("router", {})]
+    write_stage_report(metrics, METRICS + tuple(router_keys), args.metrics, args.run_facts)
     write_json(args.samples, samples)
     write_json(args.plots / "expert_shares.json", share_rows(metrics))
     write_json(args.plots / "samples_table.json", samples)

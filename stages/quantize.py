@@ -15,7 +15,14 @@ from moechat.config import load_params
 from moechat.data.chat import load_packed
 from moechat.evaluate import pick_device
 from moechat.io import write_json
+from moechat.metrics import write_stage_report
 from moechat.quantize import quantize_stage
+
+
+# What `dvc metrics` compares; the device, seconds and echoed quantize params go to --run-facts.
+METRICS = ("loss_fp32", "loss_quantized", "perplexity_fp32", "perplexity_quantized", "perplexity_ratio",
+           "weight_bytes_fp32", "weight_bytes_quantized", "size_ratio", "quantized_linears", "calib_tokens",
+           "calib_tokens_per_expert_min", "calib_tokens_per_expert_median", "fallback")
 
 
 def main() -> None:
@@ -26,6 +33,8 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="JSON totals: perplexity fp32 vs 4-bit, sizes")
     parser.add_argument("--experts", type=Path, required=True,
                         help="JSON per expert: calibration tokens (router, GPTQ) and the fallback flag")
+    parser.add_argument("--run-facts", type=Path, default=None,
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--device", default="auto", help="auto (a visible GPU, else the CPU) | cpu | cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=4, help="val batch size for the perplexity runs")
@@ -38,7 +47,7 @@ def main() -> None:
                                       load_packed(args.data, "val"), q, params.seed, args.out, args.batch_size,
                                       args.max_batches, pick_device(args.device))
     write_json(args.experts, experts)
-    write_json(args.metrics, metrics)
+    write_stage_report(metrics, METRICS, args.metrics, args.run_facts)
     print(f"quantize: {q.bits}-bit g{q.group_size} on {metrics['device']} -> {args.out} in "
           f"{metrics['quantize_seconds']:.1f}s (+{metrics['load_seconds']:.1f}s load); "
           f"val ppl {metrics['perplexity_fp32']:.3f} -> {metrics['perplexity_quantized']:.3f} "

@@ -17,6 +17,8 @@ import pytest
 
 from moechat.demo import demo_env, make_demo_repo
 
+pytestmark = pytest.mark.slow  # the whole DAG in a scratch repo: minutes
+
 STAGES = ("download", "prepare", "init", "train", "evaluate", "export", "quantize")
 
 
