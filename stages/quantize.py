@@ -8,6 +8,7 @@ Usage (see dvc.yaml): python stages/quantize.py --model models/export --data dat
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
@@ -17,6 +18,26 @@ from moechat.evaluate import pick_device
 from moechat.io import write_json
 from moechat.metrics import write_stage_report
 from moechat.quantize import quantize_stage
+
+
+PACK_KERNEL = "gptqmodel_pack_block_cpu"  # GPTQModel's C++ packing op, compiled with g++ on first use
+
+
+def pack_kernel_cache() -> Path:
+    """Where GPTQModel 7.6 caches the built packing kernel, one subfolder per build fingerprint (its
+    `default_torch_ops_build_root`; computed here because importing gptqmodel prints a banner)."""
+    root = os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
+    return base / "pack_block_cpu"
+
+
+def pack_kernel_notice(cache: Path) -> str | None:
+    """A line to print before GPTQ when GPTQModel will first compile its packing kernel (about a minute on
+    2 cores, with no output of its own), else None."""
+    if any(cache.glob(f"*/{PACK_KERNEL}*.so")):
+        return None
+    return (f"quantize: first run on this machine: GPTQModel compiles its C++ packing kernel with g++ "
+            f"(about a minute, once; cached in {cache})")
 
 
 # What `dvc metrics` compares; the device, seconds and echoed quantize params go to --run-facts.
@@ -43,6 +64,9 @@ def main() -> None:
 
     params = load_params(args.params)
     q = params.quantize
+    notice = pack_kernel_notice(pack_kernel_cache())
+    if notice:
+        print(notice, flush=True)
     metrics, experts = quantize_stage(args.model, args.data / "conversations_train.jsonl",
                                       load_packed(args.data, "val"), q, params.seed, args.out, args.batch_size,
                                       args.max_batches, pick_device(args.device))
