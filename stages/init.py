@@ -15,9 +15,9 @@ from moechat.init import initialize
 from moechat.metrics import write_stage_report
 
 
-# The parameter counts live here once (train does not repeat them); the block layout, non-embedding counts
-# and the echoed params go to --run-facts.
-METRICS = ("params.total", "params.active", "train_flops_per_token")
+# The parameter counts live here once (train does not repeat them); FLOPs per token, the block layout,
+# non-embedding counts and the echoed params go to --run-facts.
+METRICS = ("params.total", "params.active")
 
 
 def main() -> None:

@@ -40,10 +40,11 @@ def pack_kernel_notice(cache: Path) -> str | None:
             f"(about a minute, once; cached in {cache})")
 
 
-# What `dvc metrics` compares; the device, seconds and echoed quantize params go to --run-facts.
-METRICS = ("loss_fp32", "loss_quantized", "perplexity_fp32", "perplexity_quantized", "perplexity_ratio",
-           "weight_bytes_fp32", "weight_bytes_quantized", "size_ratio", "quantized_linears", "calib_tokens",
-           "calib_tokens_per_expert_min", "calib_tokens_per_expert_median", "fallback")
+# What `dvc metrics` compares; the losses behind the perplexities, device, seconds, module count and echoed
+# quantize params go to --run-facts.
+METRICS = ("perplexity_fp32", "perplexity_quantized", "perplexity_ratio", "weight_bytes_fp32",
+           "weight_bytes_quantized", "size_ratio", "calib_tokens", "calib_tokens_per_expert_min",
+           "calib_tokens_per_expert_median", "fallback")
 
 
 def main() -> None:

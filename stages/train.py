@@ -1,6 +1,6 @@
 """Stage `train`: train the init model on the packed blocks; checkpoints, DVCLive curves, final model.
 
-Resumes on its own from the newest complete checkpoint of the same experiment (see README, Training).
+Resumes on its own from the newest complete checkpoint of the same experiment (see docs/pipeline.md, Training).
 Multi-GPU: launch this same script with `accelerate launch`, `torchrun` or `deepspeed`.
 """
 
@@ -16,9 +16,9 @@ from moechat.metrics import write_stage_report
 from moechat.train import train
 
 
-# What `dvc metrics` compares; the fingerprint, seconds, device, resume point and token counts go to
-# --run-facts.
-METRICS = ("loss", "lm_loss", "aux_loss", "z_loss", "val_lm_loss", "tokens_per_s", "mfu", "peak_memory_gb")
+# What `dvc metrics` compares; the total loss and z-loss (its other terms), fingerprint, seconds, device,
+# resume point and token counts go to --run-facts.
+METRICS = ("lm_loss", "aux_loss", "val_lm_loss", "tokens_per_s", "mfu", "peak_memory_gb")
 
 
 def main(argv: list[str] | None = None) -> int:
