@@ -16,7 +16,8 @@ from typing import Callable, NoReturn, Optional
 
 from moechat.config import MoechatError
 
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed")
+# bitsandbytes.backends.cpu: "Failed to load CPU gemm_4bit_forward from kernels-community" (an optional package)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "bitsandbytes.backends.cpu")
 
 
 class _ErrorsOnly(logging.Filter):
