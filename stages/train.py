@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)
     if os.environ.get("RANK", "0") != "0":  # set by torchrun / accelerate launch / deepspeed
         return 0
-    run_facts = {k: v for k, v in m.items() if k != "parameters"}  # counted once, by init (model.json)
-    write_stage_report(run_facts, METRICS, args.metrics, args.run_facts)
+    report = {k: v for k, v in m.items() if k != "parameters"}  # counted once, by init (model.json)
+    write_stage_report(report, METRICS, args.metrics, args.run_facts)
     mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
     speed = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.0f}"
     print(f"train: {m['steps']} steps, val lm loss {m['val_lm_loss']:.4f}, {speed} tok/s, MFU {mfu} "
