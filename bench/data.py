@@ -1,7 +1,7 @@
 """Data benchmark: packing vs pad-to-seq_len, real tokens per optimizer step, prepare throughput.
 
 Runs the download + prepare library functions (the stages' code path) on the bundled fixture with the tiny
-preset, and on the real OASST1 sample in ../shared/data/oasst1 (when present) with the real GPT-2 BPE and
+preset, and on the real OASST1 sample shipped in tests/fixtures/oasst1_en_100 with the real GPT-2 BPE and
 the reference params. Prints one table and writes metrics/bench_data.json.
 
     python bench/data.py [--out metrics/bench_data.json] [--real PATH] [--num-proc N]
@@ -27,7 +27,13 @@ from moechat.io import write_json
 from benchlib import device_name
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = ROOT.parent / "shared" / "data" / "oasst1" / "oa_export_en_100.trees.jsonl"
+REAL = ROOT / "tests" / "fixtures" / "oasst1_en_100" / "oa_export_en_100.trees.jsonl"
+
+
+def repo_relative(source: str) -> str:
+    """A source inside the repository as a repository path, so the results file names no local folder."""
+    path = Path(source).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else source
 
 
 def bench_one(name: str, params: Params, work: Path) -> dict:
@@ -42,7 +48,7 @@ def bench_one(name: str, params: Params, work: Path) -> dict:
     slots_per_step = t.micro_batch_size * t.grad_accum * t.seq_len
     return {
         "name": name,
-        "source": params.data.source,
+        "source": repo_relative(params.data.source),
         "tokenizer": params.tokenizer.source if params.tokenizer.source == "train" else "gpt2 (local BPE files)",
         "thread_policy": params.data.thread_policy,
         "seq_len": t.seq_len,
@@ -81,13 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         configs = [("fixture, tiny preset", fixture)]
-        if args.real.exists():
-            gpt2 = gpt2_tokenizer_dir(tmp / "gpt2")
-            real = {"data": {"source": str(args.real), "revision": None}, "tokenizer": {"source": str(gpt2)}}
-            configs += [("real sample, best", real),
-                        ("real sample, all", {**real, "data": {**real["data"], "thread_policy": "all"}})]
-        else:
-            print(f"bench/data: {args.real} not found, benchmarking the fixture only", file=sys.stderr)
+        gpt2 = gpt2_tokenizer_dir(tmp / "gpt2")
+        real = {"data": {"source": str(args.real.resolve()), "revision": None}, "tokenizer": {"source": str(gpt2)}}
+        configs += [("real sample, best", real),
+                    ("real sample, all", {**real, "data": {**real["data"], "thread_policy": "all"}})]
         for k, (name, overrides) in enumerate(configs):
             if args.num_proc:
                 overrides = {**overrides, "data": {**overrides.get("data", {}), "num_proc": args.num_proc}}

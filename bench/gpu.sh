@@ -3,7 +3,7 @@
 #   bash bench/gpu.sh
 # Writes metrics/bench_moe_layer.json, metrics/bench_train.json and (when models/export and
 # models/quantized exist, i.e. after `dvc repro`) metrics/bench_quant.json; `python bench/report.py`
-# then prints the README table. Needs metrics/prepare.json of the reference data for the seed-recipe
+# then prints the tables of docs/benchmarks.md. Needs metrics/prepare.json of the reference data for the seed-recipe
 # comparison in bench_train (run `dvc repro prepare` first; without it that row is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."

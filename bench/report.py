@@ -1,4 +1,4 @@
-"""Print the README's benchmark tables from metrics/bench_*.json, so no figure is typed in by hand.
+"""Print the benchmark tables of docs/benchmarks.md from metrics/bench_*.json, so no figure is typed in by hand.
 
     python bench/report.py [--metrics metrics]
 """

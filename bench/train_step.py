@@ -78,7 +78,7 @@ def measure(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, steps: int
     try:
         model = MoeChatForCausalLM(hf)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = build_optimizer(model, cfg, offload=False)
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()

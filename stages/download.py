@@ -11,20 +11,26 @@ from pathlib import Path
 
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
-from moechat.io import write_json
+from moechat.metrics import write_stage_report
 from moechat.data.oasst import download
+
+
+# What `dvc metrics` compares; the source, revision, per-value counts and content hash go to --run-facts.
+METRICS = ("rows", "trees")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True, help="folder for the canonical message rows")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON file for counts and content hash")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the message and tree counts")
+    parser.add_argument("--run-facts", type=Path, default=None,
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
     metrics = download(params.data, args.out)
-    write_json(args.metrics, metrics)
+    write_stage_report(metrics, METRICS, args.metrics, args.run_facts)
     skipped = metrics.get("skipped") or []
     note = f"; skipped {len(skipped)} hidden or documentation file(s): {', '.join(skipped[:3])}" if skipped else ""
     print(f"download: {metrics['rows']} messages in {metrics['trees']} trees from {metrics['source']} "

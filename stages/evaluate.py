@@ -16,6 +16,12 @@ from moechat.data.chat import load_packed
 from moechat.evaluate import evaluate, load_model, pick_device, share_rows
 from moechat.harness import run_lm_eval, task_manager
 from moechat.io import write_json
+from moechat.metrics import write_stage_report
+
+
+# What `dvc metrics` compares, plus router.* (the per-layer averages) when the model has MoE blocks; the
+# per-layer detail and batch count go to --run-facts.
+METRICS = ("loss", "perplexity", "accuracy", "tokens", "dead_expert_threshold")
 
 
 def main() -> None:
@@ -23,6 +29,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="save_pretrained folder of the trained model")
     parser.add_argument("--data", type=Path, required=True, help="prepared data folder (packed val split)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON with loss, perplexity, router stats")
+    parser.add_argument("--run-facts", type=Path, default=None,
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--samples", type=Path, required=True, help="JSON with the generated chat samples")
     parser.add_argument("--plots", type=Path, required=True, help="folder for DVC plot data files")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -35,7 +43,9 @@ def main() -> None:
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
     if params.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(model, tokenizer, params.eval, params.seed, manager)
-    write_json(args.metrics, metrics)
+    router_keys = [f"router.{key}" for key in metrics.get("router", {})]
+    lm_eval_keys = [f"lm_eval.tasks.{task}" for task in metrics.get("lm_eval", {}).get("tasks", {})]
+    write_stage_report(metrics, METRICS + tuple(router_keys + lm_eval_keys), args.metrics, args.run_facts)
     write_json(args.samples, samples)
     write_json(args.plots / "expert_shares.json", share_rows(metrics))
     write_json(args.plots / "samples_table.json", samples)

@@ -12,7 +12,12 @@ from pathlib import Path
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.init import initialize
-from moechat.io import write_json
+from moechat.metrics import write_stage_report
+
+
+# The parameter counts live here once (train does not repeat them); FLOPs per token, the block layout,
+# non-embedding counts and the echoed params go to --run-facts.
+METRICS = ("params.total", "params.active")
 
 
 def main() -> None:
@@ -20,12 +25,14 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder written by prepare")
     parser.add_argument("--out", type=Path, required=True, help="save_pretrained folder to write")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON with parameter counts and FLOPs")
+    parser.add_argument("--run-facts", type=Path, default=None,
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
 
     params = load_params(args.params)
     report = initialize(params.model, params.seed, params.train.seq_len, args.tokenizer, args.out)
-    write_json(args.metrics, report)
+    write_stage_report(report, METRICS, args.metrics, args.run_facts)
     counts = report["params"]
     print(f"init: {report['init_from'] or 'scratch'} -> {args.out}: {counts['total']:,} params, "
           f"{counts['active']:,} active per token, MoE blocks {report['moe_layers']}, "

@@ -13,7 +13,14 @@ from pathlib import Path
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.io import write_json
+from moechat.metrics import write_stage_report
 from moechat.data.prepare import EmptySplitError, prepare
+
+
+# What `dvc metrics` compares; filters, length percentiles, truncations and drops go to --run-facts.
+METRICS = ("messages", "messages_kept", "threads", "packing_efficiency", "naive_padding_efficiency",
+           "train.conversations", "train.tokens", "train.assistant_token_share", "train.blocks",
+           "val.conversations", "val.tokens", "val.blocks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for packed splits and conversations")
     parser.add_argument("--tokenizer-out", type=Path, required=True, help="folder for the chat tokenizer")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the prepare figures")
+    parser.add_argument("--run-facts", type=Path, default=None,
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -32,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except EmptySplitError as err:
         write_json(args.metrics, err.metrics)  # the counts say what dropped everything
         raise
-    write_json(args.metrics, metrics)
+    write_stage_report(metrics, METRICS, args.metrics, args.run_facts)
     train, val = metrics["train"], metrics["val"]
     print(f"prepare: {metrics['threads']} threads ({metrics['thread_policy']}) from {metrics['messages_kept']}/"
           f"{metrics['messages']} messages; train {train['conversations']} conv {train['tokens']} tok "

@@ -1,6 +1,6 @@
 """Stage `train`: train the init model on the packed blocks; checkpoints, DVCLive curves, final model.
 
-Resumes on its own from the newest complete checkpoint of the same experiment (see README, Training).
+Resumes on its own from the newest complete checkpoint of the same experiment (see docs/pipeline.md, Training).
 Multi-GPU: launch this same script with `accelerate launch`, `torchrun` or `deepspeed`.
 """
 
@@ -12,8 +12,13 @@ from pathlib import Path
 
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
-from moechat.io import write_json
+from moechat.metrics import write_stage_report
 from moechat.train import train
+
+
+# What `dvc metrics` compares; the total loss and z-loss (its other terms), fingerprint, seconds, device,
+# resume point and token counts go to --run-facts.
+METRICS = ("lm_loss", "aux_loss", "val_lm_loss", "tokens_per_s", "mfu", "peak_memory_gb")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="final model folder")
     ap.add_argument("--live", type=Path, required=True, help="DVCLive folder")
     ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--run-facts", type=Path, default=None,
+                    help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     args = ap.parse_args(argv)
 
@@ -32,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)
     if os.environ.get("RANK", "0") != "0":  # set by torchrun / accelerate launch / deepspeed
         return 0
-    write_json(args.metrics, m)
+    report = {k: v for k, v in m.items() if k != "parameters"}  # counted once, by init (model.json)
+    write_stage_report(report, METRICS, args.metrics, args.run_facts)
     mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
     speed = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.0f}"
     print(f"train: {m['steps']} steps, val lm loss {m['val_lm_loss']:.4f}, {speed} tok/s, MFU {mfu} "

@@ -20,6 +20,8 @@ from moechat.export import export_model
 from moechat.config import load_params
 from tests._release_tiny import tiny_model, tiny_tokenizer, write_prepared
 
+pytestmark = pytest.mark.slow  # trains, exports and quantizes a model, then runs the CLI in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 

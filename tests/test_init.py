@@ -274,7 +274,7 @@ def test_init_stage_script_writes_model_and_metrics(tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("init: scratch -> models/init")
-    metrics = json.loads((tmp_path / "metrics" / "model.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "run" / "model.json").read_text())  # the layout is a run fact
     assert metrics["layers"] == ["dense", "moe", "dense", "moe"]
     config = MoeChatConfig.from_pretrained(tmp_path / "models" / "init")
     assert config.n_layer == 4 and config.pad_token_id == 41

@@ -1,14 +1,16 @@
 """The whole DAG end to end with the tiny preset, exactly as `moechat demo` and a user run it.
 
 One scratch git + DVC repo per module: `dvc repro` builds everything, a second `dvc repro` does nothing,
-`dvc exp run -S model.num_experts=...` reruns init onwards only, `dvc metrics diff` lists the eval and
-quantize metrics side by side, and `dvc plots show` writes the HTML.
+`dvc exp run -S model.num_experts=8` reruns init onwards only, after two experiments `dvc metrics diff`
+holds no run facts and the README's `dvc exp show` line fits 160 columns, and `dvc plots show` writes the
+HTML.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +19,13 @@ import pytest
 
 from moechat.demo import demo_env, make_demo_repo
 
+pytestmark = pytest.mark.slow  # the whole DAG in a scratch repo: minutes
+
 STAGES = ("download", "prepare", "init", "train", "evaluate", "export", "quantize")
 
 
-def dvc(repo: Path, *args: str) -> str:
-    env = demo_env(repo)
+def dvc(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    env = {**demo_env(repo), **(env or {})}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -59,18 +63,39 @@ def test_second_repro_does_nothing(repo):
     assert "up to date" in again
 
 
-def test_experiment_reruns_init_onwards_and_metrics_diff_compares(repo):
+def readme_command(prefix: str) -> list[str]:
+    """The README's own command line that starts with `prefix`, so the test runs what the README shows."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith(prefix))
+    return shlex.split(line, comments=True)[1:]  # without the leading `dvc`
+
+
+RUN_FACT_WORDS = ("seconds", "fingerprint", "sha256", "revision", "device", "resumed")
+
+
+def test_two_experiments_rerun_init_onwards_and_compare_readably(repo):
     dvc(repo, "commit", "-f")
     subprocess.run(["git", "add", "-A"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
 
-    exp = dvc(repo, "exp", "run", "-S", "model.num_experts=2")
+    exp = dvc(repo, "exp", "run", "-n", "e8", "-S", "model.num_experts=8")
     assert ran(exp) == {"init", "train", "evaluate", "export", "quantize"}, exp
+    facts = json.loads((repo / "metrics/run/train.json").read_text())
+    assert len(facts["fingerprint"]) == 12 and facts["train_seconds"] > 0  # run facts still recorded
+    dvc(repo, "exp", "run", "-n", "k1", "-S", "model.top_k=1")
 
     diff = dvc(repo, "metrics", "diff", "--all")
-    for key in ("perplexity", "accuracy", "perplexity_ratio", "weight_bytes_quantized"):
+    for key in ("perplexity", "accuracy", "val_lm_loss", "router.mean_cv", "perplexity_ratio", "params.total"):
         assert key in diff, diff
-    assert "metrics/eval.json" in diff and "metrics/quantize.json" in diff
+    assert not [word for word in RUN_FACT_WORDS if word in diff], diff
+    assert "parameters." not in diff  # parameter counts once, in metrics/model.json
+
+    table = dvc(repo, *readme_command("dvc exp show"), env={"COLUMNS": "160"})
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    for column in ("model.num_experts", "val_lm_loss", "loss", "perplexity", "router.mean_cv"):
+        assert column in header, table
+    assert max(map(len, table.splitlines())) <= 160 and "…" not in table, table
+    assert table.count("[e8]") == 1 and table.count("[k1]") == 1, table
 
 
 def test_plots_show_writes_html(repo):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -248,3 +249,45 @@ def test_chromium_runs_the_bundled_versions(pages: dict[str, Path], tmp_path: Pa
                         "vegaEmbed": expected["Vega Embed"]}
     embed = re.search(r'<div id="dvclive_plots_metrics_train_loss_tsv" class="vega-embed[^"]*">(.*)', dom, re.S)
     assert embed and re.search(r'<canvas width="\d+" height="\d+" class="marks"', embed.group(1))
+
+
+@pytest.fixture(scope="module")
+def project_plots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """`dvc plots show --json` of the project's own `plots:` definitions over small curve files."""
+    import yaml
+
+    repo = tmp_path_factory.mktemp("project_plots")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
+    shutil.copytree(ROOT / "dvc_templates", repo / "dvc_templates")
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
+    live = repo / "metrics" / "train" / "plots"
+    for name in ("lm_loss", "aux_loss", "z_loss"):
+        for split in ("train", "val"):
+            path = live / "metrics" / split / f"{name}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"step\t{name}\n1\t2.0\n2\t1.5\n")
+    shares = live / "expert_shares" / "layer1.tsv"
+    shares.parent.mkdir(parents=True)
+    shares.write_text("step\tseries\tshare\n" + "".join(
+        f"{step}\t{series}\t0.1\n" for step in (1, 2) for series in [f"expert{e}" for e in range(10)] + ["dropped"]))
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=repo, check=True,
+                           capture_output=True, text=True).stdout
+    return {plot_id: renders[0]["content"] for plot_id, renders in json.loads(shown)["data"].items() if renders}
+
+
+def test_project_plots_have_titles_and_axis_labels_not_paths(project_plots: dict[str, dict]) -> None:
+    shares = next(spec for plot_id, spec in project_plots.items() if plot_id.endswith("expert_shares/layer1.tsv"))
+    assert shares["title"] == "Expert token shares during training (one chart per MoE layer)"
+    line = shares["layer"][0]["encoding"]
+    assert (line["x"]["title"], line["y"]["title"]) == ("optimizer step", "share of routed tokens")
+    # each chart names its layer (from the file name DVC adds to every row)
+    assert "filename" in shares["data"]["values"][0] and "moe_layer" == shares["layer"][1]["encoding"]["text"]["field"]
+    router = next(spec for plot_id, spec in project_plots.items() if plot_id.startswith("Router losses"))
+    assert json.dumps(router).count('"router loss (unweighted)"') >= 1 and '"title": "y"' not in json.dumps(router)
+
+
+def test_expert_share_colours_are_distinct_for_ten_experts_and_dropped() -> None:
+    template = json.loads((ROOT / "dvc_templates" / "expert_shares.json").read_text())
+    colours = template["layer"][0]["encoding"]["color"]["scale"]["range"]
+    assert len(set(colours)) == len(colours) >= 11  # the reference model: 10 experts + dropped

@@ -73,12 +73,14 @@ def run(tmp_path_factory):
                                   check=False)
             assert proc.returncode == 0, proc.stderr[-3000:]
             out["stage_output"] = proc
-            metrics = json.loads((files / "quantize.json").read_text())
+            metrics = {**json.loads((files / "quantize.json").read_text()),  # what the stage reported, both files
+                       **json.loads((files / "run" / "quantize.json").read_text())}
             experts = json.loads((files / "experts.json").read_text())
         out[name] = (model, tok, tmp / name / "quantized", metrics, prepared, experts)
     return out
 
 
+@pytest.mark.slow
 def test_standard_gptq_format_on_disk(run):
     model, _, qdir, metrics, _, _ = run["normal"]
     qcfg = json.loads((qdir / "config.json").read_text())["quantization_config"]
@@ -107,6 +109,7 @@ def test_standard_gptq_format_on_disk(run):
     assert metrics["weight_bytes_fp32"] == sum(p.stat().st_size for p in (qdir.parent / "export").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_perplexity_ratio_is_finite_and_close_to_one(run):
     metrics = run["normal"][3]
     assert math.isfinite(metrics["perplexity_quantized"])
@@ -114,6 +117,7 @@ def test_perplexity_ratio_is_finite_and_close_to_one(run):
     assert metrics["loss_quantized"] != metrics["loss_fp32"]  # the weights did change
 
 
+@pytest.mark.slow
 def test_calibration_counts_sum_to_tokens_times_top_k(run):
     model, tok, _, metrics, prepared, all_experts = run["normal"]
     calib = calibration_set(read_conversations(prepared / "conversations_train.jsonl"), tok, CFG.calib_samples,
@@ -130,6 +134,7 @@ def test_calibration_counts_sum_to_tokens_times_top_k(run):
     assert metrics["calib_tokens_per_expert_median"] == (router[1] + router[2]) / 2
 
 
+@pytest.mark.slow
 def test_metrics_hold_totals_only(run):
     """metrics/quantize.json stays a short list of scalars for `dvc metrics show`; the detail is elsewhere."""
     for name in ("normal", "dead"):
@@ -141,6 +146,7 @@ def test_metrics_hold_totals_only(run):
         assert metrics["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_experts_without_tokens_fall_back_to_rtn_and_are_counted(run):
     _, _, qdir, metrics, _, all_experts = run["dead"]
     experts = all_experts["layer_1"]
@@ -153,6 +159,7 @@ def test_experts_without_tokens_fall_back_to_rtn_and_are_counted(run):
     assert "mlp.experts.2.c_fc,fallback(rtn)" in log
 
 
+@pytest.mark.slow
 def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
     model, tok, qdir, _, _, _ = run["normal"]
     from gptqmodel import BACKEND
@@ -183,6 +190,7 @@ def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
     assert (q_logits - fp_logits).abs().max() < 0.25 * fp_logits.abs().max() + 0.05
 
 
+@pytest.mark.slow
 def test_stage_console_shows_its_summary_and_gptqmodel_output_goes_to_the_log(run):
     """GPTQModel's banner, warnings, progress and timing tables (~440 lines on this model) land in
     <out>/gptqmodel.log; the stage prints its one summary line."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,19 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, raised, line):
         run_stage(main)
     assert done.value.code == 130
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_stage_output_is_the_summary_line_without_library_progress_bars(tmp_path):
+    """Off a terminal (a log, `moechat demo`) a stage prints its summary line and no tqdm bar of any library."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    fixture = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())["data"]
+    raw["data"].update(fixture, source=str(ROOT / fixture["source"]))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("MOECHAT_VERBOSE", "TQDM_DISABLE")}
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py"), "--params", str(params),
+                           "--out", str(tmp_path / "raw"), "--metrics", str(tmp_path / "m.json")],
+                          capture_output=True, text=True, timeout=120, env=dict(env, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("download: 517 messages in 108 trees")
+    assert "Creating parquet" not in done.stderr and "%|" not in done.stderr, done.stderr

@@ -158,6 +158,7 @@ def stage_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_per_step_losses(workspace):
     reference = run_inprocess(workspace, "straight", tiny_cfg())
     expected = logged(workspace / "straight/live")
@@ -179,7 +180,7 @@ def test_kill_9_then_rerun_gives_the_same_per_step_losses(workspace):
     done = subprocess.run(stage_cmd(workspace, "crash", params), cwd=workspace, env=stage_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((workspace / "crash/train.json").read_text())
+    metrics = json.loads((workspace / "crash/run/train.json").read_text())  # resume point, fingerprint: run facts
     assert metrics["resumed_from_step"] in (4, 8) and metrics["fingerprint"] == reference["fingerprint"]
     assert logged(workspace / "crash/live") == expected  # every step, bit for bit, no duplicates
     assert logged(workspace / "crash/live", "val/lm_loss") == logged(workspace / "straight/live", "val/lm_loss")
@@ -317,6 +318,7 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
     assert len(decayed) + len(undecayed) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(workspace):
     one = run_inprocess(workspace, "ddp1", tiny_cfg(max_steps=4, micro_batch_size=2, grad_accum=2, save_every=4))
     params = write_params(workspace, "ddp2", max_steps=4, micro_batch_size=2, grad_accum=1, save_every=4)
@@ -324,7 +326,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(workspac
     done = subprocess.run(stage_cmd(workspace, "ddp2", params, launcher), cwd=workspace, env=stage_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    two = json.loads((workspace / "ddp2/train.json").read_text())
+    two = {**json.loads((workspace / "ddp2/train.json").read_text()),
+           **json.loads((workspace / "ddp2/run/train.json").read_text())}  # processes, tokens_seen: run facts
     assert two["processes"] == 2 and one["processes"] == 1 and two["tokens_seen"] == one["tokens_seen"]
     l1, l2 = logged(workspace / "ddp1/live"), logged(workspace / "ddp2/live")
     assert [s for s, _ in l1] == [s for s, _ in l2] == [1, 2, 3, 4]

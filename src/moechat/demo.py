@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from moechat.config import load_params, merge
+from moechat.config import MoechatError
+from moechat.presets import merged_params
 
 # What a pipeline run needs from the project; everything else (venv, caches, outputs) stays behind.
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml")
@@ -35,15 +36,17 @@ GIT_IDENTITY = {
 }
 
 
+class DemoError(MoechatError):
+    """The demo cannot start: no checkout to copy, or a --workdir that is not empty."""
+
+
 def project_root() -> Path:
     """The checkout this package was installed from (editable install), or the current directory."""
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (candidate / "dvc.yaml").exists() and (candidate / "presets").is_dir():
             return candidate
-    raise FileNotFoundError(
-        "moechat demo: no project checkout found (dvc.yaml + presets/); run it from the moechat "
-        "repository root after `pip install -e .`"
-    )
+    raise DemoError("no project checkout found (dvc.yaml + presets/); run it from the moechat "
+                    "repository root after `pip install -e .`")
 
 
 def demo_env(workdir: Path) -> dict[str, str]:
@@ -59,27 +62,25 @@ def demo_env(workdir: Path) -> dict[str, str]:
 
 
 def make_demo_repo(workdir: Path, root: Path | None = None, preset: str = "tiny") -> Path:
-    """Copy the project into `workdir`, apply the preset to params.yaml, and make it a git + DVC repo."""
+    """Copy the project into `workdir`, apply the preset to params.yaml, and make it a git + DVC repo.
+
+    The preset (a name under presets/ or a YAML path) and the workdir are checked before anything is
+    written, so a bad `--preset` or a non-empty `--workdir` leaves no half-made repo behind.
+    """
     root = root or project_root()
+    merged, _, preset_file = merged_params(root / "params.yaml", preset, root / "presets")
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise DemoError(f"--workdir {workdir}: not an empty folder; pass an empty or new one")
     workdir.mkdir(parents=True, exist_ok=True)
-    if any(workdir.iterdir()):
-        raise FileExistsError(f"moechat demo: {workdir} is not empty; pass an empty or new --workdir")
     for name in PROJECT_FILES:
         if (root / name).exists():
             shutil.copy2(root / name, workdir / name)
     for name in PROJECT_DIRS:
         if (root / name).is_dir():
             shutil.copytree(root / name, workdir / name, ignore=IGNORED)
-    preset_path = root / "presets" / f"{preset}.yaml"
-    if not preset_path.exists():
-        known = ", ".join(p.stem for p in (root / "presets").glob("*.yaml"))
-        raise FileNotFoundError(f"moechat demo: preset {preset!r} not found; known presets: {known}")
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    merged = merge(raw, yaml.safe_load(preset_path.read_text()) or {})
     (workdir / "params.yaml").write_text(
-        f"# params.yaml merged with presets/{preset}.yaml by `moechat demo`\n" + yaml.safe_dump(merged, sort_keys=False)
+        f"# params.yaml merged with {preset_file.name} by `moechat demo`\n" + yaml.safe_dump(merged, sort_keys=False)
     )
-    load_params(workdir / "params.yaml")  # fail here, not three stages in, if the preset is invalid
 
     env = demo_env(workdir)
     run(["git", "init", "-q", "-b", "main"], workdir, env)
@@ -131,11 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moechat demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None,
                         help="empty folder for the scratch repo (default: a new temporary folder, kept)")
-    parser.add_argument("--preset", default="tiny", help="preset under presets/ to merge over params.yaml")
+    parser.add_argument("--preset", default="tiny",
+                        help="preset merged over params.yaml: a name under presets/ (tiny) or a YAML path")
     args = parser.parse_args(argv)
 
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="moechat-demo-"))).resolve()
-    make_demo_repo(workdir, preset=args.preset)
+    try:
+        root = project_root()
+        merged_params(root / "params.yaml", args.preset, root / "presets")  # before a temporary folder exists
+        workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="moechat-demo-"))).resolve()
+        make_demo_repo(workdir, root, preset=args.preset)
+    except MoechatError as err:
+        print(f"moechat demo: error: {err}", file=sys.stderr)
+        return 2
     print(f"moechat demo: running the whole DAG in {workdir} (full log: {workdir / 'demo.log'})", flush=True)
     start = time.perf_counter()
     repro_quietly(workdir, workdir / "demo.log")
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  metrics:     cd {workdir} && dvc metrics show metrics/eval.json metrics/quantize.json")
     print(f"  plots:       cd {workdir} && dvc plots show   (open dvc_plots/index.html)")
     print(f"  chat:        moechat chat {workdir}/models/quantized --prompt 'Hello!'")
-    print(f"  experiment:  cd {workdir} && dvc exp run -S model.num_experts=2 && dvc metrics diff")
+    print(f"  experiment:  cd {workdir} && dvc exp run -S model.num_experts=8 && dvc metrics diff")
     return 0
 
 

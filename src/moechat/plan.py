@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from moechat.config import ConfigError, DataConfig, ModelConfig, MoechatError, Params, TrainConfig, load_params
+from moechat.presets import merged_params
 from moechat.schedule import build_schedule
 
 GIB = 1024**3
@@ -306,7 +305,8 @@ def render_run(run: RunSize) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="moechat plan", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--preset", default=None, help="YAML merged over the params file, e.g. presets/tiny.yaml")
+    ap.add_argument("--preset", default=None,
+                    help="preset merged over the params file: a name under presets/ (tiny) or a YAML path")
     ap.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch_size")
     ap.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir for the exact vocab, if built")
     ap.add_argument("--world-size", type=int, default=1, help="GPUs sharing ZeRO-2 state (with train.deepspeed)")
@@ -317,9 +317,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU for the time projection")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
-    overrides = yaml.safe_load(Path(args.preset).read_text()) if args.preset else None
+    params_path = Path(args.params)
     try:
-        params = load_params(args.params, overrides)
+        if args.preset:
+            params = merged_params(params_path, args.preset, params_path.parent / "presets")[1]
+        else:
+            params = load_params(params_path)
     except ConfigError as err:
         print(f"moechat plan: {err}")
         return 2

@@ -1,8 +1,9 @@
 """The shared entry of every stage script: third-party chatter filtered, user errors as one line.
 
-A stage's useful output is its progress bars and its one summary line; warnings that every run prints
-and no user can act on (torchao's missing CUDA kernels on a CPU machine, torch's pytree deprecations,
-DeepSpeed's "Setting accelerator to CPU") bury it. Set MOECHAT_VERBOSE=1 to see them again.
+A stage's useful output is its one summary line (and, in a terminal, the training progress bar); warnings
+that every run prints and no user can act on (torchao's missing CUDA kernels on a CPU machine, torch's
+pytree deprecations, DeepSpeed's "Setting accelerator to CPU") and library progress bars bury it. Set
+MOECHAT_VERBOSE=1 to see them again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Callable, NoReturn, Optional
 
 from moechat.config import MoechatError
 
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed")
+# bitsandbytes.backends.cpu: "Failed to load CPU gemm_4bit_forward from kernels-community" (an optional package)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "bitsandbytes.backends.cpu")
 
 
 class _ErrorsOnly(logging.Filter):
@@ -25,10 +27,28 @@ class _ErrorsOnly(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+# Library progress bars (transformers "Loading weights" / "Writing model shards", datasets' map and save
+# bars) say nothing a stage's summary line does not; in a log file each becomes one long line of \r updates.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_progress_bars(interactive: bool) -> None:
+    """Turn off library progress bars; off a terminal (a log, `moechat demo`) the stage's own tqdm bar too.
+
+    Environment variables, read by the libraries when they are imported, so this runs before them; a value
+    the user set wins.
+    """
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if not interactive:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def quiet_third_party() -> None:
-    """Drop the warnings of `NOISY_LOGGERS`, keep their errors; no-op with MOECHAT_VERBOSE=1."""
+    """Drop the warnings of `NOISY_LOGGERS`, keep their errors, silence progress bars; no-op with MOECHAT_VERBOSE=1."""
     if os.environ.get("MOECHAT_VERBOSE"):
         return
+    quiet_progress_bars(interactive=sys.stderr.isatty())
     for name in NOISY_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):

@@ -484,7 +484,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     vocab = model.config.vocab_size
     plan.preflight(model_cfg, run_cfg, vocab, world, *device_memory(accelerator.device))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
     val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
     stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)

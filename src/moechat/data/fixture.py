@@ -1,7 +1,7 @@
 """Deterministic generator of the OASST1-schema fixture shipped in tests/fixtures/oasst1_fixture.jsonl.
 
 Regenerate with `python -m moechat.data.fixture tests/fixtures/oasst1_fixture.jsonl`. The rows follow
-../shared/data/oasst1/SCHEMA.md and carry what real data does and hand-made fixtures forget: branches
+tests/fixtures/oasst1_en_100/SCHEMA.md and carry what real data does and hand-made fixtures forget: branches
 several turns deep, ranked and unranked siblings, a non-English root over English replies, deleted and
 unreviewed messages mid-tree, null rank/labels/emojis/detoxify, synthetic rows, a tree that is not
 ready_for_export, a reply whose parent is absent, and conversations longer than the tiny preset's

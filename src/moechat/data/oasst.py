@@ -1,7 +1,7 @@
 """OASST1 message rows: load from any published form, filter, rebuild trees, pick threads, split by tree.
 
 OASST1 comes in two shapes. The Hub dataset (and any local .jsonl/.parquet dump of it) is one row per
-message (columns in ../shared/data/oasst1/SCHEMA.md); the Open-Assistant `*.trees.jsonl[.gz]` exports nest
+message (columns in tests/fixtures/oasst1_en_100/SCHEMA.md); the Open-Assistant `*.trees.jsonl[.gz]` exports nest
 each tree's replies. `load_messages` turns either into one canonical row schema (`FEATURES`), so everything
 downstream (filters, threads, split) sees one shape whatever the source.
 """
