@@ -73,7 +73,8 @@ def test_stage_writes_lm_eval_scores_that_dvc_metrics_diff_shows(tmp_path):
     assert "moechat_tiny_mc acc" in proc.stdout
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     acc = metrics["lm_eval"]["tasks"]["moechat_tiny_mc"]["acc"]
-    assert 0.0 <= acc <= 1.0 and metrics["lm_eval"]["examples"] == {"moechat_tiny_mc": 16}
+    facts = json.loads((repo / "metrics" / "run" / "eval.json").read_text())  # counts are run facts
+    assert 0.0 <= acc <= 1.0 and facts["lm_eval"]["examples"] == {"moechat_tiny_mc": 16}
 
     # an experiment that scored differently: `dvc metrics diff` lists the task's accuracy by its key
     def run(*cmd: str) -> str:
