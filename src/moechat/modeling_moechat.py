@@ -95,14 +95,16 @@ class MoeChatAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor, attention_mask: Any, past_key_values: Optional[Cache],
-                **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the block's attention output and, from the eager backend only, the weights [B, H, T, K]."""
+                output_attentions: bool = False, **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the block's attention output and, with `output_attentions` (computed eagerly then), the
+        weights [B, H, T, K]."""
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         y_BTHd, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling,
                                     dropout=self.dropout if self.training else 0.0, **kwargs)
         return self.resid_dropout(self.c_proj(y_BTHd.reshape(B, T, D))), weights
@@ -309,8 +311,8 @@ class MoeChatBlock(GradientCheckpointingLayer):
 class MoeChatModelOutput(ModelOutput):
     """Tensors only. Per-MoE-layer rows follow `config.moe_layer_indices()`.
 
-    `router_aux_loss` / `router_z_loss`: FloatTensor[n_moe_layers], every call (the causal LM averages
-    them into its loss). With `output_router_stats=True` also `router_tokens_per_expert`
+    `router_aux_loss` / `router_z_loss`: one 0-dim FloatTensor per MoE layer, every call (the causal LM
+    averages them into its loss; batch statistics, so not rows of a [n_moe_layers] tensor). With `output_router_stats=True` also `router_tokens_per_expert`
     LongTensor[n_moe_layers, E] (top-k assignments chosen, before capacity), `router_dropped`
     LongTensor[n_moe_layers] (dropped by capacity routing, training mode only) and `router_entropy`
     FloatTensor[n_moe_layers] (mean router entropy over routed tokens, nats; ln E is uniform).
@@ -320,8 +322,8 @@ class MoeChatModelOutput(ModelOutput):
     past_key_values: Optional[Cache] = None
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None
     attentions: Optional[tuple[torch.Tensor, ...]] = None
-    router_aux_loss: Optional[torch.Tensor] = None
-    router_z_loss: Optional[torch.Tensor] = None
+    router_aux_loss: Optional[tuple[torch.Tensor, ...]] = None
+    router_z_loss: Optional[tuple[torch.Tensor, ...]] = None
     router_tokens_per_expert: Optional[torch.LongTensor] = None
     router_dropped: Optional[torch.LongTensor] = None
     router_entropy: Optional[torch.Tensor] = None
@@ -428,8 +430,8 @@ class MoeChatModel(MoeChatPreTrainedModel):
         output_hidden_states = self._flag(output_hidden_states, "output_hidden_states")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(f"output_attentions=True needs attn_implementation='eager' (the "
+        if output_attentions and self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"output_attentions=True needs attn_implementation 'eager' or 'sdpa' (the "
                              f"{self.config._attn_implementation!r} kernels never form the weights); load the "
                              f"model with attn_implementation='eager' or call model.set_attn_implementation('eager')")
         if inputs_embeds is None:
@@ -449,8 +451,11 @@ class MoeChatModel(MoeChatPreTrainedModel):
         # An empty dynamic cache sizes the mask like no cache, and only without one does transformers
         # read packed documents from the position ids; a static cache fixes the key length, so it goes in.
         mask_cache = past_key_values if past > 0 or getattr(past_key_values, "is_compileable", False) else None
+        # With output_attentions the sdpa model computes that call's attention eagerly (transformers' convention),
+        # so its boolean mask must be materialised rather than left to sdpa's is_causal.
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=mask_cache, position_ids=position_ids)
+                                  past_key_values=mask_cache, position_ids=position_ids,
+                                  allow_is_causal_skip=not output_attentions)
         if token_mask is None:
             token_mask = self._routed_tokens(attention_mask, past, T)
         x_BTD = self.drop(inputs_embeds + self.wpe(position_ids))
@@ -459,7 +464,8 @@ class MoeChatModel(MoeChatPreTrainedModel):
             if output_hidden_states:
                 hidden_states.append(x_BTD)
             x_BTD, weights, *router = block(x_BTD, attention_mask=mask, token_mask_BT=token_mask,
-                                             past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+                                             past_key_values=past_key_values, position_ids=position_ids,
+                                             output_attentions=output_attentions, **kwargs)
             attentions.append(weights)
             if router:
                 routing.append(router)
@@ -508,20 +514,21 @@ class MoeChatModel(MoeChatPreTrainedModel):
         return self_BT if self_BT.dtype == torch.bool else self_BT == 0
 
     def _stack_routing(self, routing: list[list[torch.Tensor]], device: torch.device,
-                       with_stats: bool) -> dict[str, Optional[torch.Tensor]]:
-        """Per-layer router tensors stacked into one row per MoE layer (empty rows without MoE layers)."""
+                       with_stats: bool) -> dict[str, Any]:
+        """Per-layer router losses as tuples of scalars; statistics stacked into one row per MoE layer."""
         if not routing:
-            zeros = torch.zeros(0, device=device)
-            out = {"router_aux_loss": zeros, "router_z_loss": zeros}
+            out = {"router_aux_loss": (), "router_z_loss": ()}
             if with_stats:
+                zeros = torch.zeros(0, device=device)
                 out.update(router_tokens_per_expert=torch.zeros(0, self.config.num_experts, dtype=torch.long,
                                                                 device=device),
                            router_dropped=zeros.long(), router_entropy=zeros)
             return out
-        aux, z, tokens_per_expert, dropped, entropy = (torch.stack(parts) for parts in zip(*routing))
+        aux, z, tokens_per_expert, dropped, entropy = zip(*routing)
         out = {"router_aux_loss": aux, "router_z_loss": z}
         if with_stats:
-            out.update(router_tokens_per_expert=tokens_per_expert, router_dropped=dropped, router_entropy=entropy)
+            out.update(router_tokens_per_expert=torch.stack(tokens_per_expert), router_dropped=torch.stack(dropped),
+                       router_entropy=torch.stack(entropy))
         return out
 
 
@@ -618,14 +625,14 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         return total / count
 
     @staticmethod
-    def _router_losses(aux_L: torch.Tensor, z_L: torch.Tensor, logits: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _router_losses(aux_per_layer: tuple[torch.Tensor, ...], z_per_layer: tuple[torch.Tensor, ...],
+                       logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over MoE layers of the per-layer aux and z losses (zeros for a model without MoE layers)."""
-        if aux_L.numel() == 0:
+        if not aux_per_layer:
             zero = logits.new_zeros((), dtype=torch.float32)
             return zero, zero
-        aux = aux_L.mean()
-        z = z_L.mean()
+        aux = torch.stack(aux_per_layer).mean()
+        z = torch.stack(z_per_layer).mean()
         return aux, z
 
     # --- accounting -------------------------------------------------------------------------------
