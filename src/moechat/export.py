@@ -61,8 +61,7 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, par
     """Write the export folder atomically (temporary sibling, then rename); returns a summary."""
     out_dir = Path(out_dir)
     model.generation_config = generation_config(tokenizer)
-    # save_pretrained adds only the saved class's own entry; the base model's is merged in from here.
-    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
+    add_auto_map(model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -72,6 +71,12 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, par
     return {"out": str(out_dir), "shards": shards,
             "weight_bytes": sum((out_dir / s).stat().st_size for s in shards),
             "params": model.parameter_counts()}
+
+
+def add_auto_map(model: PreTrainedModel) -> None:
+    """Put every Auto class of AUTO_MAP into the config before saving: save_pretrained writes only the
+    saved class's own entry (AutoModelForCausalLM) and the config's, never the base model's (AutoModel)."""
+    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
 
 
 def _check_self_contained(folder: Path) -> None:
