@@ -5,9 +5,14 @@ Self-contained (imports only torch and transformers) so that a saved folder load
 top-k), experts that are plain GPT-2 MLPs (`experts.{j}.c_fc`, `experts.{j}.c_proj`), and a dispatcher
 that sorts token assignments by expert and runs one matmul per expert.
 
+Attention goes through transformers' attention interface (`attn_implementation`: sdpa by default, eager,
+flash_attention_2, flex_attention) with masks from `transformers.masking_utils`, so padding, packed
+documents (position ids restarting, as in padding-free training) and static caches are handled the way
+every transformers model handles them.
+
 Router outputs travel back through each block's return value (never through module state), so the
 auxiliary losses are counted exactly once, also when the blocks are recomputed by activation
-checkpointing.
+checkpointing; the model returns them as plain tensors (`router_*` fields).
 
 Shape suffixes: B batch, T query length, K key length, D model width, N routed tokens, E experts.
 """
