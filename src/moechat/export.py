@@ -1,8 +1,8 @@
 """Export the trained model as a self-contained Hugging Face folder anyone can load without moechat.
 
 `models/export/` holds config.json with `auto_map` (AutoConfig, AutoModel, AutoModelForCausalLM), the two
-self-contained code files (configuration_moechat.py, modeling_moechat.py), safetensors weights sharded past `max_shard_size`, the
-tokenizer with its ChatML template, generation_config.json (eos = <|im_end|>, pad = <|pad|>) and a model
+self-contained code files (configuration_moechat.py, modeling_moechat.py), safetensors weights sharded past
+`max_shard_size`, the tokenizer with its ChatML template, generation_config.json (eos = <|im_end|>, pad = <|pad|>) and a model
 card whose figures are read from the model itself and from the prepare, train and eval metrics (the export
 stage's deps in dvc.yaml), never typed in.
 """

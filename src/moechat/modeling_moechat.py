@@ -317,10 +317,11 @@ class MoeChatModelOutput(ModelOutput):
     """Tensors only. Per-MoE-layer rows follow `config.moe_layer_indices()`.
 
     `router_aux_loss` / `router_z_loss`: one 0-dim FloatTensor per MoE layer, every call (the causal LM
-    averages them into its loss; batch statistics, so not rows of a [n_moe_layers] tensor). With `output_router_stats=True` also `router_tokens_per_expert`
-    LongTensor[n_moe_layers, E] (top-k assignments chosen, before capacity), `router_dropped`
-    LongTensor[n_moe_layers] (dropped by capacity routing, training mode only) and `router_entropy`
-    FloatTensor[n_moe_layers] (mean router entropy over routed tokens, nats; ln E is uniform).
+    averages them into its loss; batch statistics, so not rows of a [n_moe_layers] tensor). With
+    `output_router_stats=True` also `router_tokens_per_expert` LongTensor[n_moe_layers, E] (top-k
+    assignments chosen, before capacity), `router_dropped` LongTensor[n_moe_layers] (dropped by capacity
+    routing, training mode only) and `router_entropy` FloatTensor[n_moe_layers] (mean router entropy over
+    routed tokens, nats; ln E is uniform).
     """
 
     last_hidden_state: Optional[torch.Tensor] = None
@@ -448,10 +449,12 @@ class MoeChatModel(MoeChatPreTrainedModel):
         if not use_cache:
             past_key_values = None
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        known_max = None  # a bound on the position ids known on the host, when they are ours
         if position_ids is None:
             position_ids = self._default_position_ids(attention_mask, B, T, past, inputs_embeds.device)
+            known_max = past + T - 1
         position_ids = position_ids.view(-1, T).expand(B, T)
-        self._check_positions(position_ids, past + T - 1 if attention_mask is None else None)
+        self._check_positions(position_ids, known_max)
 
         # An empty dynamic cache sizes the mask like no cache, and only without one does transformers
         # read packed documents from the position ids; a static cache fixes the key length, so it goes in.
@@ -669,5 +672,6 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         return float(6 * n + 12 * self.config.n_layer * self.config.n_embd * seq_len)
 
 
-__all__ = ["MoeChatForCausalLM", "MoeChatModel", "MoeChatPreTrainedModel", "MoeChatCausalLMOutput", "MoeChatModelOutput",
+__all__ = ["MoeChatForCausalLM", "MoeChatModel", "MoeChatPreTrainedModel", "MoeChatCausalLMOutput",
+           "MoeChatModelOutput",
            "MoeChatSparseMoeBlock", "MoeChatMLP", "MoeChatBackendError"]
