@@ -99,7 +99,7 @@ def test_loss_term_is_what_lm_loss_saves_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        MoeChatForCausalLM.lm_loss(logits, labels)
+        MoeChatForCausalLM.lm_loss(logits[:, :-1], labels[:, 1:])  # the shifted pairs, as forward passes them
     # besides scalars (the target count): exactly one fp32 tensor of (B*(T-1)) x V
     floating = [(dtype, n) for dtype, n in saved.values() if dtype.is_floating_point and n > 8]
     assert floating == [(torch.float32, B * (T - 1) * V * 4)]

@@ -101,10 +101,15 @@ class MoeChatConfig(PretrainedConfig):
         """Whether block `layer_idx` (0-based) has an MoE MLP: the `moe_every`-th, 2·`moe_every`-th, ... block."""
         return (layer_idx + 1) % self.moe_every == 0
 
+    def moe_layer_indices(self) -> list[int]:
+        """0-based block index of each MoE layer, in order: row i of the model's `router_*` outputs is
+        block `moe_layer_indices()[i]`."""
+        return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
+
     @property
     def moe_layers(self) -> list[int]:
-        """0-based indices of the MoE blocks."""
-        return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
+        """0-based indices of the MoE blocks (same as `moe_layer_indices()`)."""
+        return self.moe_layer_indices()
 
 
 __all__ = ["MoeChatConfig", "MoeChatConfigError"]

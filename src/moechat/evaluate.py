@@ -80,9 +80,11 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
     for batch in tqdm(iter_batches(dataset, batch_size, max_batches), total=n_batches, desc=desc, disable=None):
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
-        out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), use_cache=False,
-                    output_router_stats=True)
-        _add_batch(tally, out.logits, labels, out.router_stats or [])
+        # labels mark the pad tail of packed rows, which the model then leaves unrouted and uncounted
+        out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=labels,
+                    use_cache=False, output_router_stats=True)
+        _add_batch(tally, out.logits, labels)
+        _add_router(tally, out, model.config.moe_layer_indices())
     if tally.targets == 0:
         raise ValueError("the evaluation split has no assistant tokens (every label is -100); check prepare")
     loss = tally.nll_sum / tally.targets
@@ -105,9 +107,8 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
     return metrics
 
 
-def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
-               router_stats: list[dict[str, Any]]) -> None:
-    """Add one batch's summed NLL, correct predictions and router counts (labels shifted: t predicts t+1)."""
+def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> None:
+    """Add one batch's summed NLL and correct predictions (labels shifted: t predicts t+1)."""
     logits = logits_BTV[:, :-1].float()
     targets = labels_BT[:, 1:]
     keep = targets != IGNORE
@@ -115,14 +116,21 @@ def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
     tally.correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
     tally.targets += int(keep.sum())
     tally.batches += 1
-    for s in router_stats:
-        counts = s["tokens_per_expert"].detach().cpu().long()
-        layer = tally.layers.setdefault(int(s["layer"]), _LayerTally(torch.zeros_like(counts)))
+
+
+def _add_router(tally: _Tally, out: Any, moe_layers: list[int]) -> None:
+    """Add one batch's router counts: the model's `router_*` rows, one per block in `moe_layers`."""
+    counts_LE = out.router_tokens_per_expert.detach().long().cpu()
+    dropped_L = out.router_dropped.detach().long().cpu()
+    entropy_L = out.router_entropy.detach().double().cpu()
+    for row, layer_idx in enumerate(moe_layers):
+        counts = counts_LE[row]
+        layer = tally.layers.setdefault(layer_idx, _LayerTally(torch.zeros_like(counts)))
         layer.tokens_per_expert += counts
-        layer.dropped += int(s["dropped_tokens"])
+        layer.dropped += int(dropped_L[row])
         # Assignments = routed tokens * top_k; weight the batch's mean entropy by its routed tokens.
         routed = int(counts.sum())
-        layer.entropy_sum += float(s["entropy"]) * routed
+        layer.entropy_sum += float(entropy_L[row]) * routed
         layer.routed_tokens += routed
 
 

@@ -1,8 +1,8 @@
 """Export the trained model as a self-contained Hugging Face folder anyone can load without moechat.
 
-`models/export/` holds config.json with `auto_map`, the two self-contained code files
-(configuration_moechat.py, modeling_moechat.py), safetensors weights sharded past `max_shard_size`, the
-tokenizer with its ChatML template, generation_config.json (eos = <|im_end|>, pad = <|pad|>) and a model
+`models/export/` holds config.json with `auto_map` (AutoConfig, AutoModel, AutoModelForCausalLM), the two
+self-contained code files (configuration_moechat.py, modeling_moechat.py), safetensors weights sharded past
+`max_shard_size`, the tokenizer with its ChatML template, generation_config.json (eos = <|im_end|>, pad = <|pad|>) and a model
 card whose figures are read from the model itself and from the prepare, train and eval metrics (the export
 stage's deps in dvc.yaml), never typed in.
 """
@@ -20,6 +20,9 @@ from moechat.data.oasst import source_kind
 from moechat.io import atomic_dir
 
 CODE_FILES = ("configuration_moechat.py", "modeling_moechat.py")
+# What each Auto class loads from the exported code files (trust_remote_code=True, no moechat needed).
+AUTO_MAP = {"AutoConfig": "configuration_moechat.MoeChatConfig", "AutoModel": "modeling_moechat.MoeChatModel",
+            "AutoModelForCausalLM": "modeling_moechat.MoeChatForCausalLM"}
 # Only the metrics of the stages export depends on (dvc.yaml deps), so the card never shows stale figures.
 METRIC_STAGES = ("prepare", "train", "eval")
 
@@ -58,6 +61,7 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, par
     """Write the export folder atomically (temporary sibling, then rename); returns a summary."""
     out_dir = Path(out_dir)
     model.generation_config = generation_config(tokenizer)
+    add_auto_map(model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -69,11 +73,17 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, par
             "params": model.parameter_counts()}
 
 
+def add_auto_map(model: PreTrainedModel) -> None:
+    """Put every Auto class of AUTO_MAP into the config before saving: save_pretrained writes only the
+    saved class's own entry (AutoModelForCausalLM) and the config's, never the base model's (AutoModel)."""
+    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
+
+
 def _check_self_contained(folder: Path) -> None:
-    """config.json must map the Auto classes to code files that sit next to it."""
+    """config.json must map AutoConfig, AutoModel and AutoModelForCausalLM to code files next to it."""
     config = json.loads((folder / "config.json").read_text())
     auto_map = config.get("auto_map", {})
-    if "AutoModelForCausalLM" not in auto_map or "AutoConfig" not in auto_map:
+    if any(auto_map.get(name) != target for name, target in AUTO_MAP.items()):
         raise ExportError(f"{folder}/config.json has auto_map={auto_map}; import moechat.modeling before "
                           f"loading the model so register_for_auto_class writes it")
     missing = [f for f in CODE_FILES if not (folder / f).exists()]

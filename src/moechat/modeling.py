@@ -1,6 +1,6 @@
-"""Registers MoeChatConfig / MoeChatForCausalLM with the transformers Auto classes.
+"""Registers MoeChatConfig / MoeChatModel / MoeChatForCausalLM with the transformers Auto classes.
 
-Importing this module is enough for `AutoConfig.from_pretrained` / `AutoModelForCausalLM.from_pretrained`
+Importing this module is enough for `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` `.from_pretrained`
 to load a moechat folder without `trust_remote_code`. `register_for_auto_class` makes `save_pretrained`
 write `auto_map` into config.json and copy the two self-contained code files next to the weights, so
 the folder also loads with `trust_remote_code=True` where moechat is not installed.
@@ -8,15 +8,23 @@ the folder also loads with `trust_remote_code=True` where moechat is not install
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from moechat.configuration_moechat import MoeChatConfig, MoeChatConfigError
-from moechat.modeling_moechat import MoeChatBackendError, MoeChatCausalLMOutput, MoeChatForCausalLM
+from moechat.modeling_moechat import (
+    MoeChatBackendError,
+    MoeChatCausalLMOutput,
+    MoeChatForCausalLM,
+    MoeChatModel,
+    MoeChatModelOutput,
+)
 
 AutoConfig.register(MoeChatConfig.model_type, MoeChatConfig, exist_ok=True)
+AutoModel.register(MoeChatConfig, MoeChatModel, exist_ok=True)
 AutoModelForCausalLM.register(MoeChatConfig, MoeChatForCausalLM, exist_ok=True)
 MoeChatConfig.register_for_auto_class()
+MoeChatModel.register_for_auto_class("AutoModel")
 MoeChatForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MoeChatConfig", "MoeChatConfigError", "MoeChatForCausalLM", "MoeChatCausalLMOutput",
-           "MoeChatBackendError"]
+__all__ = ["MoeChatConfig", "MoeChatConfigError", "MoeChatModel", "MoeChatModelOutput", "MoeChatForCausalLM",
+           "MoeChatCausalLMOutput", "MoeChatBackendError"]

@@ -5,9 +5,14 @@ Self-contained (imports only torch and transformers) so that a saved folder load
 top-k), experts that are plain GPT-2 MLPs (`experts.{j}.c_fc`, `experts.{j}.c_proj`), and a dispatcher
 that sorts token assignments by expert and runs one matmul per expert.
 
+Attention goes through transformers' attention interface (`attn_implementation`: sdpa by default, eager,
+flash_attention_2, flex_attention) with masks from `transformers.masking_utils`, so padding, packed
+documents (position ids restarting, as in padding-free training) and static caches are handled the way
+every transformers model handles them.
+
 Router outputs travel back through each block's return value (never through module state), so the
 auxiliary losses are counted exactly once, also when the blocks are recomputed by activation
-checkpointing.
+checkpointing; the model returns them as plain tensors (`router_*` fields).
 
 Shape suffixes: B batch, T query length, K key length, D model width, N routed tokens, E experts.
 """
@@ -24,8 +29,9 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from .configuration_moechat import (
@@ -55,31 +61,58 @@ class MoeChatMLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax(QK^T * scaling + mask) V, the reference every other backend is tested against and the
+    only one that returns the attention weights. `attention_mask` is a [B, 1, T, K] boolean (True =
+    attend) or additive float mask, as transformers' masking utilities build it."""
+    scores_BHTK = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores_BHTK = scores_BHTK.masked_fill(~attention_mask, torch.finfo(scores_BHTK.dtype).min)
+        else:
+            scores_BHTK = scores_BHTK + attention_mask
+    weights_BHTK = F.softmax(scores_BHTK, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights_BHTK = F.dropout(weights_BHTK, p=dropout, training=module.training)
+    out_BTHd = torch.matmul(weights_BHTK, value).transpose(1, 2).contiguous()
+    return out_BTHd, weights_BHTK
+
+
 class MoeChatAttention(nn.Module):
-    """Causal self-attention through `F.scaled_dot_product_attention` with an optional boolean mask."""
+    """Causal self-attention through transformers' attention interface (`config._attn_implementation`:
+    sdpa by default, eager, flash_attention_2 or flex_attention), so the mask each backend needs
+    (a boolean tensor, varlen sequence lengths, a FlexAttention block mask) comes from transformers'
+    masking utilities and the fast kernels skip the masked tiles of packed documents."""
 
     def __init__(self, config: MoeChatConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim ** -0.5
         self.layer_idx = layer_idx
+        self.is_causal = True
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x_BTD: torch.Tensor, mask_B1TK: Optional[torch.Tensor],
-                past_key_values: Optional[Cache]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, attention_mask: Any, past_key_values: Optional[Cache],
+                output_attentions: bool = False, **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the block's attention output and, with `output_attentions` (computed eagerly then), the
+        weights [B, H, T, K]."""
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask_B1TK, is_causal=mask_B1TK is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, D)))
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        y_BTHd, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling,
+                                    dropout=self.dropout if self.training else 0.0, **kwargs)
+        return self.resid_dropout(self.c_proj(y_BTHd.reshape(B, T, D))), weights
 
 
 @dataclass
@@ -124,7 +157,8 @@ class MoeChatSparseMoeBlock(nn.Module):
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits and probabilities in fp32 and the top-k expert ids with their weights."""
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
-            logits_NE = F.linear(x_ND.float(), self.router.weight.float())
+            # Called as a module (engines that repack linears see it); fp32 unless a user cast it down.
+            logits_NE = self.router(x_ND.to(self.router.weight.dtype)).float()
         probs_NE = logits_NE.softmax(dim=-1)
         weights_Nk, experts_Nk = probs_NE.topk(self.top_k, dim=-1)
         # Renormalised over the k chosen. For k=1 that is exactly 1, which would cut the router off from
@@ -261,16 +295,17 @@ class MoeChatBlock(GradientCheckpointingLayer):
         else:
             self.mlp = MoeChatMLP(config.n_embd, config.n_inner, config.dropout)
 
-    def forward(self, x_BTD: torch.Tensor, mask_B1TK: Optional[torch.Tensor] = None,
-                token_mask_BT: Optional[torch.Tensor] = None, past_key_values: Optional[Cache] = None
-                ) -> tuple[torch.Tensor, ...]:
-        """Returns (hidden,) for a dense block and (hidden, aux, z, tokens_per_expert, dropped, entropy) for
-        an MoE block: a flat tuple of tensors, so checkpointing carries the router losses' graph."""
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), mask_B1TK, past_key_values)
+    def forward(self, x_BTD: torch.Tensor, attention_mask: Any = None, token_mask_BT: Optional[torch.Tensor] = None,
+                past_key_values: Optional[Cache] = None, **kwargs: Any) -> tuple[Optional[torch.Tensor], ...]:
+        """Returns (hidden, attention weights or None) for a dense block and (hidden, weights, aux, z,
+        tokens_per_expert, dropped, entropy) for an MoE block: a flat tuple, so checkpointing carries the
+        router losses' graph."""
+        a_BTD, weights = self.attn(self.ln_1(x_BTD), attention_mask, past_key_values, **kwargs)
+        x_BTD = x_BTD + a_BTD
         if not self.is_moe:
-            return (x_BTD + self.mlp(self.ln_2(x_BTD)),)
+            return x_BTD + self.mlp(self.ln_2(x_BTD)), weights
         y_BTD, r = self.mlp(self.ln_2(x_BTD), token_mask_BT)
-        return x_BTD + y_BTD, r.aux_loss, r.z_loss, r.tokens_per_expert, r.dropped, r.entropy
+        return x_BTD + y_BTD, weights, r.aux_loss, r.z_loss, r.tokens_per_expert, r.dropped, r.entropy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,19 +314,33 @@ class MoeChatBlock(GradientCheckpointingLayer):
 
 @dataclass
 class MoeChatModelOutput(ModelOutput):
+    """Tensors only. Per-MoE-layer rows follow `config.moe_layer_indices()`.
+
+    `router_aux_loss` / `router_z_loss`: one 0-dim FloatTensor per MoE layer, every call (the causal LM
+    averages them into its loss; batch statistics, so not rows of a [n_moe_layers] tensor). With
+    `output_router_stats=True` also `router_tokens_per_expert` LongTensor[n_moe_layers, E] (top-k
+    assignments chosen, before capacity), `router_dropped` LongTensor[n_moe_layers] (dropped by capacity
+    routing, training mode only) and `router_entropy` FloatTensor[n_moe_layers] (mean router entropy over
+    routed tokens, nats; ln E is uniform).
+    """
+
     last_hidden_state: Optional[torch.Tensor] = None
     past_key_values: Optional[Cache] = None
-    routing: Optional[list[tuple[int, RoutingResult]]] = None
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    attentions: Optional[tuple[torch.Tensor, ...]] = None
+    router_aux_loss: Optional[tuple[torch.Tensor, ...]] = None
+    router_z_loss: Optional[tuple[torch.Tensor, ...]] = None
+    router_tokens_per_expert: Optional[torch.LongTensor] = None
+    router_dropped: Optional[torch.LongTensor] = None
+    router_entropy: Optional[torch.Tensor] = None
 
 
 @dataclass
 class MoeChatCausalLMOutput(ModelOutput):
     """`loss` = lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss; the parts come back separately.
 
-    `router_stats` (only with `output_router_stats=True`): one dict per MoE layer with `layer` (block
-    index), `tokens_per_expert` (LongTensor[E], top-k assignments chosen), `expert_share` (FloatTensor[E],
-    sums to 1), `dropped_tokens` (assignments dropped by capacity routing, training mode only),
-    `dropped_share` (of all assignments) and `entropy` (mean router entropy, nats; ln E is uniform).
+    The `router_*` statistics (only with `output_router_stats=True`) are as in MoeChatModelOutput: plain
+    tensors, one row per MoE layer (`config.moe_layer_indices()`), left on the device (no host sync).
     """
 
     loss: Optional[torch.Tensor] = None
@@ -300,7 +349,11 @@ class MoeChatCausalLMOutput(ModelOutput):
     z_loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     past_key_values: Optional[Cache] = None
-    router_stats: Optional[list[dict[str, Any]]] = None
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    attentions: Optional[tuple[torch.Tensor, ...]] = None
+    router_tokens_per_expert: Optional[torch.LongTensor] = None
+    router_dropped: Optional[torch.LongTensor] = None
+    router_entropy: Optional[torch.Tensor] = None
 
 
 class MoeChatPreTrainedModel(PreTrainedModel):
@@ -310,8 +363,12 @@ class MoeChatPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoeChatBlock"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Attention goes through ALL_ATTENTION_FUNCTIONS; each backend declared here is tested
+    # (tests/test_modeling.py, tests/test_hf_common.py; flash_attention_2 needs a CUDA device).
     _supports_sdpa = True
-    _supports_flash_attn = False
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _can_compile_fullgraph = False  # routing has data-dependent shapes
     _keep_in_fp32_modules = ["router"]
 
@@ -331,6 +388,10 @@ class MoeChatPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+    def _flag(self, value: Optional[bool], name: str) -> bool:
+        """A per-call output flag, defaulting to the config's (transformers' convention)."""
+        return bool(getattr(self.config, name)) if value is None else bool(value)
 
 
 class MoeChatModel(MoeChatPreTrainedModel):
@@ -358,101 +419,125 @@ class MoeChatModel(MoeChatPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
         past_key_values: Optional[Cache] = None,
-        use_cache: Optional[bool] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_stats: bool = False,
+        token_mask: Optional[torch.Tensor] = None,
+        return_dict: Optional[bool] = None,
         **kwargs: Any,
-    ) -> MoeChatModelOutput:
+    ) -> MoeChatModelOutput | tuple:
+        """`attention_mask`: 2D [B, past + T] (0 = padding) or a prepared 4D mask. Without it, position
+        ids that restart inside a row mark packed documents, which attend only within themselves (as
+        transformers does for padding-free batches). `token_mask` [B, T] (True = real token) decides which
+        tokens the MoE layers route and count; by default the attention mask decides, never a token id."""
+        output_attentions = self._flag(output_attentions, "output_attentions")
+        output_hidden_states = self._flag(output_hidden_states, "output_hidden_states")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_attentions and self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"output_attentions=True needs attn_implementation 'eager' or 'sdpa' (the "
+                             f"{self.config._attn_implementation!r} kernels never form the weights); load the "
+                             f"model with attn_implementation='eager' or call model.set_attn_implementation('eager')")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         B, T, _ = inputs_embeds.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        use_cache = self._flag(use_cache, "use_cache") and not (self.gradient_checkpointing and self.training)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if not use_cache:
             past_key_values = None
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2D [batch, past + new tokens], got {tuple(attention_mask.shape)}")
+        known_max = None  # a bound on the position ids known on the host, when they are ours
         if position_ids is None:
-            # Known on the host: positions <= past + T - 1, and "packed" only matters without a mask.
             position_ids = self._default_position_ids(attention_mask, B, T, past, inputs_embeds.device)
-            max_position, packed = past + T - 1, False
-        else:
-            if position_ids.dim() == 1:
-                position_ids = position_ids.unsqueeze(0)
-            position_ids = position_ids.expand(B, T)
-            # One host sync for both facts (range check, and whether positions restart = packed documents).
-            q_abs = torch.arange(past, past + T, device=position_ids.device)
-            max_position, packed = torch.stack(
-                [position_ids.max(), (position_ids != q_abs).any().long()]).tolist()
-        if past + T > self.config.n_positions or max_position >= self.config.n_positions:
-            raise ValueError(f"sequence of {past + T} tokens exceeds n_positions={self.config.n_positions}")
+            known_max = past + T - 1
+        position_ids = position_ids.view(-1, T).expand(B, T)
+        self._check_positions(position_ids, known_max)
 
-        mask_B1TK = self._attention_mask(attention_mask, position_ids, past, T, bool(packed))
-        token_mask_BT = self._token_mask(input_ids, attention_mask, T)
+        # An empty dynamic cache sizes the mask like no cache, and only without one does transformers
+        # read packed documents from the position ids; a static cache fixes the key length, so it goes in.
+        mask_cache = past_key_values if past > 0 or getattr(past_key_values, "is_compileable", False) else None
+        # With output_attentions the sdpa model computes that call's attention eagerly (transformers' convention),
+        # so its boolean mask must be materialised rather than left to sdpa's is_causal.
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=mask_cache, position_ids=position_ids,
+                                  allow_is_causal_skip=not output_attentions)
+        if token_mask is None:
+            token_mask = self._routed_tokens(attention_mask, past, T)
         x_BTD = self.drop(inputs_embeds + self.wpe(position_ids))
-        routing = []
-        for i, block in enumerate(self.h):
-            out = block(x_BTD, mask_B1TK=mask_B1TK, token_mask_BT=token_mask_BT, past_key_values=past_key_values)
-            x_BTD = out[0]
-            if block.is_moe:
-                routing.append((i, RoutingResult(*out[1:])))
-        return MoeChatModelOutput(last_hidden_state=self.ln_f(x_BTD), past_key_values=past_key_values,
-                                  routing=routing)
+        hidden_states, attentions, routing = [], [], []
+        for block in self.h:
+            if output_hidden_states:
+                hidden_states.append(x_BTD)
+            x_BTD, weights, *router = block(x_BTD, attention_mask=mask, token_mask_BT=token_mask,
+                                             past_key_values=past_key_values, position_ids=position_ids,
+                                             output_attentions=output_attentions, **kwargs)
+            attentions.append(weights)
+            if router:
+                routing.append(router)
+        x_BTD = self.ln_f(x_BTD)
+        out = MoeChatModelOutput(
+            last_hidden_state=x_BTD, past_key_values=past_key_values,
+            hidden_states=(*hidden_states, x_BTD) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            **self._stack_routing(routing, x_BTD.device, output_router_stats))
+        return out if self._flag(return_dict, "return_dict") else out.to_tuple()
 
     @staticmethod
     def _default_position_ids(attention_mask: Optional[torch.Tensor], B: int, T: int, past: int,
                               device: torch.device) -> torch.Tensor:
         """Positions count real tokens only, so a left-padded row gets the same positions as unpadded."""
-        if attention_mask is None:
+        if attention_mask is None or attention_mask.dim() != 2:
             return torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
 
-    def _attention_mask(self, attention_mask: Optional[torch.Tensor], position_ids_BT: torch.Tensor,
-                        past: int, T: int, packed: bool) -> Optional[torch.Tensor]:
-        """Boolean [B, 1, T, K] mask (True = attend) or None for plain causal attention.
+    def _check_positions(self, position_ids_BT: torch.Tensor, known_max: Optional[int]) -> None:
+        """Refuse positions past the learned table, by the largest position id (not the row length), so a
+        padding-free row of several documents is fine as long as each fits. Syncs only when the bound
+        known on the host does not already prove it."""
+        if known_max is not None and known_max < self.config.n_positions:
+            return
+        largest = int(position_ids_BT.max())
+        if largest >= self.config.n_positions:
+            raise ValueError(f"position id {largest} exceeds the model's n_positions={self.config.n_positions}: "
+                             f"cut the documents (or the prompt plus max_new_tokens) to {self.config.n_positions} "
+                             f"tokens")
 
-        A query at absolute index q with position p belongs to the document that started at q - p (the
-        position ids restart at 0 where `prepare` packed a new conversation), so it sees keys in
-        [q - p, q]: causal and block-diagonal in one rule, valid with a KV cache too. Keys whose 2D
-        attention_mask is 0 (left padding) are hidden; a query always sees itself so no row is empty.
-        `packed` (positions restart somewhere) is computed by the caller, which already synced for it.
-        """
-        B = position_ids_BT.shape[0]
-        device = position_ids_BT.device
-        K = past + T
-        q_abs = torch.arange(past, K, device=device)
-        k_abs = torch.arange(K, device=device)
-        if attention_mask is None and not packed and T > 1 and past == 0:
-            return None  # fast path: SDPA's own causal kernel
-        start_BT = q_abs - position_ids_BT
-        allowed = (k_abs.view(1, 1, K) >= start_BT.unsqueeze(-1)) & (k_abs.view(1, 1, K) <= q_abs.view(1, T, 1))
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, -K:].bool()
-            allowed = allowed | (k_abs.view(1, 1, K) == q_abs.view(1, T, 1))
-        return allowed.view(B, 1, T, K)
+    @staticmethod
+    def _routed_tokens(attention_mask: Any, past: int, T: int) -> Optional[torch.Tensor]:
+        """[B, T] True where a token is real, read from the attention mask: a 2D mask directly, a 4D mask
+        by whether each query may attend to itself (a padding query may not). None routes every token
+        (no mask, or a FlexAttention BlockMask, which cannot be read back)."""
+        if not isinstance(attention_mask, torch.Tensor):
+            return None
+        if attention_mask.dim() == 2:
+            return attention_mask[:, -T:].bool()
+        if attention_mask.shape[-1] < past + T:
+            raise ValueError(f"4D attention_mask has {attention_mask.shape[-1]} key positions; past {past} + new {T} "
+                             f"tokens need at least {past + T}")
+        q = torch.arange(T, device=attention_mask.device)
+        self_BT = attention_mask[:, 0, q, q + past]
+        return self_BT if self_BT.dtype == torch.bool else self_BT == 0
 
-    def _token_mask(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
-                    T: int) -> Optional[torch.Tensor]:
-        """Tokens the MoE layers route and count: not masked out by attention_mask and not the pad token.
-
-        The pad id counts only when it is a dedicated token (different from eos/bos), which is how the
-        pad tail of a packed block is recognised without an attention mask.
-        """
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -T:].bool()
-        pad = self.config.pad_token_id
-        eos = self.config.eos_token_id
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        if input_ids is not None and pad is not None and pad not in eos_ids and pad != self.config.bos_token_id:
-            not_pad = input_ids != pad
-            mask = not_pad if mask is None else mask & not_pad
-        return mask
+    def _stack_routing(self, routing: list[list[torch.Tensor]], device: torch.device,
+                       with_stats: bool) -> dict[str, Any]:
+        """Per-layer router losses as tuples of scalars; statistics stacked into one row per MoE layer."""
+        if not routing:
+            out = {"router_aux_loss": (), "router_z_loss": ()}
+            if with_stats:
+                zeros = torch.zeros(0, device=device)
+                out.update(router_tokens_per_expert=torch.zeros(0, self.config.num_experts, dtype=torch.long,
+                                                                device=device),
+                           router_dropped=zeros.long(), router_entropy=zeros)
+            return out
+        aux, z, tokens_per_expert, dropped, entropy = zip(*routing)
+        out = {"router_aux_loss": aux, "router_z_loss": z}
+        if with_stats:
+            out.update(router_tokens_per_expert=torch.stack(tokens_per_expert), router_dropped=torch.stack(dropped),
+                       router_entropy=torch.stack(entropy))
+        return out
 
 
 class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
@@ -476,41 +561,80 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
         past_key_values: Optional[Cache] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_router_stats: bool = False,
         inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_stats: bool = False,
+        return_dict: Optional[bool] = None,
         num_items_in_batch: Optional[int | torch.Tensor] = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
-    ) -> MoeChatCausalLMOutput:
-        """Logits, and with `labels` the loss. Labels are shifted here (label t is predicted at t-1), -100
-        is ignored, and the LM loss is the mean over real target tokens (or their sum divided by
-        `num_items_in_batch` when given, for exact gradient accumulation)."""
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
-        logits = self.lm_head(out.last_hidden_state)
-        aux_loss, z_loss = self._router_losses(out.routing, logits)
+    ) -> MoeChatCausalLMOutput | tuple:
+        """Logits, and with `labels` (or `shift_labels`) the loss. `labels` are shifted here (label t is
+        predicted at t-1); `shift_labels`, already shifted (context/sequence parallelism hands each rank its
+        slice), take precedence, as in transformers. -100 is ignored, and the LM loss is the mean over real
+        targets (or their sum divided by `num_items_in_batch`, for exact gradient accumulation).
+
+        Without an attention mask, the pad tail of a packed row (the last document when none of its
+        labels is a target) is not routed: `prepare` pads rows that way."""
+        targets_BT = shift_labels if shift_labels is not None else labels
+        out = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_stats=output_router_stats, return_dict=True,
+            token_mask=self._packed_pad_tail_mask(attention_mask, position_ids, targets_BT), **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
+        aux_loss, z_loss = self._router_losses(out.router_aux_loss, out.router_z_loss, logits)
         lm_loss = loss = None
-        if labels is not None:
-            lm_loss = self.lm_loss(logits, labels, num_items_in_batch)
+        if shift_labels is not None:
+            lm_loss = self.lm_loss(logits, shift_labels, num_items_in_batch)
+        elif labels is not None:
+            lm_loss = self.lm_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+        if lm_loss is not None:
             loss = lm_loss + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
-        stats = self.router_stats(out.routing) if output_router_stats else None
-        return MoeChatCausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
-                                     past_key_values=out.past_key_values, router_stats=stats)
+        result = MoeChatCausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
+            past_key_values=out.past_key_values, hidden_states=out.hidden_states, attentions=out.attentions,
+            router_tokens_per_expert=out.router_tokens_per_expert, router_dropped=out.router_dropped,
+            router_entropy=out.router_entropy)
+        return result if self._flag(return_dict, "return_dict") else result.to_tuple()
 
     @staticmethod
-    def lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+    def _packed_pad_tail_mask(attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                              targets_BT: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """[B, T] False on the pad tail of packed rows, read from positions and targets (no host sync).
+
+        Only without an attention mask (which otherwise decides) and with packed positions and targets:
+        the tail is the last document of a row (from the last restart of the position ids) when it has
+        more than zero documents before it and no target; None when there is nothing to decide."""
+        if attention_mask is not None or position_ids is None or targets_BT is None:
+            return None
+        position_ids = position_ids.view(-1, targets_BT.shape[1]).expand_as(targets_BT)
+        restarts_BT = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1
+        document_BT = restarts_BT.cumsum(-1)
+        in_tail_BT = document_BT == document_BT[:, -1:]
+        tail_has_target_B1 = ((targets_BT != -100) & in_tail_BT).any(-1, keepdim=True)
+        is_packed_B1 = document_BT[:, -1:] > 0
+        return ~(in_tail_BT & ~tail_has_target_B1 & is_packed_B1)
+
+    @staticmethod
+    def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
                 num_items_in_batch: Optional[int | torch.Tensor] = None) -> torch.Tensor:
-        """Next-token cross-entropy in fp32 over targets != -100 (0 when there are none)."""
-        logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
-        targets = labels_BT[:, 1:].reshape(-1).to(logits.device)
+        """Cross-entropy in fp32 of already shifted targets (targets[:, t] is predicted by logits[:, t]) over
+        targets != -100 (0 when there are none). The one place the LM loss is computed."""
+        logits = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float()
+        targets = targets_BT.reshape(-1).to(logits.device)
         total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
         return total / count
 
     @staticmethod
-    def _router_losses(routing: list[tuple[int, RoutingResult]], logits: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _router_losses(aux_per_layer: tuple[torch.Tensor, ...], z_per_layer: tuple[torch.Tensor, ...],
+                       logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum over MoE layers of the per-layer aux and z losses (zeros for a model without MoE layers).
 
         Summed, not averaged: Switch Transformer (Fedus et al. 2022, Sec. 2.2) and ST-MoE (Zoph et al.
@@ -519,28 +643,12 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         the number of MoE layers (4 in the reference). (transformers' Mixtral pools the layers' counts into one
         loss instead, which is neither.)
         """
-        if not routing:
+        if not aux_per_layer:
             zero = logits.new_zeros((), dtype=torch.float32)
             return zero, zero
-        aux = torch.stack([r.aux_loss for _, r in routing]).sum()
-        z = torch.stack([r.z_loss for _, r in routing]).sum()
+        aux = torch.stack(aux_per_layer).sum()
+        z = torch.stack(z_per_layer).sum()
         return aux, z
-
-    @staticmethod
-    def router_stats(routing: list[tuple[int, RoutingResult]]) -> list[dict[str, Any]]:
-        stats = []
-        for layer, r in routing:
-            assigned = int(r.tokens_per_expert.sum())
-            dropped = int(r.dropped)
-            stats.append({
-                "layer": layer,
-                "tokens_per_expert": r.tokens_per_expert.detach().cpu(),
-                "expert_share": (r.tokens_per_expert.float() / max(assigned, 1)).detach().cpu(),
-                "dropped_tokens": dropped,
-                "dropped_share": dropped / max(assigned, 1),
-                "entropy": float(r.entropy),
-            })
-        return stats
 
     # --- accounting -------------------------------------------------------------------------------
 
@@ -572,4 +680,5 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["MoeChatForCausalLM", "MoeChatModel", "MoeChatPreTrainedModel", "MoeChatCausalLMOutput",
+           "MoeChatModelOutput",
            "MoeChatSparseMoeBlock", "MoeChatMLP", "MoeChatBackendError"]

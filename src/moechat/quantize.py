@@ -223,13 +223,14 @@ def router_token_counts(model: PreTrainedModel, calib: list[list[int]]) -> dict[
     """Tokens each expert receives from the full-precision router over the calibration set, per MoE layer
     (each conversation run alone, as GPTQModel feeds them)."""
     device = next(model.parameters()).device
-    totals: dict[int, torch.Tensor] = {}
+    totals_LE: Optional[torch.Tensor] = None  # summed on the device, one row per MoE layer
     for ids in calib:
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=False, output_router_stats=True)
-        for s in out.router_stats or []:
-            counts = s["tokens_per_expert"].long().cpu()
-            totals[s["layer"]] = totals.get(s["layer"], torch.zeros_like(counts)) + counts
-    return {layer: [int(c) for c in counts] for layer, counts in sorted(totals.items())}
+        counts_LE = out.router_tokens_per_expert
+        totals_LE = counts_LE if totals_LE is None else totals_LE + counts_LE
+    if totals_LE is None:
+        return {}
+    return dict(zip(model.config.moe_layer_indices(), totals_LE.long().tolist()))
 
 
 # ------------------------------------------------------------------------------------------- quantize
