@@ -317,7 +317,7 @@ class MoeChatModelOutput(ModelOutput):
     """Tensors only. Per-MoE-layer rows follow `config.moe_layer_indices()`.
 
     `router_aux_loss` / `router_z_loss`: one 0-dim FloatTensor per MoE layer, every call (the causal LM
-    averages them into its loss; batch statistics, so not rows of a [n_moe_layers] tensor). With
+    sums them into its loss; batch statistics, so not rows of a [n_moe_layers] tensor). With
     `output_router_stats=True` also `router_tokens_per_expert` LongTensor[n_moe_layers, E] (top-k
     assignments chosen, before capacity), `router_dropped` LongTensor[n_moe_layers] (dropped by capacity
     routing, training mode only) and `router_entropy` FloatTensor[n_moe_layers] (mean router entropy over
