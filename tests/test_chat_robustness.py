@@ -76,6 +76,10 @@ def test_bad_folders_are_one_line_naming_the_file(exported):
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model_type": "moechat"}))
     assert "no weights (*.safetensors)" in _one_line_error(_run(str(empty), "--prompt", "Hi"))
+    corrupt = _broken_folder(tmp, "corrupt", None)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    line = _one_line_error(_run(str(corrupt), "--prompt", "Hi", "--device", "cpu"))
+    assert line.startswith(f"moechat chat: {corrupt}: could not load the model (") and "--verbose" in line
     verbose = _run(str(tmp / "list"), "--prompt", "Hi", "--verbose")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr.decode()
 
@@ -113,6 +117,11 @@ def test_non_utf8_stdin_is_one_line_naming_the_line(exported):
     assert _one_line_error(proc) == ("moechat chat: stdin line 2 is not UTF-8 text (invalid continuation byte at "
                                      "byte 3); send UTF-8, e.g. through `iconv -f latin1 -t utf-8`")
     assert proc.stdout.decode().count("bot> ") == 1  # the first line was answered
+    argv = [os.fsencode(sys.executable), b"-m", b"moechat.cli", b"chat", os.fsencode(tmp / "export"), b"--prompt",
+            b"caf\xe9"]  # a Latin-1 argument reaches Python as a surrogate escape
+    proc = subprocess.run(argv, capture_output=True, env=ENV, timeout=300, check=False)
+    assert _one_line_error(proc) == ("moechat chat: --prompt is not UTF-8 text (surrogates not allowed at "
+                                     "character 3); pass UTF-8")
 
 
 def test_ctrl_c_at_the_prompt_exits_quietly(exported):

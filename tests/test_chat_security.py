@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -117,3 +118,20 @@ def test_typed_special_tokens_are_text(folders):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert answer == tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+
+def test_code_free_view_holds_the_data_files_only(tmp_path):
+    from moechat.model_folder import code_free_view
+
+    folder = tmp_path / "model"
+    (folder / "custom_generate").mkdir(parents=True)
+    (folder / "custom_generate" / "generate.py").write_text("raise SystemExit")
+    (folder / "modeling_moechat.py").write_text("raise SystemExit")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text(json.dumps({"model_type": "moechat", "n_embd": 64,
+                                                    "auto_map": {"AutoConfig": "configuration_moechat.X"}}))
+    with code_free_view(folder) as view:
+        assert sorted(p.name for p in view.iterdir()) == ["config.json", "model.safetensors"]
+        assert json.loads((view / "config.json").read_text()) == {"model_type": "moechat", "n_embd": 64}
+        assert (view / "model.safetensors").read_bytes() == b"weights"
+    assert not view.exists() and (folder / "modeling_moechat.py").exists()  # the user's folder is untouched

@@ -76,14 +76,15 @@ def _check_weights(folder: Path) -> None:
 
 @contextlib.contextmanager
 def code_free_view(folder: Path) -> Iterator[Path]:
-    """A temporary folder with links to `folder`'s files except its Python files, and its config.json
-    without `auto_map`: a loader handed this view cannot find, import or cache the folder's code."""
+    """A temporary folder with links to `folder`'s files except its Python files and subfolders (such as
+    `custom_generate/`), and its config.json without `auto_map`: a loader handed this view cannot find,
+    import or cache the folder's code."""
     folder = Path(folder).resolve()
     with tempfile.TemporaryDirectory(prefix="moechat-model-") as scratch:
         view = Path(scratch) / folder.name
         view.mkdir()
         for item in folder.iterdir():
-            if item.suffix == ".py" or item.name in ("config.json", "__pycache__"):
+            if item.suffix == ".py" or item.is_dir() or item.name == "config.json":
                 continue
             (view / item.name).symlink_to(item)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
