@@ -90,7 +90,7 @@ def test_impossible_max_new_tokens_is_one_line_naming_the_flag(exported, stdin):
 def test_help_shows_the_defaults():
     out = subprocess.run([sys.executable, "-m", "moechat.cli", "chat", "--help"], capture_output=True, text=True,
                          env=ENV, timeout=60, check=True).stdout
-    assert "(default: auto)" in out and "(default: 0.7)" in out and "--verbose" in out
+    assert "(default: auto)" in out and "(default: 0.8)" in out and "--verbose" in out
 
 
 def test_interactive_session_with_reset_and_exit(exported):

@@ -246,6 +246,8 @@ def test_quantize_seconds_exclude_model_loading(monkeypatch, tmp_path):
 
     monkeypatch.setattr(moechat.quantize, "qmodel_class", lambda: SlowLoad)
     tok = tiny_tokenizer()
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")  # run_gptq hands GPTQModel a code-free view of it
     _, seconds = run_gptq(tmp_path / "export", tok, [[1, 2, 3]], CFG, tmp_path / "quantized")
     assert seconds["load_seconds"] >= 0.6
     assert 0.05 <= seconds["quantize_seconds"] < 0.5

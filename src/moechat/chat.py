@@ -1,10 +1,14 @@
 """`moechat chat <model dir>`: talk to an exported (full-precision) or quantized (GPTQ) moechat model.
 
 Interactive by default: replies stream token by token, the conversation history goes back through the
-chat template each turn, `/reset` starts over, `/exit` (or end of input) quits. `--prompt "..."` answers
-once and exits. Uses the GPU when one is visible (`--device` overrides). GPTQModel's load-time output
-(banner, kernel choice, config dumps) is kept off the terminal unless `--verbose`; stdout carries only the
-conversation.
+chat template each turn, `/reset` starts over, `/exit`, end of input or Ctrl-C quits. `--prompt "..."`
+answers once and exits. Uses the GPU when one is visible (`--device` overrides).
+
+Safe with a folder from anywhere: the model is built from the installed moechat code, never from the
+folder's Python files (`--trust-remote-code` opts in to those), weights are read from safetensors only,
+and what the user types is text: a typed `<|im_start|>` cannot open a turn. Quiet: stdout carries only
+the conversation, notices go to stderr, and loaders' output (progress bars, GPTQModel's banner) shows
+only with `--verbose`, which also turns one-line errors back into tracebacks.
 """
 
 from __future__ import annotations
@@ -12,105 +16,185 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
+import re
 import sys
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, TextIO
+from typing import IO, TYPE_CHECKING, Any, Optional, TextIO
 
-if TYPE_CHECKING:  # torch / transformers load in main(), after the log levels are set
+from moechat.config import EvalConfig, MoechatError
+from moechat.model_folder import TRUST_FLAG, read_config
+
+if TYPE_CHECKING:  # torch / transformers load after the arguments and the folder are checked
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PROMPT = "you> "
 BOT = "bot> "
 MAX_NEW_TOKENS = 256  # the reply cap when --max-new-tokens is not given, for models with n_positions >= 512
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+INTERRUPTED = 130  # the shell's exit status for a Ctrl-C
 
 
-def model_positions(model_dir: Path) -> Optional[int]:
-    """`n_positions` from the folder's config.json (None when it has none), read before the slow load."""
-    config = Path(model_dir) / "config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; pass models/export or models/quantized "
-                                f"(built by `dvc repro`)")
-    return json.loads(config.read_text()).get("n_positions")
+class ChatError(MoechatError, ValueError):
+    """A chat input the user can fix (a flag, the folder, stdin); printed as one line."""
+
+
+class PromptTooLong(ChatError):
+    """The latest user turn alone does not fit the model's positions with room for the reply."""
 
 
 def resolve_max_new_tokens(requested: Optional[int], n_positions: Optional[int]) -> int:
-    """The reply cap: `requested` when it leaves room for a prompt, else a ValueError naming the flag;
+    """The reply cap: `requested` when it leaves room for a prompt, else a ChatError naming the flag;
     unset = min(256, n_positions // 2), so half the context stays for the history (trimmed to fit)."""
     if requested is None:
         return MAX_NEW_TOKENS if n_positions is None else max(1, min(MAX_NEW_TOKENS, n_positions // 2))
     if requested < 1:
-        raise ValueError(f"--max-new-tokens={requested} must be >= 1")
+        raise ChatError(f"--max-new-tokens={requested} must be >= 1")
     if n_positions is not None and requested >= n_positions:
-        raise ValueError(f"--max-new-tokens={requested} must be < the model's n_positions={n_positions}; pass at "
-                         f"most {n_positions - 1}, or leave it out for min({MAX_NEW_TOKENS}, n_positions // 2) = "
-                         f"{max(1, min(MAX_NEW_TOKENS, n_positions // 2))}")
+        raise ChatError(f"--max-new-tokens={requested} must be < the model's n_positions={n_positions}; pass at "
+                        f"most {n_positions - 1}, or leave it out for min({MAX_NEW_TOKENS}, n_positions // 2) = "
+                        f"{max(1, min(MAX_NEW_TOKENS, n_positions // 2))}")
     return requested
 
 
-def load_for_chat(model_dir: Path, device: torch.device, verbose: bool = False
-                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A quantized folder through GPTQModel's kernels, anything else with transformers (remote code).
+def resolve_device(name: str) -> torch.device:
+    """`auto` = the GPU when one is visible, else the CPU; checked with torch alone, before the slow imports."""
+    if not DEVICE.fullmatch(name):
+        raise ChatError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    import torch
 
-    GPTQModel prints ~50 lines while loading; they are discarded (shown on stderr if the load fails), or
-    with `verbose` all go to stderr. stdout stays the conversation either way."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChatError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ChatError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible; use cuda:0")
+    return device
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_for_chat(model_dir: Path, device: torch.device, trust_remote_code: bool = False, verbose: bool = False
+                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A quantized folder through GPTQModel's kernels, anything else with transformers; both with the
+    installed moechat classes unless `trust_remote_code`. GPTQModel (imported only for a quantized folder)
+    prints ~50 lines while loading: discarded (shown on stderr if the load fails), or with `verbose` on stderr."""
     from moechat.quantize import is_quantized_dir
 
-    model_dir = Path(model_dir)
-    model_positions(model_dir)  # the config.json check, with its message
     if is_quantized_dir(model_dir):
         from moechat.quantize import library_output, load_quantized
 
         if verbose:
             with contextlib.redirect_stdout(sys.stderr):
-                return load_quantized(model_dir, device=str(device))
+                return load_quantized(model_dir, str(device), trust_remote_code)
         with io.StringIO() as log, library_output(log, "GPTQModel's output"):
-            return load_quantized(model_dir, device=str(device))
+            return load_quantized(model_dir, str(device), trust_remote_code)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
+        import moechat.modeling  # noqa: F401
+
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True, dtype=dtype).to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, dtype=dtype,
+                                                 use_safetensors=True).to(device)
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def quiet_loaders(verbose: bool) -> None:
+    """Hide transformers' weight-loading progress bar and warnings unless `verbose`. Call it before
+    transformers' first import: the torchao filters must be in place when that import logs its warnings."""
+    if verbose:
+        return
+    from moechat.stage import quiet_third_party
+
+    quiet_third_party()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ------------------------------------------------------------------------------------ the prompt
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids of `messages` through the chat template with the generation prompt, where message text is
+    only ever text: a typed `<|im_start|>` (any added token) becomes the ids of its characters, never the
+    control token that would forge a turn. Text without added tokens gets the template's usual ids."""
+    added = tokenizer.get_added_vocab()
+    if not any(token in m["content"] for m in messages for token in added):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    # Render with a unique marker per content; tokenize the template's pieces as usual (their control
+    # tokens stay control tokens) and each content with split_special_tokens=True.
+    markers = [f"[moechat-text-{uuid.uuid4().hex}]" for _ in messages]
+    rendered = tokenizer.apply_chat_template([m | {"content": k} for m, k in zip(messages, markers)],
+                                             add_generation_prompt=True, tokenize=False)
+    ids: list[int] = []
+    for message, marker in zip(messages, markers):
+        if rendered.count(marker) != 1:
+            raise ChatError("the folder's chat template does not render each message exactly once; re-export "
+                            "the model (dvc repro export)")
+        piece, rendered = rendered.split(marker)
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 class Chat:
-    """One conversation: history in ChatML messages, one streamed reply per user turn."""
+    """One conversation: history in ChatML messages, one streamed reply per user turn. Replies go to `out`,
+    notices (turns dropped to fit the model) to `err`."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                 temperature: float, top_p: float, seed: Optional[int], out: TextIO = sys.stdout):
+                 temperature: float, top_p: float, seed: Optional[int], out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
-        self.out = out
+        self.out, self.err = out, err
         self.history: list[dict[str, str]] = []
 
     def reply(self, text: str) -> str:
-        """Add the user turn, stream the assistant's answer to `out`, keep both in the history."""
-        from moechat.evaluate import generate_reply
+        """Add the user turn, stream the assistant's answer to `out`, keep both in the history. A turn too
+        long for the model raises PromptTooLong and leaves the history as it was."""
+        import torch
+
+        from moechat.evaluate import generate_continuation
 
         self.history.append({"role": "user", "content": text})
-        self._fit_history()
-        streamer = _streamer(self.tokenizer, self.out)
+        ids = self._fit_history()
         seed = None if self.seed is None else self.seed + len(self.history)
-        answer = generate_reply(self.model, self.tokenizer, self.history, self.max_new_tokens, self.temperature,
-                                self.top_p, seed=seed, streamer=streamer)
+        answer = generate_continuation(self.model, self.tokenizer, torch.tensor([ids]), self.max_new_tokens,
+                                       self.temperature, self.top_p, seed=seed,
+                                       streamer=_streamer(self.tokenizer, self.out))
         self.out.write("\n")
         self.out.flush()
         self.history.append({"role": "assistant", "content": answer.strip()})
         return answer
 
-    def _fit_history(self) -> None:
-        """Drop the oldest exchanges until prompt + reply fit the model's positions (the latest user turn stays)."""
+    def _fit_history(self) -> list[int]:
+        """Prompt ids of the history, dropping the oldest whole exchanges (user + assistant turn) until the
+        prompt and the reply fit the model's positions; never cuts inside a turn or its header. A latest
+        turn that cannot fit even alone is taken back out (the earlier history stays) and refused."""
         limit = getattr(self.model.config, "n_positions", None)
-        if limit is None:
-            return
-        while len(self.history) > 1:
-            ids = self.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
-            if len(ids) + self.max_new_tokens <= limit:
-                return
+        if limit is not None:
+            alone = len(encode_chat(self.tokenizer, self.history[-1:]))
+            if alone + self.max_new_tokens > limit:
+                self.history.pop()
+                raise PromptTooLong(f"your message is {alone} tokens with its template; the model reads {limit} "
+                                    f"positions and keeps {self.max_new_tokens} for the reply, so at most "
+                                    f"{limit - self.max_new_tokens} fit: shorten it or lower --max-new-tokens")
+        ids = encode_chat(self.tokenizer, self.history)
+        dropped = 0
+        while limit is not None and len(ids) + self.max_new_tokens > limit:
             del self.history[:2]
+            dropped += 2
+            ids = encode_chat(self.tokenizer, self.history)
+        if dropped:
+            self.err.write(f"(dropped the oldest {dropped} turns to fit the model's {limit} positions; "
+                           f"/reset starts over)\n")
+            self.err.flush()
+        return ids
 
     def reset(self) -> None:
         self.history.clear()
@@ -128,13 +212,29 @@ def _streamer(tokenizer: PreTrainedTokenizerBase, out: TextIO) -> Any:
     return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def interactive(chat: Chat, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+# ---------------------------------------------------------------------------------- the session
+def read_line(stdin: IO, number: int) -> Optional[str]:
+    """Line `number` of `stdin` (bytes, decoded as strict UTF-8, or text); None at end of input."""
+    line = stdin.readline()
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ChatError(f"stdin line {number} is not UTF-8 text ({err.reason} at byte {err.start}); send UTF-8, "
+                            f"e.g. through `iconv -f latin1 -t utf-8`") from None
+    return line or None
+
+
+def interactive(chat: Chat, stdin: IO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    """The session loop: one reply per line of `stdin` (bytes or text) until /exit or end of input."""
     out.write("moechat: type a message; /reset clears the conversation, /exit quits.\n")
+    number = 0
     while True:
         out.write(PROMPT)
         out.flush()
-        line = stdin.readline()
-        if not line:  # end of input
+        number += 1
+        line = read_line(stdin, number)
+        if line is None:  # end of input
             out.write("\n")
             return
         text = line.strip()
@@ -147,7 +247,12 @@ def interactive(chat: Chat, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout)
             out.write("(conversation cleared)\n")
             continue
         out.write(BOT)
-        chat.reply(text)
+        try:
+            chat.reply(text)
+        except PromptTooLong as too_long:
+            out.write("\n")
+            err.write(f"({too_long})\n")
+            err.flush()
 
 
 def _max_new_tokens_arg(text: str) -> Optional[int]:
@@ -168,40 +273,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_max_new_tokens_arg, default="auto",
                    help=f"reply length cap in tokens, < the model's n_positions; auto = "
                         f"min({MAX_NEW_TOKENS}, n_positions // 2)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    # the evaluate stage's sampling defaults (params.yaml eval.temperature / eval.top_p), so chat replies
+    # read like the samples in metrics/samples.json
+    p.add_argument("--temperature", type=float, default=EvalConfig.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=EvalConfig.top_p, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--verbose", action="store_true", help="show the loaders' own output (GPTQModel) on stderr")
+    p.add_argument(TRUST_FLAG, action="store_true",
+                   help="build the model from the folder's own Python files (configuration_moechat.py, "
+                        "modeling_moechat.py), which run with your permissions: only for a folder you trust. "
+                        "Without it the installed moechat code is used")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the loaders' output (progress bars, GPTQModel) on stderr, and tracebacks on errors")
     return p
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` when it encodes as UTF-8 (a non-UTF-8 command-line argument arrives as surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ChatError(f"{what} is not UTF-8 text ({err.reason} at character {err.start}); pass UTF-8") from None
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command behind `main`: every check that needs no model first, then the load, then the chat."""
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ChatError(f"--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]")
+    prompt = None if args.prompt is None else check_text(args.prompt, "--prompt")
+    config = read_config(args.model_dir, args.trust_remote_code)
+    max_new_tokens = resolve_max_new_tokens(args.max_new_tokens, config.get("n_positions"))
+    device = resolve_device(args.device)  # torch only: before transformers and GPTQModel
+    quiet_loaders(args.verbose)
+    from safetensors import SafetensorError
+
+    try:
+        model, tokenizer = load_for_chat(args.model_dir, device, args.trust_remote_code, args.verbose)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # a corrupt folder
+        if args.verbose or isinstance(err, MoechatError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ChatError(f"{args.model_dir}: could not load the model ({type(err).__name__}: {first}); rerun with "
+                        f"--verbose for the details") from None
+    chat = Chat(model, tokenizer, max_new_tokens, args.temperature, args.top_p, args.seed)
+    if prompt is not None:
+        chat.reply(prompt)
+        return 0
+    interactive(chat, stdin=sys.stdin.buffer)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.verbose:  # before transformers is first imported: it logs torchao's kernel warnings then
-        from moechat.stage import quiet_third_party
-
-        quiet_third_party()
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise SystemExit(f"moechat chat: --temperature={args.temperature} must be >= 0 and "
-                         f"--top-p={args.top_p} in (0, 1]")
-    try:  # before torch and the model load (seconds to minutes), so a bad value fails at once
-        max_new_tokens = resolve_max_new_tokens(args.max_new_tokens, model_positions(args.model_dir))
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"moechat chat: {err}") from None
-    from moechat.evaluate import pick_device
-
     try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        raise SystemExit(f"moechat chat: {err}") from None
-    model, tokenizer = load_for_chat(args.model_dir, device, verbose=args.verbose)
-    chat = Chat(model, tokenizer, max_new_tokens, args.temperature, args.top_p, args.seed)
-    if args.prompt is not None:
-        chat.reply(args.prompt)
-        return 0
-    interactive(chat)
-    return 0
+        return run(args)
+    except MoechatError as err:
+        if args.verbose:
+            raise
+        print(f"moechat chat: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C at the prompt or mid-reply: leave quietly, the cursor on a new line
+        print(flush=True)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

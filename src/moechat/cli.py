@@ -17,7 +17,7 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: moechat <command> [options]", "", "commands:"]
+    lines = ["usage: moechat [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `moechat <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from moechat import __version__
+
+        print(f"moechat {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -50,12 +50,15 @@ def project_root() -> Path:
 
 
 def demo_env(workdir: Path) -> dict[str, str]:
-    """Environment for the scratch repo: offline Hub, a git identity for dvc exp / dvclive, and the repo's
-    own copy of the library first on the path, so the code that runs is the code DVC hashed."""
+    """Environment for the scratch repo: offline Hub, a git identity for dvc exp / dvclive, the repo's
+    own copy of the library first on the path, so the code that runs is the code DVC hashed, and this
+    interpreter's bin folder first on PATH, so `dvc` and the stages' `python` are this environment's
+    even when the venv is not activated."""
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(workdir).resolve() / "src"),
-                                                            env.get("PYTHONPATH")]))})
+                                                            env.get("PYTHONPATH")])),
+                "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))})
     for key, value in GIT_IDENTITY.items():
         env.setdefault(key, value)
     return env

@@ -175,10 +175,8 @@ def share_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                    seed: Optional[int] = None, streamer: Any = None) -> str:
-    """One assistant turn for `messages` through the chat template. temperature 0 = greedy; otherwise
-    sampling with `seed` (torch.manual_seed, so the same seed gives the same text on the same device).
+    """One assistant turn for `messages` through the chat template (see `generate_continuation`).
     The prompt is cut from the left (whole tokens) so prompt + reply fits the model's positions."""
-    device = next(model.parameters()).device
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)
     input_ids = enc["input_ids"]
@@ -187,7 +185,17 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
         if max_new_tokens >= limit:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be < the model's n_positions={limit}")
         input_ids = input_ids[:, -(limit - max_new_tokens):]
-    input_ids = input_ids.to(device)
+    return generate_continuation(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, seed, streamer)
+
+
+@torch.no_grad()
+def generate_continuation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids_1T: torch.Tensor,
+                          max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                          seed: Optional[int] = None, streamer: Any = None) -> str:
+    """The text generated after the prompt `input_ids_1T` [1, T], up to `max_new_tokens` or <|im_end|>.
+    temperature 0 = greedy; otherwise nucleus sampling with `seed` (torch.manual_seed, so the same seed
+    gives the same text on the same device)."""
+    input_ids = input_ids_1T.to(next(model.parameters()).device)
     kwargs: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
@@ -244,6 +252,8 @@ def load_model(model_dir: str | Path, device: torch.device) -> tuple[PreTrainedM
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; run the stage that writes it (dvc repro)")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # the installed moechat classes, never the folder's code files; safetensors only, never a pickle
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False,
+                                                 use_safetensors=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     return model.eval(), tokenizer

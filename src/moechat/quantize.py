@@ -54,6 +54,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.io import atomic_dir
 from moechat.config import MoechatError, QuantizeConfig
+from moechat.model_folder import code_free_view
 
 # GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
 # modules of one block are quantized (inputs before outputs); ":!" = run but do not quantize; "mlp:moe"
@@ -76,8 +77,9 @@ GPTQMODEL_LOG = "gptqmodel.log"  # GPTQModel's full console output, kept inside 
 
 # stdlib loggers that print while GPTQModel is imported or loads a model: torchao ("Failed to load
 # .../_C_mxfp8...so" on CPU), torch's pytree ("Enum subclass ... register_constant() is deprecated"),
-# tokenicer (its "Auto fixed pad_token_id" INFO lines) and DeepSpeed ("Setting accelerator to CPU").
-LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "DeepSpeed")
+# tokenicer (its "Auto fixed pad_token_id" INFO lines), DeepSpeed ("Setting accelerator to CPU") and
+# bitsandbytes ("Failed to load CPU gemm_4bit_forward from kernels-community" on AVX512-BF16 CPUs).
+LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "DeepSpeed", "bitsandbytes")
 # logbar prints info / warn / error itself, but GPTQModel also calls the stdlib `Logger.warning` on it
 # (e.g. "HF: overriding trust_remote_code"), which no handler takes: Python's last-resort stderr printer.
 LOGBAR_LOGGER = "logbar"
@@ -259,14 +261,19 @@ def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[li
 
     fp32 on every device: CPUs here run fp16 ~100x slower, and on a GPU fp32 keeps the output identical
     in format and size to a CPU run (a ~0.5B model fits a 16 GB GPU in fp32 with room to spare)."""
+    import moechat.modeling  # noqa: F401  (registers the installed classes with the Auto classes)
+
     fd, log_name = tempfile.mkstemp(prefix="moechat-gptqmodel-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)  # outside out_dir, so it survives a failed run (its path is printed then)
-    with open(log_path, "w+", encoding="utf-8") as log_file, library_output(log_file, str(log_path)):
+    # GPTQModel sees a code-free view of model_dir (alive until the save: it reads weights lazily), so it
+    # builds the installed moechat classes and never imports the folder's code files.
+    with open(log_path, "w+", encoding="utf-8") as log_file, library_output(log_file, str(log_path)), \
+            code_free_view(model_dir) as view:
         qcls = qmodel_class()
         start = time.perf_counter()
-        qmodel = qcls.from_pretrained(str(model_dir), quantize_config=gptq_config(cfg), trust_remote_code=True,
-                                      device=str(device), dtype=torch.float32)
+        qmodel = qcls.from_pretrained(str(view), quantize_config=gptq_config(cfg), device=str(device),
+                                      dtype=torch.float32)
         loaded = time.perf_counter()
         data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
         # GPTQModel writes a per-run log file under ./logs; keep it out of the user's project folder
@@ -393,12 +400,17 @@ def is_quantized_dir(folder: Path) -> bool:
     return config.exists() and "quantization_config" in json.loads(config.read_text())
 
 
-def load_quantized(quant_dir: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_quantized(quant_dir: Path, device: str = "cpu", trust_remote_code: bool = False
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a quantized folder for inference through GPTQModel's kernels; returns the HF model (with
     `generate`) and its tokenizer. CPU: fp32 activations with GPTQModel's CPU kernel (TorchInt8Linear,
     which repacks the 4-bit weights per channel to int8 for `_weight_int8pack_mm`); GPU: fp16 with the
-    fastest kernel GPTQModel finds."""
+    fastest kernel GPTQModel finds. The folder's own Python files run only with `trust_remote_code`;
+    otherwise GPTQModel gets a `code_free_view` and builds the installed MoeChatForCausalLM."""
     from transformers import AutoTokenizer
+
+    if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
+        import moechat.modeling  # noqa: F401
 
     qcls = qmodel_class()
     from gptqmodel import BACKEND
@@ -407,9 +419,11 @@ def load_quantized(quant_dir: Path, device: str = "cpu") -> tuple[PreTrainedMode
         backend, dtype = BACKEND.GPTQ_TORCH_INT8, torch.float32
     else:
         backend, dtype = BACKEND.AUTO, torch.float16
-    wrapper = qcls.from_quantized(str(quant_dir), device=device, backend=backend, dtype=dtype,
-                                  trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(quant_dir), trust_remote_code=True)
+    with contextlib.ExitStack() as stack:
+        folder = Path(quant_dir) if trust_remote_code else stack.enter_context(code_free_view(quant_dir))
+        wrapper = qcls.from_quantized(str(folder), device=device, backend=backend, dtype=dtype,
+                                      trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     return wrapper.model.eval(), tokenizer
 
 

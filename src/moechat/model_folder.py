@@ -1,0 +1,93 @@
+"""Open a model folder for inference without running the Python files it carries.
+
+A save_pretrained folder of a custom model ships `configuration_moechat.py` / `modeling_moechat.py` and an
+`auto_map` in config.json that names them; with `trust_remote_code=True`, transformers imports those files,
+so a folder downloaded from anywhere can run any code. moechat loads model folders with the classes of the
+installed package instead (registered with the Auto classes by `moechat.modeling`) and runs a folder's own
+code only when the user asks for it (`moechat chat --trust-remote-code`).
+
+GPTQModel imports the module named by `auto_map` even under `trust_remote_code=False` (its remote-code
+compatibility shims) and copies a folder's `*.py` files into the transformers module cache, so a quantized
+folder reaches it as a `code_free_view`: links to the folder's data files and a config.json without
+`auto_map`. Weights are read from safetensors only; a folder holding only pickled weights is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from moechat.config import MoechatError
+
+MODEL_TYPE = "moechat"  # MoeChatConfig.model_type, read here without importing transformers
+TRUST_FLAG = "--trust-remote-code"
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+class ModelFolderError(MoechatError, ValueError):
+    """A model folder cannot be loaded; the message names the folder or file and what to pass instead."""
+
+
+def read_config(folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """config.json of a model folder, checked before any slow import: it exists, is a JSON object, the folder
+    has safetensors weights, and (unless `trust_remote_code`) it is a moechat model the installed code loads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: not a folder; pass models/export or models/quantized (built by "
+                               f"`dvc repro`)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: no config.json; pass models/export or models/quantized (built by "
+                               f"`dvc repro`)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelFolderError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-export the "
+                               f"folder (dvc repro export)") from None
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                               f"re-export the folder (dvc repro export)") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object with the model's settings, got a "
+                               f"{type(config).__name__}; re-export the folder (dvc repro export)")
+    _check_weights(folder)
+    if not trust_remote_code and config.get("model_type") != MODEL_TYPE:
+        raise ModelFolderError(f"{path}: model_type={config.get('model_type')!r}, not {MODEL_TYPE!r}; the installed "
+                               f"moechat code loads only moechat models ({TRUST_FLAG} runs the folder's own "
+                               f"code instead, only for a folder you trust)")
+    return config
+
+
+def _check_weights(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise ModelFolderError(f"{folder}: weights only in pickle files ({', '.join(pickled)}), which can run code "
+                               f"when loaded; moechat reads safetensors only: re-save the model with "
+                               f"save_pretrained(safe_serialization=True)")
+    raise ModelFolderError(f"{folder}: no weights (*.safetensors); pass models/export or models/quantized "
+                           f"(built by `dvc repro`)")
+
+
+@contextlib.contextmanager
+def code_free_view(folder: Path) -> Iterator[Path]:
+    """A temporary folder with links to `folder`'s files except its Python files and subfolders (such as
+    `custom_generate/`), and its config.json without `auto_map`: a loader handed this view cannot find,
+    import or cache the folder's code."""
+    folder = Path(folder).resolve()
+    with tempfile.TemporaryDirectory(prefix="moechat-model-") as scratch:
+        view = Path(scratch) / folder.name
+        view.mkdir()
+        for item in folder.iterdir():
+            if item.suffix == ".py" or item.is_dir() or item.name == "config.json":
+                continue
+            (view / item.name).symlink_to(item)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config.pop("auto_map", None)
+        (view / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        yield view
