@@ -143,54 +143,106 @@ class MoeChatSparseMoeBlock(nn.Module):
     def forward(self, x_BTD: torch.Tensor, token_mask_BT: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, RoutingResult]:
         B, T, D = x_BTD.shape
-        # Position-major token order (N = T*B): the capacity priority, which follows it, is then causal.
-        x_ND = x_BTD.transpose(0, 1).reshape(T * B, D)
-        routed_idx = None
-        if token_mask_BT is not None:
-            routed_idx = token_mask_BT.t().reshape(-1).nonzero().squeeze(-1)
-            x_ND = x_ND[routed_idx]
-        logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_ND)
-        n = x_ND.shape[0]
         cap = self.capacity(B * T)
+        # Capacity priority follows the token order, so capacity routing ranks position-major (N = T*B):
+        # then it is causal. Dropless routing does not depend on the order and skips that transpose copy.
+        position_major = cap is not None
+        x_ND = (x_BTD.transpose(0, 1) if position_major else x_BTD).reshape(B * T, D)
+        valid_N = None
+        if token_mask_BT is not None:
+            valid_N = (token_mask_BT.t() if position_major else token_mask_BT).reshape(-1)
         if self.backend == "tutel":
-            y_ND, tokens_per_expert, dropped = self._dispatch_tutel(x_ND, weights_Nk, experts_Nk, cap)
+            y_ND, result = self._forward_tutel(x_ND, valid_N, cap)
         else:
-            y_ND, tokens_per_expert, dropped = self._dispatch_torch(x_ND, weights_Nk, experts_Nk, cap)
-        result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, n)
-        if routed_idx is not None:
-            y_ND = y_ND.new_zeros(T * B, D).index_copy(0, routed_idx, y_ND)
-        return y_ND.view(T, B, D).transpose(0, 1).contiguous(), result
+            logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_ND)
+            y_ND, tokens_per_expert, dropped = self._dispatch_torch(x_ND, weights_Nk, experts_Nk, cap, valid_N)
+            result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, valid_N)
+        if position_major:
+            return y_ND.view(T, B, D).transpose(0, 1).contiguous(), result
+        return y_ND.view(B, T, D), result
+
+    def _forward_tutel(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor], cap: Optional[int]
+                       ) -> tuple[torch.Tensor, RoutingResult]:
+        """tutel's kernels take the routed tokens only: padding is gathered out first (a host sync)."""
+        routed_idx = None if valid_N is None else valid_N.nonzero().squeeze(-1)
+        x_routed = x_ND if routed_idx is None else x_ND[routed_idx]
+        logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_routed)
+        y_routed, tokens_per_expert, dropped = self._dispatch_tutel(x_routed, weights_Nk, experts_Nk, cap)
+        result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, None)
+        if routed_idx is None:
+            return y_routed, result
+        return x_ND.new_zeros(x_ND.shape).index_copy(0, routed_idx, y_routed), result
 
     def _dispatch_torch(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
-                        cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sort the N*k (token, expert) assignments by expert, run each expert once on its slice, scatter back.
+                        cap: Optional[int], valid_N: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sort the N*k (token, expert) assignments by expert and run all experts as two grouped matmuls.
+
+        Everything stays on the device (no host sync): the group offsets are a device tensor, padding
+        (`valid_N` False) and capacity-dropped assignments are sorted past the last group (a sentinel
+        "expert E") where the grouped matmul does not compute, and every expert's weights enter the graph,
+        so an expert that got no token still gets a (zero) gradient and DDP sees no unused parameter.
 
         Assignments are ordered token-major (token t's k choices before token t+1's), and the sort by
         expert is stable, so with a cap an expert keeps its earliest tokens and drops the rest: a token's
         routing never depends on a later token. Returns the output in x's dtype (the experts may run in
-        bf16 under autocast while x, a LayerNorm output, is fp32), the per-expert assignment counts and
-        the number of dropped assignments.
+        bf16 under autocast while x, a LayerNorm output, is fp32), the per-expert assignment counts (router
+        choices of the valid tokens, before capacity) and the number of dropped assignments.
         """
         n, k = experts_Nk.shape
+        E = self.num_experts
         expert_A = experts_Nk.reshape(-1)  # A = n*k assignments, token-major
-        token_A = torch.arange(n, device=x_ND.device).repeat_interleave(k)
+        token_A = torch.arange(n * k, device=x_ND.device) // k
         weight_A = weights_Nk.reshape(-1)
-        tokens_per_expert = torch.bincount(expert_A, minlength=self.num_experts)
-        order = torch.argsort(expert_A, stable=True)
-        kept_per_expert = tokens_per_expert
-        if cap is not None:
-            starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-            rank_in_expert = torch.arange(order.numel(), device=x_ND.device) - starts[expert_A[order]]
-            order = order[rank_in_expert < cap]
-            kept_per_expert = tokens_per_expert.clamp(max=cap)
-        dropped = (tokens_per_expert - kept_per_expert).sum()
-        token_S, weight_S = token_A[order], weight_A[order]  # S = kept assignments sorted by expert
-        chunks = x_ND[token_S].split(kept_per_expert.tolist())
-        outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
-        y_SD = torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[1])
+        key_A = expert_A if valid_N is None else expert_A.masked_fill(~valid_N.unsqueeze(1).expand(n, k).reshape(-1), E)
+        counts = _count_per_group(key_A, E + 1)  # [E + 1], the last the padding sentinel
+        order_A = torch.argsort(key_A, stable=True)
+        key_S = key_A[order_A]
+        kept = counts
+        if cap is not None:  # rank within the expert, in token order; past the cap -> sentinel, re-sort
+            starts = torch.cumsum(counts, 0) - counts
+            rank_S = torch.arange(n * k, device=x_ND.device) - starts[key_S]
+            key_S = key_S.masked_fill(rank_S >= cap, E)
+            resort = torch.argsort(key_S, stable=True)
+            order_A, key_S = order_A[resort], key_S[resort]
+            kept = counts.clamp(max=cap)
+        tokens_per_expert = counts[:E]
+        dropped = (tokens_per_expert - kept[:E]).sum()
+        offs_E = torch.cumsum(kept[:E], 0).to(torch.int32)
+        dead_S1 = None if valid_N is None and cap is None else (key_S == E).unsqueeze(-1)
+        token_S, weight_S = token_A[order_A], weight_A[order_A]
+        y_SD = self._experts_grouped(x_ND[token_S], key_S.clamp(max=E - 1), offs_E, dead_S1)
         y_SD = y_SD.to(x_ND.dtype) * weight_S.unsqueeze(-1).to(x_ND.dtype)
         y_ND = x_ND.new_zeros(x_ND.shape).index_add(0, token_S, y_SD)
         return y_ND, tokens_per_expert, dropped
+
+    def _experts_grouped(self, x_SD: torch.Tensor, expert_S: torch.Tensor, offs_E: torch.Tensor,
+                         dead_S1: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every expert's GPT-2 MLP on its rows of the expert-sorted x_SD, in the autocast dtype.
+
+        The per-expert `nn.Linear` weights are stacked here, each forward, so the parameters keep their
+        names and layout (`experts.{j}.c_fc`, checkpoints, GPTQ and upcycling address them). Rows of
+        `dead_S1` (past the last group) are left uninitialised by the grouped matmul, in the output and in
+        its input gradient: they are zeroed before each matmul result is used and before the gather's
+        backward sums them into x (torch's masked_fill backward zeroes their gradient).
+        """
+        dtype = torch.get_autocast_dtype(x_SD.device.type) if torch.is_autocast_enabled(x_SD.device.type) \
+            else x_SD.dtype
+        fc = [e.c_fc for e in self.experts]
+        proj = [e.c_proj for e in self.experts]
+        x_SD = x_SD.to(dtype)
+        if dead_S1 is not None:
+            x_SD = x_SD.masked_fill(dead_S1, 0.0)
+        h_SF = _grouped_linear(x_SD, _stack([m.weight for m in fc], dtype), _stack([m.bias for m in fc], dtype),
+                               offs_E, expert_S)
+        if dead_S1 is not None:
+            h_SF = h_SF.masked_fill(dead_S1, 0.0)
+        h_SF = F.gelu(h_SF, approximate="tanh")
+        y_SD = _grouped_linear(h_SF, _stack([m.weight for m in proj], dtype),
+                               _stack([m.bias for m in proj], dtype), offs_E, expert_S)
+        if dead_S1 is not None:  # before the routing weight: its gradient reads y
+            y_SD = y_SD.masked_fill(dead_S1, 0.0)
+        return self.experts[0].dropout(y_SD)
 
     def _dispatch_tutel(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
                         cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,21 +270,61 @@ class MoeChatSparseMoeBlock(nn.Module):
         return y_ND, tokens_per_expert, (tokens_per_expert - kept).sum()
 
     def _losses(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, tokens_per_expert: torch.Tensor,
-                dropped: torch.Tensor, n: int) -> RoutingResult:
-        """Switch load-balancing loss and ST-MoE z-loss over the routed (non-padding) tokens.
+                dropped: torch.Tensor, valid_N: Optional[torch.Tensor]) -> RoutingResult:
+        """Switch load-balancing loss and ST-MoE z-loss over the routed (non-padding, `valid_N`) tokens.
 
         aux = E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4), with f_e the share of the N*k assignments
         that chose expert e and P_e the mean router probability of e; it equals 1 at perfect balance.
-        z = mean_n logsumexp(logits_n)^2 (Zoph et al. 2022, eq. 5).
+        z = mean_n logsumexp(logits_n)^2 (Zoph et al. 2022, eq. 5). Means are masked sums over a device
+        count (no host sync); with no routed token every term is 0 and the graph stays attached.
         """
-        if n == 0:
-            zero = logits_NE.sum() * 0.0  # keeps the graph (and the router) attached
-            return RoutingResult(zero, zero, tokens_per_expert, dropped, zero.detach())
+        z_N = torch.logsumexp(logits_NE, dim=-1).pow(2)
+        entropy_N = -(probs_NE * F.log_softmax(logits_NE, dim=-1)).sum(dim=-1)
+        if valid_N is None:
+            n = max(probs_NE.shape[0], 1)
+            mean_probs_E, z, entropy = probs_NE.sum(dim=0) / n, z_N.sum() / n, entropy_N.sum() / n
+        else:
+            w_N = valid_N.to(probs_NE.dtype)
+            n = w_N.sum().clamp(min=1)
+            mean_probs_E = (probs_NE * w_N.unsqueeze(-1)).sum(dim=0) / n
+            z, entropy = (z_N * w_N).sum() / n, (entropy_N * w_N).sum() / n
         f_E = tokens_per_expert.to(probs_NE.dtype) / (n * self.top_k)
-        aux = self.num_experts * torch.sum(f_E * probs_NE.mean(dim=0))
-        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
-        entropy = -(probs_NE * F.log_softmax(logits_NE, dim=-1)).sum(dim=-1).mean()
+        aux = self.num_experts * torch.sum(f_E * mean_probs_E)
         return RoutingResult(aux, z, tokens_per_expert, dropped, entropy.detach())
+
+
+def _count_per_group(group_A: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Assignments per group id, on the device (`bincount` syncs on CUDA to size its output)."""
+    return torch.zeros(n_groups, dtype=torch.long, device=group_A.device).index_add_(
+        0, group_A, torch.ones_like(group_A))
+
+
+def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[E, ...] copy of the experts' parameters in the compute dtype (the grouped matmul does not autocast)."""
+    return torch.stack([t.to(dtype) for t in tensors])
+
+
+def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands: its kernels need row strides that are multiples of 16
+    bytes, and on CUDA an sm80+ GPU (Ampere or newer); otherwise the loop fallback runs."""
+    aligned = all(dim * x_SI.element_size() % 16 == 0 for dim in weight_EOI.shape[1:])
+    if x_SI.device.type == "cuda":
+        return aligned and torch.cuda.get_device_capability(x_SI.device) >= (8, 0)
+    return aligned and x_SI.device.type == "cpu"
+
+
+def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch.Tensor, offs_E: torch.Tensor,
+                    expert_S: torch.Tensor) -> torch.Tensor:
+    """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E."""
+    if _grouped_mm_runs(x_SI, weight_EOI):
+        y_SO = F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
+    else:  # one host sync for the group sizes; rows past the last group stay zero
+        y_SO = x_SI.new_zeros(x_SI.shape[0], weight_EOI.shape[1])
+        start = 0
+        for e, end in enumerate(offs_E.tolist()):
+            y_SO[start:end] = x_SI[start:end] @ weight_EOI[e].t()
+            start = end
+    return y_SO + bias_EO[expert_S]
 
 
 def _import_tutel():
