@@ -1,0 +1,166 @@
+"""The grouped-matmul MoE dispatch: no host sync, every expert in the graph (DDP), fallback = grouped_mm."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moechat.modeling import MoeChatConfig
+from moechat.modeling_moechat import MoeChatSparseMoeBlock, _grouped_linear
+from tests.test_modeling import moe_block, naive_moe
+
+# aten ops that copy a device value to the host (item/int/bool/tolist go through _local_scalar_dense) or
+# size their output by data (nonzero, boolean indexing, bincount, unique, repeat_interleave by a tensor)
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "bincount", "unique", "masked_select", "repeat_interleave")
+
+
+class _AtenSyncs(TorchDispatchMode):
+    def __init__(self, calls: list[str]):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(op in name for op in SYNC_OPS) and str(func) != "aten.repeat_interleave.self_int":
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _PythonSyncs(TorchFunctionMode):
+    """`tolist` and boolean-mask indexing read the data on the host without an aten op of their own."""
+
+    def __init__(self, calls: list[str]):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.calls.append("Tensor.tolist")
+        elif func is torch.Tensor.__getitem__ and _has_bool_index(args[1]):
+            self.calls.append("Tensor.__getitem__[bool mask]")
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class SyncCounter:
+    """Counts device-to-host round trips (on CUDA each one stalls the host until the GPU catches up)."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self._modes = (_PythonSyncs(self.calls), _AtenSyncs(self.calls))
+
+    def __enter__(self) -> "SyncCounter":
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
+def test_sync_counter_sees_the_syncs_it_looks_for():
+    t = torch.tensor([0, 2, 0, 1])
+    with SyncCounter() as counter:
+        t.nonzero(), t.tolist(), int(t.sum()), torch.bincount(t), t[t > 0]
+    assert len(counter.calls) >= 5, counter.calls
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.75])
+def test_moe_forward_and_backward_make_no_host_sync(capacity_factor):
+    """Training mode with a padding mask (the packed pad tail), dropless and capped: zero round trips."""
+    block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor).train()
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    with SyncCounter() as counter:
+        y, r = block(x, mask)
+        (y.square().sum() + r.aux_loss + r.z_loss).backward()
+    assert counter.calls == []
+    assert capacity_factor == 0 or int(r.dropped) > 0  # the capped case did drop
+
+
+def test_padding_and_drops_change_nothing_but_their_rows():
+    """Padding sorted past the last group: the valid rows equal the per-token reference, pad rows are 0,
+    and no gradient (not even uninitialised memory) leaks from the skipped rows into x or a weight."""
+    block = moe_block(num_experts=4, num_experts_per_tok=2)
+    x = torch.randn(1, 9, 32, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, True, True, False, False, True]])
+    y, r = block(x, mask)
+    ref = naive_moe(block, x[0, mask[0]].detach())
+    torch.testing.assert_close(y[0, mask[0]], ref, rtol=1e-5, atol=1e-5)
+    assert (y[0, ~mask[0]] == 0).all() and int(r.tokens_per_expert.sum()) == 6 * 2
+    (y.sum() + r.aux_loss).backward()
+    assert (x.grad[0, ~mask[0]] == 0).all()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_loop_fallback_equals_grouped_mm():
+    """The fallback (pre-Ampere GPUs, unaligned widths) computes what F.grouped_mm computes."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    w, b = torch.randn(3, 16, 8), torch.randn(3, 16)
+    offs = torch.tensor([3, 3, 7], dtype=torch.int32)
+    expert = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2, 2, 2])
+    grouped = _grouped_linear(x, w, b, offs, expert)[:7]
+    odd = _grouped_linear(x[:, :7].contiguous(), w[:, :, :7].contiguous(), b, offs, expert)[:7]  # 28-byte rows
+    ref = torch.cat([x[:3] @ w[0].t() + b[0], x[3:7] @ w[2].t() + b[2]])
+    torch.testing.assert_close(grouped, ref)
+    ref_odd = torch.cat([x[:3, :7] @ w[0, :, :7].t() + b[0], x[3:7, :7] @ w[2, :, :7].t() + b[2]])
+    torch.testing.assert_close(odd, ref_odd)
+
+
+def test_idle_expert_still_gets_a_zero_gradient():
+    block = dead_expert_block()
+    x = torch.rand(2, 6, 16) + 0.1
+    y, r = block(x)
+    y.sum().backward()
+    assert int(r.tokens_per_expert[3]) == 0
+    idle = block.experts[3]
+    assert idle.c_fc.weight.grad is not None and (idle.c_fc.weight.grad == 0).all()
+
+
+def dead_expert_block() -> MoeChatSparseMoeBlock:
+    """4 experts, top-2, and on positive inputs expert 3's logit is -sum(x): the router never picks it."""
+    torch.manual_seed(0)
+    config = MoeChatConfig(n_embd=16, n_inner=32, num_experts=4, num_experts_per_tok=2, n_head=2)
+    block = MoeChatSparseMoeBlock(config)
+    with torch.no_grad():
+        block.router.weight.uniform_(0.0, 0.1)
+        block.router.weight[3] = -1.0
+    return block
+
+
+def _ddp_worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(dead_expert_block())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):  # the old dispatch raised "Expected to have finished reduction" at step 2
+            x = torch.rand(2, 6, 16, generator=torch.Generator().manual_seed(10 * step + rank)) + 0.1
+            y, r = model(x)
+            assert int(r.tokens_per_expert[3]) == 0
+            (y.square().mean() + 0.01 * r.aux_loss).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_a_dead_expert_runs_two_processes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
