@@ -164,3 +164,73 @@ def test_ddp_with_a_dead_expert_runs_two_processes():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
+
+
+# --- the chunked loss -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
+def test_chunked_loss_equals_plain_loss_in_value_and_gradients(chunk_tokens):
+    from moechat.modeling_moechat import MoeChatForCausalLM
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :4] = -100
+    labels[2, 5] = -100
+    plain = MoeChatForCausalLM.lm_loss(hidden @ weight.t(), labels)
+    g_plain = torch.autograd.grad(3.0 * plain, (hidden, weight))
+    chunked = MoeChatForCausalLM.chunked_lm_loss(hidden[:, :-1], weight, labels[:, 1:], chunk_tokens=chunk_tokens)
+    g_chunked = torch.autograd.grad(3.0 * chunked, (hidden, weight))
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_gradients_against_finite_differences():
+    from moechat.modeling_moechat import MoeChatForCausalLM
+
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[3, -100, 10, 0], [-100, 7, 7, 1]])
+    assert torch.autograd.gradcheck(
+        lambda h, w: MoeChatForCausalLM.chunked_lm_loss(h, w, targets, chunk_tokens=3), (hidden, weight),
+        fast_mode=True)
+
+
+def test_model_loss_and_grads_equal_the_plain_path_and_training_returns_no_logits():
+    from tests.test_modeling import tiny_model, tokens
+
+    model = tiny_model(tie_word_embeddings=True).train()
+    x = tokens(12, seed=3)
+    labels = x.clone()
+    labels[0, :3] = -100
+    out = model(x, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    chunked_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out_plain = model(x)  # no labels: logits, then the plain loss by hand
+    lm = model.lm_loss(out_plain.logits, labels)
+    (lm + model.config.aux_loss_coef * out_plain.aux_loss + model.config.z_loss_coef * out_plain.z_loss).backward()
+    torch.testing.assert_close(out.lm_loss, lm, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(chunked_grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    evaluated = model.eval()(x, labels=labels)
+    assert evaluated.logits is not None
+    torch.testing.assert_close(evaluated.lm_loss, lm, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_saves_no_logits_for_backward():
+    """Only the inputs are saved: nothing of size tokens x vocab survives to backward."""
+    from moechat.modeling_moechat import MoeChatForCausalLM
+
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,))
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        MoeChatForCausalLM.chunked_lm_loss(hidden, weight, targets, chunk_tokens=16)
+    assert max(saved) <= weight.numel() < 64 * 1000

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations import moe as _hf_moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -305,9 +306,12 @@ def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` takes these operands: its kernels need row strides that are multiples of 16
-    bytes, and on CUDA an sm80+ GPU (Ampere or newer); otherwise the loop fallback runs."""
+    """Whether `F.grouped_mm` takes these operands. Its contract (torch 2.13): row strides that are multiples
+    of 16 bytes, int32 offsets, on CUDA an sm80+ GPU (Ampere or newer); under torch.compile its fake
+    kernel accepts bf16 only (eager CPU also runs fp32)."""
     aligned = all(dim * x_SI.element_size() % 16 == 0 for dim in weight_EOI.shape[1:])
+    if torch.compiler.is_compiling() and x_SI.dtype != torch.bfloat16:
+        return False
     if x_SI.device.type == "cuda":
         return aligned and torch.cuda.get_device_capability(x_SI.device) >= (8, 0)
     return aligned and x_SI.device.type == "cpu"
@@ -315,15 +319,14 @@ def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
 
 def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch.Tensor, offs_E: torch.Tensor,
                     expert_S: torch.Tensor) -> torch.Tensor:
-    """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E."""
+    """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E.
+
+    Where the grouped matmul cannot run, transformers' fallback op loops over the experts (one host sync
+    for the offsets; an opaque custom op, so torch.compile does not break the graph on it either)."""
     if _grouped_mm_runs(x_SI, weight_EOI):
         y_SO = F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
-    else:  # one host sync for the group sizes; rows past the last group stay zero
-        y_SO = x_SI.new_zeros(x_SI.shape[0], weight_EOI.shape[1])
-        start = 0
-        for e, end in enumerate(offs_E.tolist()):
-            y_SO[start:end] = x_SI[start:end] @ weight_EOI[e].t()
-            start = end
+    else:
+        y_SO = torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
     return y_SO + bias_EO[expert_S]
 
 
@@ -547,6 +550,57 @@ class MoeChatModel(MoeChatPreTrainedModel):
         return mask
 
 
+LOSS_CHUNK_TOKENS = 1024  # rows of logits per chunk: 1024 x 50260 is 0.2 GiB in fp32
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_n CE(h_n @ W^T, t_n) over targets != -100, chunk by chunk; nothing of the logits is saved.
+
+    Forward keeps only a running fp32 sum; backward recomputes each chunk's logits and forms
+    d logits = softmax - onehot(target) (rows of ignored targets zero) to get dh and dW. Under autocast the
+    matmuls run in the autocast dtype like `nn.Linear` would, the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        device_type = hidden_ND.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_ND.dtype
+        ctx.save_for_backward(hidden_ND, weight_VD, targets_N)
+        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        weight = weight_VD.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+        total = hidden_ND.new_zeros((), dtype=acc)
+        with torch.autocast(device_type, enabled=False):
+            for h_CD, t_C in zip(hidden_ND.split(chunk_tokens), targets_N.split(chunk_tokens)):
+                logits_CV = (h_CD.to(dtype) @ weight.t()).to(acc)
+                total = total + F.cross_entropy(logits_CV, t_C, ignore_index=-100, reduction="sum")
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden_ND, weight_VD, targets_N = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk_tokens
+        weight = weight_VD.to(dtype)
+        grad_hidden = torch.empty_like(hidden_ND) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight_VD, dtype=acc) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            for start in range(0, hidden_ND.shape[0], chunk):
+                h_CD, t_C = hidden_ND[start:start + chunk].to(dtype), targets_N[start:start + chunk]
+                grad_CV = (h_CD @ weight.t()).to(acc).softmax(dim=-1)
+                valid_C1 = (t_C != -100).unsqueeze(-1)
+                grad_CV.scatter_add_(1, t_C.clamp(min=0).unsqueeze(-1), -valid_C1.to(acc))  # - onehot
+                grad_CV = (grad_CV * (valid_C1 * grad_total)).to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = grad_CV @ weight
+                if grad_weight is not None:
+                    grad_weight += grad_CV.t() @ h_CD
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_VD.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
 class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -580,15 +634,37 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         `num_items_in_batch` when given, for exact gradient accumulation)."""
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
-        logits = self.lm_head(out.last_hidden_state)
-        aux_loss, z_loss = self._router_losses(out.routing, logits)
+        hidden_BTD = out.last_hidden_state
+        # liger's convention: training with labels returns no logits (the loss never holds them all)
+        logits = None if labels is not None and self.training else self.lm_head(hidden_BTD)
+        aux_loss, z_loss = self._router_losses(out.routing, hidden_BTD)
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = self.lm_loss(logits, labels, num_items_in_batch)
+            lm_loss = self.chunked_lm_loss(hidden_BTD[:, :-1], self.lm_head.weight, labels[:, 1:],
+                                           num_items_in_batch)
             loss = lm_loss + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
         stats = self.router_stats(out.routing) if output_router_stats else None
         return MoeChatCausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
                                      past_key_values=out.past_key_values, router_stats=stats)
+
+    @staticmethod
+    def chunked_lm_loss(hidden_BTD: torch.Tensor, head_weight_VD: torch.Tensor, targets_BT: torch.Tensor,
+                        num_items_in_batch: Optional[int | torch.Tensor] = None,
+                        chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+        """Cross-entropy of `hidden @ head_weight^T` against the already-shifted `targets` (-100 ignored),
+        summed in fp32 and divided by the target count (or `num_items_in_batch`), without ever holding the
+        full [tokens, vocab] logits: `chunk_tokens` rows at a time, the head recomputed in backward.
+
+        Same value and gradients as `lm_loss(lm_head(hidden), labels)` within fp32 rounding; peak extra
+        memory is one chunk's logits (compute dtype) and their fp32 softmax instead of ~16 bytes per logit.
+        `forward` uses it whenever labels are given and then, in training mode only, returns `logits=None`
+        (liger-kernel's convention); in eval mode the logits are computed as well for outside callers.
+        """
+        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+        targets_N = targets_BT.reshape(-1).to(hidden_ND.device)
+        total = _ChunkedCrossEntropy.apply(hidden_ND, head_weight_VD, targets_N, chunk_tokens)
+        count = num_items_in_batch if num_items_in_batch is not None else (targets_N != -100).sum().clamp(min=1)
+        return total / count
 
     @staticmethod
     def lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
@@ -605,7 +681,7 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over MoE layers of the per-layer aux and z losses (zeros for a model without MoE layers)."""
         if not routing:
-            zero = logits.new_zeros((), dtype=torch.float32)
+            zero = logits.new_zeros((), dtype=torch.float32)  # logits: any tensor on the device
             return zero, zero
         aux = torch.stack([r.aux_loss for _, r in routing]).mean()
         z = torch.stack([r.z_loss for _, r in routing]).mean()
