@@ -136,7 +136,8 @@ def main() -> None:
     mem_key = "peak_over_setup_gib" if args.device == "cuda" else "peak_rss_over_setup_gib"
     ratios = {}
     if "full_logits" in by and "chunked" in by:
-        ratios["chunked_over_full_tokens_per_s"] = round(by["chunked"]["tokens_per_s"] / by["full_logits"]["tokens_per_s"], 3)
+        ratios["chunked_over_full_tokens_per_s"] = round(
+            by["chunked"]["tokens_per_s"] / by["full_logits"]["tokens_per_s"], 3)
         if by["full_logits"][mem_key]:
             ratios["chunked_over_full_step_memory"] = round(by["chunked"][mem_key] / by["full_logits"][mem_key], 3)
     if "chunked" in by and "chunked+compile" in by:

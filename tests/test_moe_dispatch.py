@@ -231,3 +231,23 @@ def test_chunked_loss_saves_no_logits_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         MoeChatForCausalLM.chunked_lm_loss(hidden, weight, targets, chunk_tokens=16)
     assert max(saved) <= weight.numel() < 64 * 1000
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.75])
+def test_hooked_experts_see_their_routed_tokens_and_give_the_same_output(capacity_factor):
+    """GPTQ calibration hooks `experts.{j}.c_fc`: the layer then calls each expert module on exactly its
+    kept assignments, and computes what the grouped path computes."""
+    block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor).train()
+    x = torch.randn(2, 8, 32)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 6:] = False
+    y_grouped, r = block(x, mask)
+    seen = [0] * 4
+    handles = [e.c_fc.register_forward_hook(lambda m, args, out, j=j: seen.__setitem__(j, args[0].shape[0]))
+               for j, e in enumerate(block.experts)]
+    y_called, _ = block(x, mask)
+    for h in handles:
+        h.remove()
+    kept = r.tokens_per_expert if capacity_factor == 0 else r.tokens_per_expert.clamp(max=block.capacity(16))
+    assert seen == kept.tolist() and sum(seen) == 14 * 2 - int(r.dropped)
+    torch.testing.assert_close(y_called, y_grouped, rtol=1e-5, atol=1e-6)

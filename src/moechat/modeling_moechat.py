@@ -3,7 +3,7 @@
 Self-contained (imports only torch and transformers) so that a saved folder loads with
 `trust_remote_code=True` anywhere. The MoE block reads like Mixtral's: a router (fp32 logits, softmax,
 top-k), experts that are plain GPT-2 MLPs (`experts.{j}.c_fc`, `experts.{j}.c_proj`), and a dispatcher
-that sorts token assignments by expert and runs one matmul per expert.
+that sorts token assignments by expert and runs all experts as grouped matmuls, without a host sync.
 
 Router outputs travel back through each block's return value (never through module state), so the
 auxiliary losses are counted exactly once, also when the blocks are recomputed by activation
@@ -24,7 +24,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations import moe as _hf_moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
+# registers torch.ops.transformers.grouped_mm_fallback, the loop the grouped matmul falls back to
+from transformers.integrations import moe as _hf_moe  # noqa: F401
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -195,7 +196,10 @@ class MoeChatSparseMoeBlock(nn.Module):
         expert_A = experts_Nk.reshape(-1)  # A = n*k assignments, token-major
         token_A = torch.arange(n * k, device=x_ND.device) // k
         weight_A = weights_Nk.reshape(-1)
-        key_A = expert_A if valid_N is None else expert_A.masked_fill(~valid_N.unsqueeze(1).expand(n, k).reshape(-1), E)
+        if valid_N is None:
+            key_A = expert_A
+        else:  # padding's assignments go to the sentinel group E
+            key_A = expert_A.masked_fill(~valid_N.unsqueeze(1).expand(n, k).reshape(-1), E)
         counts = _count_per_group(key_A, E + 1)  # [E + 1], the last the padding sentinel
         order_A = torch.argsort(key_A, stable=True)
         key_S = key_A[order_A]
@@ -212,10 +216,31 @@ class MoeChatSparseMoeBlock(nn.Module):
         offs_E = torch.cumsum(kept[:E], 0).to(torch.int32)
         dead_S1 = None if valid_N is None and cap is None else (key_S == E).unsqueeze(-1)
         token_S, weight_S = token_A[order_A], weight_A[order_A]
-        y_SD = self._experts_grouped(x_ND[token_S], key_S.clamp(max=E - 1), offs_E, dead_S1)
+        if self._experts_are_plain_linears():
+            y_SD = self._experts_grouped(x_ND[token_S], key_S.clamp(max=E - 1), offs_E, dead_S1)
+        else:
+            y_SD = self._experts_called(x_ND[token_S], offs_E)
         y_SD = y_SD.to(x_ND.dtype) * weight_S.unsqueeze(-1).to(x_ND.dtype)
         y_ND = x_ND.new_zeros(x_ND.shape).index_add(0, token_S, y_SD)
         return y_ND, tokens_per_expert, dropped
+
+    def _experts_are_plain_linears(self) -> bool:
+        """The grouped path reads the experts' weights instead of calling their modules, so it runs only
+        when a call would do nothing more: plain `nn.Linear`s without hooks. GPTQ calibration hooks them
+        (each expert must see its own routed tokens) and a quantized model replaces them."""
+        return all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                   for e in self.experts for m in (e.c_fc, e.c_proj))
+
+    def _experts_called(self, x_SD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """Each expert module called on its rows (one host sync for the sizes); rows past the last group
+        (padding, drops) stay zero."""
+        ends = offs_E.tolist()
+        sizes = [end - start for start, end in zip([0] + ends[:-1], ends)]
+        chunks = x_SD.split(sizes + [x_SD.shape[0] - ends[-1]])
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
+        dtype = outs[0].dtype if outs else x_SD.dtype
+        tail = x_SD.new_zeros(chunks[-1].shape, dtype=dtype)
+        return torch.cat([out.to(dtype) for out in outs] + [tail])
 
     def _experts_grouped(self, x_SD: torch.Tensor, expert_S: torch.Tensor, offs_E: torch.Tensor,
                          dead_S1: Optional[torch.Tensor]) -> torch.Tensor:
