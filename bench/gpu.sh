@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the benchmarks, in one command, on a CUDA machine:
 #   bash bench/gpu.sh
-# Writes metrics/bench_moe_layer.json, metrics/bench_train.json and (when models/export and
+# Writes metrics/bench_moe_layer.json, metrics/bench_train_variants.json (full-logits vs chunked loss vs
+# train.compile, docs/performance.md), metrics/bench_train.json and (when models/export and
 # models/quantized exist, i.e. after `dvc repro`) metrics/bench_quant.json; `python bench/report.py`
 # then prints the tables of docs/benchmarks.md. Needs metrics/prepare.json of the reference data for the seed-recipe
 # comparison in bench_train (run `dvc repro prepare` first; without it that row is skipped).
@@ -9,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python bench/moe_layer.py --device cuda
+python bench/train_variants.py --device cuda
 python bench/train_step.py
 if [ -d models/export ] && [ -d models/quantized ]; then
   python bench/quantized_inference.py --device cuda

@@ -73,7 +73,8 @@ def measure(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, steps: int
                            "checkpointing": cfg.gradient_checkpointing, "precision": precision,
                            "optimizer": cfg.optimizer, "cap_gb": cap_gb}
     est = plan.estimate(model_cfg, dataclasses.replace(cfg, precision=precision), hf.vocab_size)
-    row["planner_gb"] = round(est.total_gb, 3)
+    row["planner_gb"] = round(est.allocated_gb, 3)  # compared with max_memory_allocated: no headroom
+    row["planner_total_gb"] = round(est.total_gb, 3)  # with the CUDA context + fragmentation reserve
     model = optimizer = None
     try:
         model = MoeChatForCausalLM(hf)

@@ -87,6 +87,7 @@ class TrainConfig:
     optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
+    compile: bool = False  # torch.compile each transformer block (train.py); see docs/performance.md
     eval_every: int = 200
     eval_batches: int = 50
     save_every: int = 200

@@ -3,7 +3,7 @@
 Self-contained (imports only torch and transformers) so that a saved folder loads with
 `trust_remote_code=True` anywhere. The MoE block reads like Mixtral's: a router (fp32 logits, softmax,
 top-k), experts that are plain GPT-2 MLPs (`experts.{j}.c_fc`, `experts.{j}.c_proj`), and a dispatcher
-that sorts token assignments by expert and runs one matmul per expert.
+that sorts token assignments by expert and runs all experts as grouped matmuls, without a host sync.
 
 Attention goes through transformers' attention interface (`attn_implementation`: sdpa by default, eager,
 flash_attention_2, flex_attention) with masks from `transformers.masking_utils`, so padding, packed
@@ -30,6 +30,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
+# registers torch.ops.transformers.grouped_mm_fallback, the loop the grouped matmul falls back to
+from transformers.integrations import moe as _hf_moe  # noqa: F401
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
@@ -177,54 +179,130 @@ class MoeChatSparseMoeBlock(nn.Module):
     def forward(self, x_BTD: torch.Tensor, token_mask_BT: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, RoutingResult]:
         B, T, D = x_BTD.shape
-        # Position-major token order (N = T*B): the capacity priority, which follows it, is then causal.
-        x_ND = x_BTD.transpose(0, 1).reshape(T * B, D)
-        routed_idx = None
-        if token_mask_BT is not None:
-            routed_idx = token_mask_BT.t().reshape(-1).nonzero().squeeze(-1)
-            x_ND = x_ND[routed_idx]
-        logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_ND)
-        n = x_ND.shape[0]
         cap = self.capacity(B * T)
+        # Capacity priority follows the token order, so capacity routing ranks position-major (N = T*B):
+        # then it is causal. Dropless routing does not depend on the order and skips that transpose copy.
+        position_major = cap is not None
+        x_ND = (x_BTD.transpose(0, 1) if position_major else x_BTD).reshape(B * T, D)
+        valid_N = None
+        if token_mask_BT is not None:
+            valid_N = (token_mask_BT.t() if position_major else token_mask_BT).reshape(-1)
         if self.backend == "tutel":
-            y_ND, tokens_per_expert, dropped = self._dispatch_tutel(x_ND, weights_Nk, experts_Nk, cap)
+            y_ND, result = self._forward_tutel(x_ND, valid_N, cap)
         else:
-            y_ND, tokens_per_expert, dropped = self._dispatch_torch(x_ND, weights_Nk, experts_Nk, cap)
-        result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, n)
-        if routed_idx is not None:
-            y_ND = y_ND.new_zeros(T * B, D).index_copy(0, routed_idx, y_ND)
-        return y_ND.view(T, B, D).transpose(0, 1).contiguous(), result
+            logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_ND)
+            y_ND, tokens_per_expert, dropped = self._dispatch_torch(x_ND, weights_Nk, experts_Nk, cap, valid_N)
+            result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, valid_N)
+        if position_major:
+            return y_ND.view(T, B, D).transpose(0, 1).contiguous(), result
+        return y_ND.view(B, T, D), result
+
+    def _forward_tutel(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor], cap: Optional[int]
+                       ) -> tuple[torch.Tensor, RoutingResult]:
+        """tutel's kernels take the routed tokens only: padding is gathered out first (a host sync)."""
+        routed_idx = None if valid_N is None else valid_N.nonzero().squeeze(-1)
+        x_routed = x_ND if routed_idx is None else x_ND[routed_idx]
+        logits_NE, probs_NE, weights_Nk, experts_Nk = self.route(x_routed)
+        y_routed, tokens_per_expert, dropped = self._dispatch_tutel(x_routed, weights_Nk, experts_Nk, cap)
+        result = self._losses(logits_NE, probs_NE, tokens_per_expert, dropped, None)
+        if routed_idx is None:
+            return y_routed, result
+        return x_ND.new_zeros(x_ND.shape).index_copy(0, routed_idx, y_routed), result
 
     def _dispatch_torch(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
-                        cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sort the N*k (token, expert) assignments by expert, run each expert once on its slice, scatter back.
+                        cap: Optional[int], valid_N: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sort the N*k (token, expert) assignments by expert and run all experts as two grouped matmuls.
+
+        Everything stays on the device (no host sync): the group offsets are a device tensor, padding
+        (`valid_N` False) and capacity-dropped assignments are sorted past the last group (a sentinel
+        "expert E") where the grouped matmul does not compute, and every expert's weights enter the graph,
+        so an expert that got no token still gets a (zero) gradient and DDP sees no unused parameter.
 
         Assignments are ordered token-major (token t's k choices before token t+1's), and the sort by
         expert is stable, so with a cap an expert keeps its earliest tokens and drops the rest: a token's
         routing never depends on a later token. Returns the output in x's dtype (the experts may run in
-        bf16 under autocast while x, a LayerNorm output, is fp32), the per-expert assignment counts and
-        the number of dropped assignments.
+        bf16 under autocast while x, a LayerNorm output, is fp32), the per-expert assignment counts (router
+        choices of the valid tokens, before capacity) and the number of dropped assignments.
         """
         n, k = experts_Nk.shape
+        E = self.num_experts
         expert_A = experts_Nk.reshape(-1)  # A = n*k assignments, token-major
-        token_A = torch.arange(n, device=x_ND.device).repeat_interleave(k)
+        token_A = torch.arange(n * k, device=x_ND.device) // k
         weight_A = weights_Nk.reshape(-1)
-        tokens_per_expert = torch.bincount(expert_A, minlength=self.num_experts)
-        order = torch.argsort(expert_A, stable=True)
-        kept_per_expert = tokens_per_expert
-        if cap is not None:
-            starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-            rank_in_expert = torch.arange(order.numel(), device=x_ND.device) - starts[expert_A[order]]
-            order = order[rank_in_expert < cap]
-            kept_per_expert = tokens_per_expert.clamp(max=cap)
-        dropped = (tokens_per_expert - kept_per_expert).sum()
-        token_S, weight_S = token_A[order], weight_A[order]  # S = kept assignments sorted by expert
-        chunks = x_ND[token_S].split(kept_per_expert.tolist())
-        outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
-        y_SD = torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[1])
+        if valid_N is None:
+            key_A = expert_A
+        else:  # padding's assignments go to the sentinel group E
+            key_A = expert_A.masked_fill(~valid_N.unsqueeze(1).expand(n, k).reshape(-1), E)
+        counts = _count_per_group(key_A, E + 1)  # [E + 1], the last the padding sentinel
+        order_A = torch.argsort(key_A, stable=True)
+        key_S = key_A[order_A]
+        kept = counts
+        if cap is not None:  # rank within the expert, in token order; past the cap -> sentinel, re-sort
+            starts = torch.cumsum(counts, 0) - counts
+            rank_S = torch.arange(n * k, device=x_ND.device) - starts[key_S]
+            key_S = key_S.masked_fill(rank_S >= cap, E)
+            resort = torch.argsort(key_S, stable=True)
+            order_A, key_S = order_A[resort], key_S[resort]
+            kept = counts.clamp(max=cap)
+        tokens_per_expert = counts[:E]
+        dropped = (tokens_per_expert - kept[:E]).sum()
+        offs_E = torch.cumsum(kept[:E], 0).to(torch.int32)
+        dead_S1 = None if valid_N is None and cap is None else (key_S == E).unsqueeze(-1)
+        token_S, weight_S = token_A[order_A], weight_A[order_A]
+        if self._experts_are_plain_linears():
+            y_SD = self._experts_grouped(x_ND[token_S], key_S.clamp(max=E - 1), offs_E, dead_S1)
+        else:
+            y_SD = self._experts_called(x_ND[token_S], offs_E)
         y_SD = y_SD.to(x_ND.dtype) * weight_S.unsqueeze(-1).to(x_ND.dtype)
         y_ND = x_ND.new_zeros(x_ND.shape).index_add(0, token_S, y_SD)
         return y_ND, tokens_per_expert, dropped
+
+    def _experts_are_plain_linears(self) -> bool:
+        """The grouped path reads the experts' weights instead of calling their modules, so it runs only
+        when a call would do nothing more: plain `nn.Linear`s without hooks. GPTQ calibration hooks them
+        (each expert must see its own routed tokens) and a quantized model replaces them."""
+        return all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                   for e in self.experts for m in (e.c_fc, e.c_proj))
+
+    def _experts_called(self, x_SD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """Each expert module called on its rows (one host sync for the sizes); rows past the last group
+        (padding, drops) stay zero."""
+        ends = offs_E.tolist()
+        sizes = [end - start for start, end in zip([0] + ends[:-1], ends)]
+        chunks = x_SD.split(sizes + [x_SD.shape[0] - ends[-1]])
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
+        dtype = outs[0].dtype if outs else x_SD.dtype
+        tail = x_SD.new_zeros(chunks[-1].shape, dtype=dtype)
+        return torch.cat([out.to(dtype) for out in outs] + [tail])
+
+    def _experts_grouped(self, x_SD: torch.Tensor, expert_S: torch.Tensor, offs_E: torch.Tensor,
+                         dead_S1: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every expert's GPT-2 MLP on its rows of the expert-sorted x_SD, in the autocast dtype.
+
+        The per-expert `nn.Linear` weights are stacked here, each forward, so the parameters keep their
+        names and layout (`experts.{j}.c_fc`, checkpoints, GPTQ and upcycling address them). Rows of
+        `dead_S1` (past the last group) are left uninitialised by the grouped matmul, in the output and in
+        its input gradient: they are zeroed before each matmul result is used and before the gather's
+        backward sums them into x (torch's masked_fill backward zeroes their gradient).
+        """
+        dtype = torch.get_autocast_dtype(x_SD.device.type) if torch.is_autocast_enabled(x_SD.device.type) \
+            else x_SD.dtype
+        fc = [e.c_fc for e in self.experts]
+        proj = [e.c_proj for e in self.experts]
+        x_SD = x_SD.to(dtype)
+        if dead_S1 is not None:
+            x_SD = x_SD.masked_fill(dead_S1, 0.0)
+        h_SF = _grouped_linear(x_SD, _stack([m.weight for m in fc], dtype), _stack([m.bias for m in fc], dtype),
+                               offs_E, expert_S)
+        if dead_S1 is not None:
+            h_SF = h_SF.masked_fill(dead_S1, 0.0)
+        h_SF = F.gelu(h_SF, approximate="tanh")
+        y_SD = _grouped_linear(h_SF, _stack([m.weight for m in proj], dtype),
+                               _stack([m.bias for m in proj], dtype), offs_E, expert_S)
+        if dead_S1 is not None:  # before the routing weight: its gradient reads y
+            y_SD = y_SD.masked_fill(dead_S1, 0.0)
+        return self.experts[0].dropout(y_SD)
 
     def _dispatch_tutel(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
                         cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,21 +330,63 @@ class MoeChatSparseMoeBlock(nn.Module):
         return y_ND, tokens_per_expert, (tokens_per_expert - kept).sum()
 
     def _losses(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, tokens_per_expert: torch.Tensor,
-                dropped: torch.Tensor, n: int) -> RoutingResult:
-        """Switch load-balancing loss and ST-MoE z-loss over the routed (non-padding) tokens.
+                dropped: torch.Tensor, valid_N: Optional[torch.Tensor]) -> RoutingResult:
+        """Switch load-balancing loss and ST-MoE z-loss over the routed (non-padding, `valid_N`) tokens.
 
         aux = E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4), with f_e the share of the N*k assignments
         that chose expert e and P_e the mean router probability of e; it equals 1 at perfect balance.
-        z = mean_n logsumexp(logits_n)^2 (Zoph et al. 2022, eq. 5).
+        z = mean_n logsumexp(logits_n)^2 (Zoph et al. 2022, eq. 5). Means are masked sums over a device
+        count (no host sync); with no routed token every term is 0 and the graph stays attached.
         """
-        if n == 0:
-            zero = logits_NE.sum() * 0.0  # keeps the graph (and the router) attached
-            return RoutingResult(zero, zero, tokens_per_expert, dropped, zero.detach())
+        z_N = torch.logsumexp(logits_NE, dim=-1).pow(2)
+        entropy_N = -(probs_NE * F.log_softmax(logits_NE, dim=-1)).sum(dim=-1)
+        if valid_N is None:
+            n = max(probs_NE.shape[0], 1)
+            mean_probs_E, z, entropy = probs_NE.sum(dim=0) / n, z_N.sum() / n, entropy_N.sum() / n
+        else:
+            w_N = valid_N.to(probs_NE.dtype)
+            n = w_N.sum().clamp(min=1)
+            mean_probs_E = (probs_NE * w_N.unsqueeze(-1)).sum(dim=0) / n
+            z, entropy = (z_N * w_N).sum() / n, (entropy_N * w_N).sum() / n
         f_E = tokens_per_expert.to(probs_NE.dtype) / (n * self.top_k)
-        aux = self.num_experts * torch.sum(f_E * probs_NE.mean(dim=0))
-        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
-        entropy = -(probs_NE * F.log_softmax(logits_NE, dim=-1)).sum(dim=-1).mean()
+        aux = self.num_experts * torch.sum(f_E * mean_probs_E)
         return RoutingResult(aux, z, tokens_per_expert, dropped, entropy.detach())
+
+
+def _count_per_group(group_A: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Assignments per group id, on the device (`bincount` syncs on CUDA to size its output)."""
+    return torch.zeros(n_groups, dtype=torch.long, device=group_A.device).index_add_(
+        0, group_A, torch.ones_like(group_A))
+
+
+def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[E, ...] copy of the experts' parameters in the compute dtype (the grouped matmul does not autocast)."""
+    return torch.stack([t.to(dtype) for t in tensors])
+
+
+def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands. Its contract (torch 2.13): row strides that are multiples
+    of 16 bytes, int32 offsets, on CUDA an sm80+ GPU (Ampere or newer); under torch.compile its fake
+    kernel accepts bf16 only (eager CPU also runs fp32)."""
+    aligned = all(dim * x_SI.element_size() % 16 == 0 for dim in weight_EOI.shape[1:])
+    if torch.compiler.is_compiling() and x_SI.dtype != torch.bfloat16:
+        return False
+    if x_SI.device.type == "cuda":
+        return aligned and torch.cuda.get_device_capability(x_SI.device) >= (8, 0)
+    return aligned and x_SI.device.type == "cpu"
+
+
+def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch.Tensor, offs_E: torch.Tensor,
+                    expert_S: torch.Tensor) -> torch.Tensor:
+    """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E.
+
+    Where the grouped matmul cannot run, transformers' fallback op loops over the experts (one host sync
+    for the offsets; an opaque custom op, so torch.compile does not break the graph on it either)."""
+    if _grouped_mm_runs(x_SI, weight_EOI):
+        y_SO = F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
+    else:
+        y_SO = torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
+    return y_SO + bias_EO[expert_S]
 
 
 def _import_tutel():
@@ -540,6 +660,57 @@ class MoeChatModel(MoeChatPreTrainedModel):
         return out
 
 
+LOSS_CHUNK_TOKENS = 1024  # rows of logits per chunk: 1024 x 50260 is 0.2 GiB in fp32
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_n CE(h_n @ W^T, t_n) over targets != -100, chunk by chunk; nothing of the logits is saved.
+
+    Forward keeps only a running fp32 sum; backward recomputes each chunk's logits and forms
+    d logits = softmax - onehot(target) (rows of ignored targets zero) to get dh and dW. Under autocast the
+    matmuls run in the autocast dtype like `nn.Linear` would, the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        device_type = hidden_ND.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_ND.dtype
+        ctx.save_for_backward(hidden_ND, weight_VD, targets_N)
+        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        weight = weight_VD.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+        total = hidden_ND.new_zeros((), dtype=acc)
+        with torch.autocast(device_type, enabled=False):
+            for h_CD, t_C in zip(hidden_ND.split(chunk_tokens), targets_N.split(chunk_tokens)):
+                logits_CV = (h_CD.to(dtype) @ weight.t()).to(acc)
+                total = total + F.cross_entropy(logits_CV, t_C, ignore_index=-100, reduction="sum")
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden_ND, weight_VD, targets_N = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk_tokens
+        weight = weight_VD.to(dtype)
+        grad_hidden = torch.empty_like(hidden_ND) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight_VD, dtype=acc) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            for start in range(0, hidden_ND.shape[0], chunk):
+                h_CD, t_C = hidden_ND[start:start + chunk].to(dtype), targets_N[start:start + chunk]
+                grad_CV = (h_CD @ weight.t()).to(acc).softmax(dim=-1)
+                valid_C1 = (t_C != -100).unsqueeze(-1)
+                grad_CV.scatter_add_(1, t_C.clamp(min=0).unsqueeze(-1), -valid_C1.to(acc))  # - onehot
+                grad_CV = (grad_CV * (valid_C1 * grad_total)).to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = grad_CV @ weight
+                if grad_weight is not None:
+                    grad_weight += grad_CV.t() @ h_CD
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_VD.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
 class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -578,6 +749,10 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         slice), take precedence, as in transformers. -100 is ignored, and the LM loss is the mean over real
         targets (or their sum divided by `num_items_in_batch`, for exact gradient accumulation).
 
+        In training mode with targets the loss is chunked (`chunked_lm_loss`) and `logits` is None
+        (liger-kernel's convention): the full [B, T, V] logits are never held. Otherwise the logits are
+        returned and the loss is computed from them.
+
         Without an attention mask, the pad tail of a packed row (the last document when none of its
         labels is a target) is not routed: `prepare` pads rows that way."""
         targets_BT = shift_labels if shift_labels is not None else labels
@@ -587,13 +762,20 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             output_router_stats=output_router_stats, return_dict=True,
             token_mask=self._packed_pad_tail_mask(attention_mask, position_ids, targets_BT), **kwargs)
-        logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
-        aux_loss, z_loss = self._router_losses(out.router_aux_loss, out.router_z_loss, logits)
-        lm_loss = loss = None
+        hidden_BTD = out.last_hidden_state
         if shift_labels is not None:
-            lm_loss = self.lm_loss(logits, shift_labels, num_items_in_batch)
+            hidden_BTD, targets_BT = hidden_BTD, shift_labels
         elif labels is not None:
-            lm_loss = self.lm_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+            hidden_BTD, targets_BT = hidden_BTD[:, :-1], labels[:, 1:]
+        aux_loss, z_loss = self._router_losses(out.router_aux_loss, out.router_z_loss, out.last_hidden_state)
+        logits = lm_loss = loss = None
+        if targets_BT is not None and self.training:
+            lm_loss = self.chunked_lm_loss(hidden_BTD, self.lm_head.weight, targets_BT, num_items_in_batch)
+        else:
+            logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
+            if targets_BT is not None:
+                lm_loss = self.lm_loss(logits if shift_labels is not None else logits[:, :-1], targets_BT,
+                                       num_items_in_batch)
         if lm_loss is not None:
             loss = lm_loss + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
         result = MoeChatCausalLMOutput(
@@ -621,6 +803,25 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         is_packed_B1 = document_BT[:, -1:] > 0
         return ~(in_tail_BT & ~tail_has_target_B1 & is_packed_B1)
 
+
+    def chunked_lm_loss(hidden_BTD: torch.Tensor, head_weight_VD: torch.Tensor, targets_BT: torch.Tensor,
+                        num_items_in_batch: Optional[int | torch.Tensor] = None,
+                        chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+        """Cross-entropy of `hidden @ head_weight^T` against the already-shifted `targets` (-100 ignored),
+        summed in fp32 and divided by the target count (or `num_items_in_batch`), without ever holding the
+        full [tokens, vocab] logits: `chunk_tokens` rows at a time, the head recomputed in backward.
+
+        Same value and gradients as `lm_loss(lm_head(hidden), labels)` within fp32 rounding; peak extra
+        memory is one chunk's logits (compute dtype) and their fp32 softmax instead of ~16 bytes per logit.
+        `forward` uses it whenever labels are given and then, in training mode only, returns `logits=None`
+        (liger-kernel's convention); in eval mode the logits are computed as well for outside callers.
+        """
+        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+        targets_N = targets_BT.reshape(-1).to(hidden_ND.device)
+        total = _ChunkedCrossEntropy.apply(hidden_ND, head_weight_VD, targets_N, chunk_tokens)
+        count = num_items_in_batch if num_items_in_batch is not None else (targets_N != -100).sum().clamp(min=1)
+        return total / count
+
     @staticmethod
     def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
                 num_items_in_batch: Optional[int | torch.Tensor] = None) -> torch.Tensor:
@@ -644,7 +845,7 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         loss instead, which is neither.)
         """
         if not aux_per_layer:
-            zero = logits.new_zeros((), dtype=torch.float32)
+            zero = logits.new_zeros((), dtype=torch.float32)  # logits: any tensor on the device
             return zero, zero
         aux = torch.stack(aux_per_layer).sum()
         z = torch.stack(z_per_layer).sum()

@@ -6,18 +6,21 @@ The estimate adds up what a training step keeps resident on one GPU, in bytes:
   optimizer    adamw: 8 B/param (two fp32 moments); adamw_8bit: 2 B/param (two uint8 moments) plus one
                fp32 absmax per 256-value block and moment (bitsandbytes blockwise quantisation);
                zero2_offload: 0 on the GPU (DeepSpeed CPU Adam keeps it in host memory)
-  casts        16-bit copies of the matmul weights that autocast keeps for backward (2 B/param)
-  activations  per token and layer, from the layer's saved tensors (residual stream fp32, matmul
-               inputs/outputs in the compute dtype; SDPA stores no T x T scores), MoE layers counting
-               top_k copies of the expert MLP activations; with gradient checkpointing only each block's
-               fp32 input is kept plus one block's activations during its recomputation
-  logits       the lm_head output in the compute dtype, held by the model output through backward:
-               tokens x vocab x a B
-  loss         MoeChatForCausalLM.lm_loss upcasts the logits to fp32 and calls F.cross_entropy, whose
-               log_softmax saves its fp32 output for backward (the upcast itself is not saved); at the
-               start of backward the gradient w.r.t. that output and w.r.t. the upcast input (both fp32)
-               exist beside it: tokens x vocab x (4 + 4 + 4) B
+  casts        16-bit copies of the matmul weights that autocast keeps for backward (2 B/param); the
+               MoE layer's per-forward stack of its experts' weights is that copy for the experts
+  activations  per token, the tensors autograd saves for backward, counted from the code (see
+               `activation_bytes_per_token`; tests/test_plan.py measures them with saved-tensor hooks and
+               holds this within 10%); with gradient checkpointing each block's fp32 input plus one
+               block's activations during its recomputation
+  logits       none held: the chunked loss (MoeChatForCausalLM.chunked_lm_loss) keeps a compute-dtype
+               copy of lm_head's weight and an fp32 gradient accumulator for it: vocab x d x (a + 4) B
+  loss         one chunk of LOSS_CHUNK_TOKENS rows during the loss backward: its logits in the compute
+               dtype, their fp32 softmax and the compute-dtype gradient: chunk x vocab x (a + 4 + a) B
 Under DeepSpeed ZeRO-2 over W GPUs, grads and optimizer state are divided by W.
+
+Headroom: the sum above is what PyTorch's allocator hands out. A card also holds the CUDA context and
+kernels outside the allocator, and the caching allocator's blocks are never packed perfectly, so a plan
+fits when allocated x (1 + FRAGMENTATION) + CUDA_CONTEXT_GB <= the budget.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ from moechat.schedule import build_schedule
 GIB = 1024**3
 CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
 BNB_BLOCK = 256  # bitsandbytes 8-bit optimizer block size (one fp32 absmax per block and moment)
-# fp32 log-softmax output saved by cross_entropy + its gradient + the gradient of the fp32 upcast
-LOSS_BYTES_PER_LOGIT = 4 + 4 + 4
+LOSS_CHUNK_TOKENS = 1024  # modeling_moechat.LOSS_CHUNK_TOKENS: rows of logits the chunked loss holds at once
+# Reserves beyond what the allocator reports. Not measured here (no GPU): the CUDA context with cuBLAS and
+# kernels takes a few hundred MiB on current drivers, and the caching allocator's block rounding and
+# split blocks typically cost 5-10% of allocated memory; we reserve the high ends.
+CUDA_CONTEXT_GB = 0.75
+FRAGMENTATION = 0.10
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,9 @@ class MemoryPlan:
     activations_gb: float
     logits_gb: float
     loss_gb: float
-    total_gb: float
+    allocated_gb: float  # the sum of the terms above: what torch.cuda.max_memory_allocated would show
+    headroom_gb: float  # CUDA context + fragmentation reserve
+    total_gb: float  # allocated + headroom: what must fit the card
     budget_gb: float
 
     @property
@@ -91,17 +100,30 @@ def compute_bytes(precision: str) -> int:
 
 
 def activation_bytes_per_token(model: ModelConfig, precision: str, checkpointing: bool) -> float:
-    """Saved-for-backward bytes per token for the whole stack (without the logits)."""
+    """Saved-for-backward bytes per token of the whole stack, as the code saves them.
+
+    a = compute bytes; under autocast the matmul inputs are saved as a-byte casts, in fp32 the saved
+    LayerNorm output is the matmul input itself. Per block: the fp32 residual at ln_1 and ln_2 (4d each).
+    Attention: ln_1 output (cast), q, the qkv buffer (k and v are views), the SDPA output, its fp32
+    logsumexp (4 per head) and the output projection's input: 7*a*d + 4*h. Dense MLP: ln_2 output (cast),
+    c_fc output and GELU output: a*d + 2*a*f. MoE MLP: the router's fp32 input and two [E] fp32 rows of
+    router probabilities/logits (three [E] fp32 rows), the top-k ids (int64) and weights, and per assignment
+    (k per token) three int64 indices, the expert input (cast), c_fc output, GELU output, its weight, and
+    the expert output saved twice in fp32: 4d + 12E + 12k + k * (24 + a*d + 2*a*f + 4 + 8d).
+    Around the stack: token ids, position ids (int64), ln_f's fp32 input and the loss's fp32 hidden rows.
+    """
     a = compute_bytes(precision)
-    d, f, k = model.n_embd, model.n_inner, model.top_k
+    d, f, k, e, h = model.n_embd, model.n_inner, model.top_k, model.num_experts, model.n_head
     resid = 4 * d  # fp32 residual stream at each LayerNorm input
-    attn = resid + 4 * d + a * d + 3 * a * d + a * d  # ln_1 in/out, cast input, qkv, sdpa out
-    dense_mlp = resid + 4 * d + a * d + 2 * a * f  # ln_2 in/out, cast input, c_fc out, gelu out
-    moe_mlp = resid + 4 * d + k * (a * d + 2 * a * f + a * d) + k * 16  # k copies: in, c_fc, gelu, out; routing
+    attn = resid + 7 * a * d + 4 * h
+    ln_out = a * d if a != 4 else 4 * d
+    dense_mlp = resid + ln_out + 2 * a * f
+    moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (24 + a * d + 2 * a * f + 4 + 8 * d)
     per_layer = [attn + (moe_mlp if (i + 1) % model.moe_every == 0 else dense_mlp) for i in range(model.n_layer)]
+    around = 8 + 8 + 4 * d + 4 * d
     if checkpointing:
-        return model.n_layer * resid + max(per_layer)
-    return float(sum(per_layer))
+        return around + model.n_layer * resid + max(per_layer)
+    return float(around + sum(per_layer))
 
 
 def estimate(model: ModelConfig, train: TrainConfig, vocab_size: int, micro_batch_size: Optional[int] = None,
@@ -123,14 +145,42 @@ def estimate(model: ModelConfig, train: TrainConfig, vocab_size: int, micro_batc
     tokens = mb * train.seq_len
     casts = 0 if a == 4 else a * (p - pc.embedding)
     acts = tokens * activation_bytes_per_token(model, precision, train.gradient_checkpointing)
-    logits = tokens * vocab_size * a
-    loss = tokens * vocab_size * LOSS_BYTES_PER_LOGIT
+    head = vocab_size * model.n_embd * ((0 if a == 4 else a) + 4)
+    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * (a + 4 + a)
     parts = dict(weights_gb=4 * p, grads_gb=4 * p / shard, optimizer_gb=opt_bytes / shard, casts_gb=casts,
-                 activations_gb=acts, logits_gb=logits, loss_gb=loss)
+                 activations_gb=acts, logits_gb=head, loss_gb=loss)
     gb = {k: v / GIB for k, v in parts.items()}
+    allocated = sum(gb.values())
+    headroom = FRAGMENTATION * allocated + CUDA_CONTEXT_GB
     return MemoryPlan(micro_batch_size=mb, seq_len=train.seq_len, precision=precision, optimizer=train.optimizer,
-                      gradient_checkpointing=train.gradient_checkpointing, params=p, total_gb=sum(gb.values()),
-                      budget_gb=train.gpu_memory_gb, **gb)
+                      gradient_checkpointing=train.gradient_checkpointing, params=p, allocated_gb=allocated,
+                      headroom_gb=headroom, total_gb=allocated + headroom, budget_gb=train.gpu_memory_gb, **gb)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The fastest configuration that fits: same global batch (micro_batch_size x grad_accum)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    plan: MemoryPlan
+
+
+def fastest_fitting(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1
+                    ) -> Optional[Recommendation]:
+    """Checkpointing off before on (recomputing every block costs about a third more FLOPs), then the
+    largest micro-batch that divides the global batch (fewer, larger matmuls and optimizer-free steps);
+    None when even micro-batch 1 with checkpointing does not fit."""
+    global_batch = train.micro_batch_size * train.grad_accum
+    sizes = [mb for mb in range(global_batch, 0, -1) if global_batch % mb == 0]
+    for checkpointing in (False, True):
+        cfg = replace(train, gradient_checkpointing=checkpointing)
+        for mb in sizes:
+            p = estimate(model, cfg, vocab_size, mb, world_size)
+            if p.fits:
+                return Recommendation(mb, global_batch // mb, checkpointing, p)
+    return None
 
 
 def largest_micro_batch(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
@@ -205,8 +255,9 @@ def vocab_size_for(params_tokenizer_source: str, tokenizer_vocab: int, tokenizer
 
 def render(plan: MemoryPlan) -> str:
     rows = [("weights", plan.weights_gb), ("grads", plan.grads_gb), (f"optimizer ({plan.optimizer})", plan.optimizer_gb),
-            ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb), ("logits", plan.logits_gb),
-            ("loss (fp32 log-softmax)", plan.loss_gb)]
+            ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb),
+            ("lm_head cast + grad", plan.logits_gb), ("loss (one chunk)", plan.loss_gb),
+            ("allocated", plan.allocated_gb), ("CUDA context + fragm.", plan.headroom_gb)]
     lines = [f"{plan.params / 1e6:.1f}M params, micro-batch {plan.micro_batch_size} x seq {plan.seq_len}, "
              f"{plan.precision}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}"]
     lines += [f"  {name:<24} {gb:8.2f} GiB" for name, gb in rows]
@@ -302,6 +353,16 @@ def render_run(run: RunSize) -> str:
     ])
 
 
+def recommendation_line(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> str:
+    """One line for `moechat plan`: the fastest configuration that fits, as params keys."""
+    best = fastest_fitting(model, train, vocab_size, world_size)
+    if best is None:
+        return "fastest that fits: none, " + advice(model, train, vocab_size, world_size)
+    return (f"fastest that fits {train.gpu_memory_gb:g} GiB: train.micro_batch_size: {best.micro_batch_size}, "
+            f"train.grad_accum: {best.grad_accum}, train.gradient_checkpointing: "
+            f"{str(best.gradient_checkpointing).lower()} (planned {best.plan.total_gb:.2f} GiB)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="moechat plan", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -343,6 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(render(plan))
         print(f"largest micro-batch that fits: {best}" if best else advice(params.model, params.train, vocab))
+        print(recommendation_line(params.model, params.train, vocab, args.world_size))
         print(render_run(run) if run else f"run: no data size for data.source={params.data.source!r} "
                                           f"(only English OASST1 is estimated); run `dvc repro prepare` to measure")
     return 0 if plan.fits else 1

@@ -16,12 +16,14 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
+from types import MethodType
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, set_seed
+from accelerate.utils.operations import ConvertOutputsToFp32
 from tqdm.auto import tqdm
 
 from moechat import checkpoint as ckpt
@@ -147,6 +149,25 @@ def build_accelerator(cfg: TrainConfig, precision: str, ds_config: Optional[dict
     cpu = not torch.cuda.is_available() and plugin is None
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, deepspeed_plugin=plugin,
                        step_scheduler_with_optimizer=False, cpu=cpu)
+
+
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each transformer block in place (`Module.compile`: parameter names, checkpoints and
+    gradient checkpointing are unchanged). A block compiles to one graph (tests/test_train_compile.py); the
+    embeddings, the chunked loss and the loop between blocks stay eager."""
+    for block in model.transformer.h:
+        block.compile(backend=backend)
+
+
+def drop_fp32_output_copy(model: torch.nn.Module) -> None:
+    """Keep accelerate's autocast around `forward` but drop its `convert_outputs_to_fp32` wrapper, which
+    copies every floating output to fp32: in eval mode that is a second, fp32 copy of the [B, T, V]
+    logits. Our losses are fp32 already. No-op without mixed precision (nothing was wrapped)."""
+    forward = getattr(model.forward, "__func__", model.forward)
+    wrapped = getattr(forward, "__wrapped__", None)
+    if isinstance(wrapped, ConvertOutputsToFp32):
+        model.forward = MethodType(wrapped.model_forward, model) if hasattr(model.forward, "__func__") \
+            else wrapped.model_forward
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -310,6 +331,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
         else:
             tokens_per_expert = tokens_per_expert + out.router_tokens_per_expert
             dropped = dropped + out.router_dropped
+        del out, batch  # nothing of this micro-batch stays alive during the next one's forward
     means = accelerator.reduce(sums / accum, reduction="mean")
     if not torch.isfinite(means).all():
         optimizer.zero_grad(set_to_none=True)
@@ -495,6 +517,8 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     plan.preflight(model_cfg, run_cfg, vocab, world, *device_memory(accelerator.device))
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compile_blocks(model)
     train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
     val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
     stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
@@ -508,6 +532,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     except torch.OutOfMemoryError as err:
         raise oom_error(err, "while placing the model and optimizer on the GPU", model_cfg, run_cfg, vocab,
                         world) from err
+    drop_fp32_output_copy(model)
     raw_model = accelerator.unwrap_model(model)
     per_rank_optimizer = ds_config is not None  # ZeRO shards the optimizer state: one file per rank
 
