@@ -176,7 +176,7 @@ def test_chunked_loss_equals_plain_loss_in_value_and_gradients(chunk_tokens):
     labels = torch.randint(0, 50, (3, 7))
     labels[0, :4] = -100
     labels[2, 5] = -100
-    plain = MoeChatForCausalLM.lm_loss(hidden @ weight.t(), labels)
+    plain = MoeChatForCausalLM.lm_loss((hidden @ weight.t())[:, :-1], labels[:, 1:])  # shifted targets
     g_plain = torch.autograd.grad(3.0 * plain, (hidden, weight))
     chunked = MoeChatForCausalLM.chunked_lm_loss(hidden[:, :-1], weight, labels[:, 1:], chunk_tokens=chunk_tokens)
     g_chunked = torch.autograd.grad(3.0 * chunked, (hidden, weight))
@@ -210,7 +210,7 @@ def test_model_loss_and_grads_equal_the_plain_path_and_training_returns_no_logit
     chunked_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     out_plain = model(x)  # no labels: logits, then the plain loss by hand
-    lm = model.lm_loss(out_plain.logits, labels)
+    lm = model.lm_loss(out_plain.logits[:, :-1], labels[:, 1:])
     (lm + model.config.aux_loss_coef * out_plain.aux_loss + model.config.z_loss_coef * out_plain.z_loss).backward()
     torch.testing.assert_close(out.lm_loss, lm, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():

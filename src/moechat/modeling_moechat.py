@@ -803,7 +803,7 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         is_packed_B1 = document_BT[:, -1:] > 0
         return ~(in_tail_BT & ~tail_has_target_B1 & is_packed_B1)
 
-
+    @staticmethod
     def chunked_lm_loss(hidden_BTD: torch.Tensor, head_weight_VD: torch.Tensor, targets_BT: torch.Tensor,
                         num_items_in_batch: Optional[int | torch.Tensor] = None,
                         chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
