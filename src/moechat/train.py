@@ -9,15 +9,18 @@ per epoch and a cursor into it), so a resumed run sees exactly the rows an unint
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import re
 import resource
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from accelerate import Accelerator
@@ -121,8 +124,38 @@ def offloads_optimizer(ds_config: Optional[dict[str, Any]]) -> bool:
     return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by deepspeed, torchrun and accelerate launch
+
+
+def single_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The process-group variables that a single process without a launcher (plain `dvc repro`) lacks, or {}
+    when a launcher set them (its values win).
+
+    Without them `deepspeed.init_distributed` falls back to MPI discovery and fails on a missing mpi4py.
+    MASTER_ADDR/MASTER_PORT the user chose are kept; otherwise localhost and a free port."""
+    if any(key in environ for key in LAUNCHER_ENV):
+        return {}
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    if "MASTER_ADDR" not in environ:
+        env["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(probe.getsockname()[1])
+    return env
+
+
 def build_accelerator(cfg: TrainConfig, precision: str, ds_config: Optional[dict[str, Any]]) -> Accelerator:
-    plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config is not None else None
+    """The Accelerator for `precision` and, with `ds_config`, DeepSpeed (launched or as a single process).
+
+    Side effect under DeepSpeed without a launcher: fills in the single-process group environment."""
+    plugin = None
+    if ds_config is not None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"train.deepspeed={cfg.deepspeed} needs DeepSpeed, which is not installed here; "
+                              f"run `pip install -e \".[deepspeed]\"` or set train.deepspeed: null")
+        os.environ.update(single_process_env(os.environ))
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
     # cpu=True on a machine without CUDA makes accelerate pick gloo DDP under torchrun/accelerate launch;
     # DeepSpeed initialises its own process group (and refuses cpu=True).
