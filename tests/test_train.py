@@ -336,6 +336,8 @@ def test_deepspeed_configs_follow_params():
     assert off["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert off["fp16"]["enabled"] and off["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert "zero_allow_untested_optimizer" not in off  # DeepSpeed's own CPU Adam, not bnb
+    # accelerate must step the CPU Adam that the LR scheduler drives, not a copy of its param groups
+    assert off["zero_force_ds_cpu_optimizer"] is False and "zero_force_ds_cpu_optimizer" not in z2
 
 
 def test_deepspeed_json_file_is_checked_against_params(tmp_path):
@@ -436,6 +438,17 @@ def no_launcher_env() -> dict[str, str]:
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
+def start_stage(ws: Path, run: str, params: Path) -> subprocess.Popen:
+    """The train stage started without a launcher; stderr to `<run>.stderr` (a pipe nobody reads could fill)."""
+    with open(ws / f"{run}.stderr", "w") as err:
+        return subprocess.Popen(stage_cmd(ws, run, params), cwd=ws, env=no_launcher_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def stderr_tail(ws: Path, run: str) -> str:
+    return (ws / f"{run}.stderr").read_text()[-3000:]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed")
 @pytest.mark.parametrize("engine", ["zero2", "zero2_offload"])
 def test_deepspeed_single_process_without_launcher_trains_and_resumes_after_kill_9(preset_workspace, engine):
@@ -446,19 +459,24 @@ def test_deepspeed_single_process_without_launcher_trains_and_resumes_after_kill
     ws = preset_workspace
     params = tiny_params(ws / f"{engine}.yaml", train={"deepspeed": engine, "seq_len": 128, "max_steps": 12,
                                                        "save_every": 4, "eval_every": 4, "eval_batches": 1})
-    straight = subprocess.Popen(stage_cmd(ws, f"{engine}_straight", params), cwd=ws, env=no_launcher_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    crash = subprocess.Popen(stage_cmd(ws, f"{engine}_crash", params), cwd=ws, env=no_launcher_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300  # the first zero2_offload run compiles DeepSpeed's CPU Adam
-    while not list((ws / f"{engine}_crash/checkpoints").glob("*/step_00000004/state.json")):
-        assert crash.poll() is None, f"the run ended before its first checkpoint:\n{crash.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    os.kill(crash.pid, signal.SIGKILL)
-    crash.wait()
-    assert not (ws / f"{engine}_crash/final").exists(), "the run finished before the kill; the test proved nothing"
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    straight, crash = (start_stage(ws, f"{engine}_{run}", params) for run in ("straight", "crash"))
+    try:
+        # the first zero2_offload run on a machine compiles DeepSpeed's CPU Adam: a minute on 2 idle cores,
+        # far longer on a loaded machine (the other process waits for the same build, then loads it)
+        deadline = time.time() + 900
+        while not list((ws / f"{engine}_crash/checkpoints").glob("*/step_00000004/state.json")):
+            assert crash.poll() is None, \
+                f"the run ended before its first checkpoint:\n{stderr_tail(ws, f'{engine}_crash')}"
+            assert time.time() < deadline, "no checkpoint within 900 s"
+            time.sleep(0.02)
+        os.kill(crash.pid, signal.SIGKILL)
+        crash.wait()
+        assert not (ws / f"{engine}_crash/final").exists(), "the run finished before the kill; the test proved nothing"
+        assert straight.wait(timeout=900) == 0, stderr_tail(ws, f"{engine}_straight")
+    finally:
+        for proc in (straight, crash):
+            proc.kill()  # a no-op on a process that already ended
+            proc.wait()
 
     done = subprocess.run(stage_cmd(ws, f"{engine}_crash", params), cwd=ws, env=no_launcher_env(),
                           capture_output=True, text=True, timeout=300)
@@ -468,7 +486,17 @@ def test_deepspeed_single_process_without_launcher_trains_and_resumes_after_kill
     assert first["steps"] == resumed["steps"] == 12 and resumed["resumed_from_step"] in (4, 8)
     assert first["deepspeed"] == engine and first["processes"] == 1
     assert first["optimizer"] == ("deepspeed_cpu_adam" if engine == "zero2_offload" else "adamw_8bit")
-    expected = logged(ws / f"{engine}_straight/live")
+    expected, got = logged(ws / f"{engine}_straight/live"), logged(ws / f"{engine}_crash/live")
     assert [s for s, _ in expected] == list(range(1, 13)) and expected[-1][1] < expected[0][1]
-    assert logged(ws / f"{engine}_crash/live") == expected  # every step, bit for bit
-    assert logged(ws / f"{engine}_crash/live", "val/lm_loss") == logged(ws / f"{engine}_straight/live", "val/lm_loss")
+    assert logged(ws / f"{engine}_crash/live", "train/lr") == logged(ws / f"{engine}_straight/live", "train/lr")
+    if engine == "zero2":
+        assert got == expected  # every step, bit for bit
+        assert logged(ws / f"{engine}_crash/live", "val/lm_loss") \
+            == logged(ws / f"{engine}_straight/live", "val/lm_loss")
+        return
+    # zero2_offload: exact up to the loss of the first resumed step; the first update after a resume differs at
+    # rounding level (docs/engines.md, known gap), so later steps are checked to 1%. A real resume bug is far
+    # larger: an LR schedule that stopped after the resume (fixed) was 14% off by step 12.
+    first_resumed = resumed["resumed_from_step"] + 1
+    assert got[:first_resumed] == expected[:first_resumed]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-2)

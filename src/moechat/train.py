@@ -71,6 +71,12 @@ def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
     return "bf16" if bf16_supported else "fp16"
 
 
+# Under offload accelerate swaps the optimizer we pass for a new DeepSpeedCPUAdam built from its param groups
+# unless this is False. Ours already is DeepSpeed's CPU Adam (build_optimizer), and the swap would leave the LR
+# scheduler on the discarded optimizer: after a resume replaces the param groups, the LR stops following it.
+KEEP_OUR_CPU_ADAM = {"zero_force_ds_cpu_optimizer": False}
+
+
 def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any]]:
     """The DeepSpeed config for `train.deepspeed`, or None without DeepSpeed.
 
@@ -96,6 +102,7 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
                                 "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
         if cfg.deepspeed == "zero2_offload":
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            base.update(KEEP_OUR_CPU_ADAM)
         else:
             base["zero_allow_untested_optimizer"] = True
         return {**base, "zero_optimization": zero}
@@ -116,7 +123,7 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
     merged.setdefault("bf16", base["bf16"])
     merged.setdefault("fp16", base["fp16"])
     merged.setdefault("zero_allow_untested_optimizer", True)
-    return merged
+    return {**KEEP_OUR_CPU_ADAM, **merged} if offloads_optimizer(merged) else merged
 
 
 def offloads_optimizer(ds_config: Optional[dict[str, Any]]) -> bool:
