@@ -228,7 +228,8 @@ def test_bf16_autocast_forward_backward_with_padding():
 def test_tutel_backend_without_tutel_is_a_clear_error():
     if importlib.util.find_spec("tutel") is not None:
         pytest.skip("tutel is installed; the comparison test covers it")
-    with pytest.raises(MoeChatBackendError, match=r"pip install --no-build-isolation git\+https://github.com/microsoft/tutel@82af7aa"):
+    install = r"pip install --no-build-isolation git\+https://github.com/microsoft/tutel@82af7aa"
+    with pytest.raises(MoeChatBackendError, match=install):
         tiny_model(moe_backend="tutel")
 
 
