@@ -10,6 +10,8 @@ At the reference dims (d 1024, FFN 4096, 10 experts, top-2) it times, on the sam
   naive_masked  a loop over all experts, each run on every token and masked by its routing weight
   hf_<impl>     transformers' own experts implementations (NemotronHExperts: an un-gated up/down
                 MLP like GPT-2's, no biases) with experts_implementation eager | grouped_mm
+  tutel         moechat's block with model.moe_backend: tutel (same weights, routing and drop order;
+                tutel's fast_encode/fast_decode kernels move the tokens), when tutel is importable
 and writes metrics/bench_moe_layer.json with the device name, date, times and ratios.
 
     python bench/moe_layer.py --device cuda                  # bf16, 4 x 1024 tokens, d 1024, FFN 4096
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -117,6 +120,29 @@ def build_variants(block: MoeChatSparseMoeBlock, d: int, ffn: int, device: torch
     return variants
 
 
+def tutel_variant(block: MoeChatSparseMoeBlock, config: MoeChatConfig, device: torch.device, dtype: torch.dtype
+                  ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """`block`'s twin on the tutel backend (its weights copied), checked equal to `block` before timing;
+    empty when tutel is not importable (it is not on PyPI: docs/engines.md says how to build it)."""
+    if importlib.util.find_spec("tutel") is None:
+        print("         tutel: not installed, skipped (docs/engines.md: build it from source)")
+        return {}
+    twin = MoeChatSparseMoeBlock(MoeChatConfig(**{**config.to_dict(), "moe_backend": "tutel"}))
+    twin.load_state_dict(block.state_dict())
+    twin = twin.to(device, dtype)
+    twin.router.float()
+
+    def tutel(x: torch.Tensor) -> torch.Tensor:
+        return twin(x.unsqueeze(0))[0][0]
+
+    tutel.parameters = twin.parameters
+    probe = torch.randn(64, config.n_embd, device=device, dtype=dtype)
+    tolerance = {} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}  # bf16: torch's defaults
+    with torch.no_grad():
+        torch.testing.assert_close(tutel(probe), block(probe.unsqueeze(0))[0][0], **tolerance)
+    return {"tutel": tutel}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -155,6 +181,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     variants = build_variants(block, args.d, args.ffn, device, dtype)
+    variants.update(tutel_variant(block, config, device, dtype))
     params = [p for fn in variants.values() for p in getattr(fn, "parameters", lambda: [])()]
     params += list(block.parameters()) + [p for fn in variants.values() if hasattr(fn, "hf") for p in fn.hf.parameters()]
     for name, fn in variants.items():

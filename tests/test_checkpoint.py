@@ -23,8 +23,10 @@ from tests.test_train import logged, run_inprocess, tiny_cfg, workspace  # noqa:
 
 def tiny_net(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    # 64x96 weights: above bnb's 4096-element threshold, so they get real 8-bit (uint8 + absmax) state
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8))
+    # two weights above bnb's 4096-element threshold (64x96, 96x64), so they get real 8-bit (uint8 + absmax)
+    # state and share bnb's quantisation maps, which safetensors refuses unless they are stored once
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64), torch.nn.GELU(),
+                               torch.nn.Linear(64, 8))
 
 
 def step(net: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
@@ -45,13 +47,16 @@ def test_optimizer_state_round_trips_exactly_through_safetensors_and_json(tmp_pa
         step(net, opt, s)
     ckpt.save_tree(opt.state_dict(), tmp_path, "optimizer")
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
-    if isinstance(opt, bnb.optim.AdamW8bit):
-        stored = json.loads((tmp_path / "optimizer.json").read_text())
-        assert "__bnb_optimizer_quant_state__" in json.dumps(stored)  # the 8-bit state travels too
     resumed_net = tiny_net(seed=1)
     resumed_net.load_state_dict(net.state_dict())
     resumed = make_opt(resumed_net.parameters())
     resumed.load_state_dict(ckpt.load_tree(tmp_path, "optimizer"))
+    if isinstance(opt, bnb.optim.AdamW8bit):
+        stored = json.loads((tmp_path / "optimizer.json").read_text())
+        assert "__bnb_optimizer_quant_state__" in json.dumps(stored)  # the 8-bit state travels too
+        first, second = (resumed.state[p] for p in (resumed_net[0].weight, resumed_net[2].weight))
+        assert first["qmap1"] is second["qmap1"]  # shared once more, as in the optimizer that was saved
+        assert torch.equal(first["qmap1"], opt.state[net[0].weight]["qmap1"])
     for s in range(3, 6):
         step(net, opt, s)
         step(resumed_net, resumed, s)
@@ -68,6 +73,16 @@ def test_tree_encoding_keeps_types():
     assert torch.equal(back["state"][0]["m"], torch.ones(2, 2)) and back["groups"][0]["params"] == [0, 7]
     with pytest.raises(ckpt.CheckpointError, match="cannot store object .builtins:object. at state path .x."):
         ckpt.encode_tree({"x": object()}, {})
+
+
+def test_shared_tensors_are_stored_once_and_views_copied(tmp_path):
+    qmap, flat = torch.linspace(-1, 1, 8), torch.arange(6.0)
+    tree = {"a": {"qmap": qmap, "w": flat[:3]}, "b": {"qmap": qmap, "w": flat[3:]}, "c": flat[:3]}
+    ckpt.save_tree(tree, tmp_path, "shared")  # safetensors refuses shared memory: this raised before
+    back = ckpt.load_tree(tmp_path, "shared")
+    assert back["a"]["qmap"] is back["b"]["qmap"] and torch.equal(back["a"]["qmap"], qmap)
+    assert back["c"] is back["a"]["w"]  # the same view twice: one tensor
+    assert torch.equal(back["a"]["w"], flat[:3]) and torch.equal(back["b"]["w"], flat[3:])
 
 
 def test_rng_states_restore_every_generator():

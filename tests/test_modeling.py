@@ -230,23 +230,37 @@ def test_bf16_autocast_forward_backward_with_padding():
 def test_tutel_backend_without_tutel_is_a_clear_error():
     if importlib.util.find_spec("tutel") is not None:
         pytest.skip("tutel is installed; the comparison test covers it")
-    with pytest.raises(MoeChatBackendError, match=r"pip install git\+https://github.com/microsoft/tutel@main"):
+    install = r"pip install --no-build-isolation git\+https://github.com/microsoft/tutel@82af7aa"
+    with pytest.raises(MoeChatBackendError, match=install):
         tiny_model(moe_backend="tutel")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tutel") is None, reason="tutel not installed (not on PyPI)")
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.75])
 def test_tutel_backend_matches_torch(capacity_factor):
-    torch_block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor)
+    """Checked against tutel built from microsoft/tutel@82af7aa (docs/engines.md); skipped where tutel is absent."""
+    torch_block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor).train()
     tutel_block = moe_block(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor,
-                            moe_backend="tutel")
+                            moe_backend="tutel").train()
     tutel_block.load_state_dict(torch_block.state_dict())
     x = torch.randn(2, 8, 32)
-    y_torch, r_torch = torch_block(x)
-    y_tutel, r_tutel = tutel_block(x)
+    upstream = torch.randn(2, 8, 32)
+    results = []
+    for block in (torch_block, tutel_block):
+        x_in = x.clone().requires_grad_()
+        y, routing = block(x_in)
+        (y * upstream).sum().backward()
+        grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
+        results.append((y, routing, x_in.grad, grads))
+    (y_torch, r_torch, gx_torch, g_torch), (y_tutel, r_tutel, gx_tutel, g_tutel) = results
     torch.testing.assert_close(y_tutel, y_torch, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(r_tutel.aux_loss, r_torch.aux_loss)
     assert int(r_tutel.dropped) == int(r_torch.dropped)
+    assert (int(r_torch.dropped) > 0) == (capacity_factor > 0)  # capacity mode really drops here
+    torch.testing.assert_close(gx_tutel, gx_torch, rtol=1e-4, atol=1e-5)
+    assert g_tutel.keys() == g_torch.keys() and "router.weight" in g_torch
+    for name in g_torch:
+        torch.testing.assert_close(g_tutel[name], g_torch[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 # --- the causal LM --------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The whole DAG end to end with the tiny preset, exactly as `moechat demo` and a user run it.
 
 One scratch git + DVC repo per module: `dvc repro` builds everything, a second `dvc repro` does nothing,
-`dvc exp run -S model.num_experts=8` reruns init onwards only, after two experiments `dvc metrics diff`
-holds no run facts and the README's `dvc exp show` line fits 160 columns, and `dvc plots show` writes the
-HTML.
+`dvc exp run -S model.num_experts=8` reruns init onwards only, a `dvc repro` killed with SIGKILL after the
+first checkpoint resumes bit-exactly (the preset trains with the reference's 8-bit AdamW), after two
+experiments `dvc metrics diff` holds no run facts and the README's `dvc exp show` line fits 160 columns, and
+`dvc plots show` writes the HTML.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moechat.demo import demo_env, make_demo_repo
 
@@ -61,6 +66,41 @@ def test_second_repro_does_nothing(repo):
     again = dvc(repo, "repro")
     assert ran(again) == set(), again
     assert "up to date" in again
+
+
+def test_killed_repro_resumes_bit_exactly_with_the_8bit_optimizer(repo):
+    """`dvc repro` killed (the whole process group, as Ctrl-C or an OOM killer would) after the train stage's
+    first checkpoint; the next `dvc repro` resumes and logs the same curves as the uninterrupted first run."""
+    train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    reference = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
+    assert train["optimizer"] == "adamw_8bit", train  # the reference's optimizer and checkpointing choice
+    assert train["gradient_checkpointing"] == reference["gradient_checkpointing"], train
+    curves = repo / "metrics/train/plots"  # DVCLive's metrics/ and the per-layer expert_shares/
+    expected = {p.relative_to(curves).as_posix(): p.read_text() for p in sorted(curves.rglob("*.tsv"))
+                if "tokens_per_s" not in p.name}  # timing is the one curve that is not deterministic
+    assert {"metrics/train/loss.tsv", "metrics/val/lm_loss.tsv", "expert_shares/layer1.tsv"} <= set(expected)
+    shutil.rmtree(repo / "models/checkpoints")  # a persistent out: without this the rerun would resume at the end
+
+    env = demo_env(repo)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while not list((repo / "models/checkpoints").glob("*/step_00000010/state.json")):
+        assert proc.poll() is None, f"dvc repro ended before the first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((repo / "models/checkpoints").glob(f"*/step_{30:08d}")), "train finished before the kill"
+
+    again = dvc(repo, "repro")
+    assert "train" in ran(again), again
+    facts = json.loads((repo / "metrics/run/train.json").read_text())
+    assert facts["resumed_from_step"] in (10, 20) and facts["optimizer"] == "adamw_8bit", facts
+    got = {p.relative_to(curves).as_posix(): p.read_text() for p in sorted(curves.rglob("*.tsv"))
+           if "tokens_per_s" not in p.name}
+    assert got == expected  # every step's losses, lr, grad norms and expert shares, bit for bit
 
 
 def readme_command(prefix: str) -> list[str]:

@@ -23,7 +23,7 @@ def test_preset_name_and_path_resolve_to_the_same_file(in_root):
 
 
 def test_unknown_preset_names_the_value_and_the_known_presets(in_root):
-    with pytest.raises(PresetError, match=r"--preset tinny: .*known: gpt2-medium-upcycle, tiny\)"):
+    with pytest.raises(PresetError, match=r"--preset tinny: .*known: scratch, tiny\)"):
         preset_path("tinny", ROOT / "presets")
 
 

@@ -137,15 +137,45 @@ def _json_without_version(path: Path) -> bytes:
 # Nested state dicts <-> (JSON, safetensors)
 
 
-def encode_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
-    """JSON-able copy of `tree` with every tensor moved into `tensors` under its path.
+class TensorTable:
+    """The tensors of one safetensors file by name, each stored once.
+
+    bitsandbytes' 8-bit optimizers hand every quantised parameter the same `qmap1`/`qmap2` tensor objects,
+    and safetensors refuses tensors that share memory. A tensor met again as the very same view is stored
+    once and referenced by its first name (so loading shares it again, as a fresh optimizer does); another
+    view into storage already stored is copied."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self._names: dict[tuple, str] = {}  # view key -> the name it was stored under
+        self._storages: set[tuple] = set()  # (device, storage address) of every stored tensor
+
+    def add(self, tensor: torch.Tensor, name: str) -> str:
+        """Store `tensor` under `name` unless this exact view is stored already; the name it is stored under."""
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() > 0 and view in self._names:
+            return self._names[view]
+        stored = tensor.detach().cpu().contiguous()
+        if tensor.numel() > 0 and storage in self._storages:
+            stored = stored.clone()  # a different view into storage already stored
+        self.tensors[name] = stored
+        if tensor.numel() > 0:
+            self._names[view] = name
+            self._storages.add(storage)
+        return name
+
+
+def encode_tree(tree: Any, tensors: dict[str, torch.Tensor] | TensorTable, path: str = "") -> Any:
+    """JSON-able copy of `tree` with every tensor moved into `tensors` under its path (a tensor object met
+    twice is stored once, see TensorTable).
 
     Tuples and dicts with non-string keys (optimizer state is keyed by int) are tagged so that
     `decode_tree` gives back exactly the same Python types."""
+    if not isinstance(tensors, TensorTable):
+        tensors = TensorTable(tensors)
     if isinstance(tree, torch.Tensor):
-        name = path or "tensor"
-        tensors[name] = tree.detach().cpu().contiguous()
-        return {"__tensor__": name}
+        return {"__tensor__": tensors.add(tree, path or "tensor")}
     if isinstance(tree, dict):
         if all(isinstance(k, str) for k in tree):
             return {k: encode_tree(v, tensors, f"{path}.{k}" if path else k) for k, v in tree.items()}

@@ -312,6 +312,12 @@ class MoeChatSparseMoeBlock(nn.Module):
         locations handed to tutel are ours (tutel's `extract_critical` would rank all first choices
         before any second choice, which is not causal), and an assignment whose slot is past the cap is
         dropped by tutel's kernels exactly as the torch path drops it.
+
+        The critical data follow `tutel.impls.fast_dispatch.extract_critical` (checked against tutel commit
+        82af7aa): (num_experts, [expert id per token] * k, [slot per token] * k, [gate per token] * k,
+        capacity, assignments per expert). fast_encode scatters each token into its expert's slot of an
+        [E, capacity, D] buffer (zeros where no token landed); fast_decode gathers the slots back, times
+        the gates (`is_postscore`), and sums a token's k outputs.
         """
         tutel_moe = _import_tutel()
         n, d = x_ND.shape
@@ -319,13 +325,13 @@ class MoeChatSparseMoeBlock(nn.Module):
         slot_A = (F.one_hot(expert_A, self.num_experts).cumsum(dim=0) - 1).gather(1, expert_A.unsqueeze(1))
         slot_Nk = slot_A.view(n, self.top_k).to(torch.int32)
         tokens_per_expert = torch.bincount(expert_A, minlength=self.num_experts)
-        capacity = max(int(tokens_per_expert.max()), 1) if cap is None else cap
-        crit = (self.num_experts, [experts_Nk[:, j].to(torch.int32) for j in range(self.top_k)],
-                [slot_Nk[:, j] for j in range(self.top_k)], [weights_Nk[:, j] for j in range(self.top_k)],
-                capacity)
-        x_ECD = tutel_moe.fast_encode(x_ND, crit).view(self.num_experts, -1, d)
-        y_ECD = torch.stack([expert(x_ECD[e]) for e, expert in enumerate(self.experts)])
-        y_ND = tutel_moe.fast_decode(y_ECD, crit).view(n, d).to(x_ND.dtype)
+        capacity = max(int(tokens_per_expert.max()) if n else 0, 1) if cap is None else cap
+        # tutel's kernels take one contiguous [N] tensor per choice j (the k-th column of each [N, k] tensor)
+        crit = (self.num_experts, list(experts_Nk.t().to(torch.int32).contiguous()),
+                list(slot_Nk.t().contiguous()), list(weights_Nk.t().contiguous()), capacity, tokens_per_expert)
+        x_ECD = tutel_moe.fast_encode(x_ND.contiguous(), crit)
+        y_ECD = torch.stack([expert(x_ECD[e]) for e, expert in enumerate(self.experts)]).to(x_ND.dtype)
+        y_ND = tutel_moe.fast_decode(y_ECD, crit).view(n, d)
         kept = tokens_per_expert if cap is None else tokens_per_expert.clamp(max=cap)
         return y_ND, tokens_per_expert, (tokens_per_expert - kept).sum()
 
@@ -395,9 +401,9 @@ def _import_tutel():
     except ImportError as err:
         raise MoeChatBackendError(
             "model.moe_backend=tutel but tutel is not importable here "
-            f"({err}). tutel is not on PyPI: install it from source with "
-            "`pip install git+https://github.com/microsoft/tutel@main`, or set model.moe_backend: torch "
-            "(the default, same results)") from err
+            f"({err}). tutel is not on PyPI: build it from source with `pip install --no-build-isolation "
+            "git+https://github.com/microsoft/tutel@82af7aa` (the commit moechat is checked against), or set "
+            "model.moe_backend: torch (the default, same results)") from err
     return tutel_moe
 
 

@@ -9,16 +9,19 @@ per epoch and a cursor into it), so a resumed run sees exactly the rows an unint
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import re
 import resource
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from types import MethodType
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from accelerate import Accelerator
@@ -88,6 +91,12 @@ def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
     return "bf16" if bf16_supported else "fp16"
 
 
+# Under offload accelerate swaps the optimizer we pass for a new DeepSpeedCPUAdam built from its param groups
+# unless this is False. Ours already is DeepSpeed's CPU Adam (build_optimizer), and the swap would leave the LR
+# scheduler on the discarded optimizer: after a resume replaces the param groups, the LR stops following it.
+KEEP_OUR_CPU_ADAM = {"zero_force_ds_cpu_optimizer": False}
+
+
 def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any]]:
     """The DeepSpeed config for `train.deepspeed`, or None without DeepSpeed.
 
@@ -113,6 +122,7 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
                                 "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
         if cfg.deepspeed == "zero2_offload":
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            base.update(KEEP_OUR_CPU_ADAM)
         else:
             base["zero_allow_untested_optimizer"] = True
         return {**base, "zero_optimization": zero}
@@ -133,7 +143,7 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
     merged.setdefault("bf16", base["bf16"])
     merged.setdefault("fp16", base["fp16"])
     merged.setdefault("zero_allow_untested_optimizer", True)
-    return merged
+    return {**KEEP_OUR_CPU_ADAM, **merged} if offloads_optimizer(merged) else merged
 
 
 def offloads_optimizer(ds_config: Optional[dict[str, Any]]) -> bool:
@@ -141,8 +151,38 @@ def offloads_optimizer(ds_config: Optional[dict[str, Any]]) -> bool:
     return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by deepspeed, torchrun and accelerate launch
+
+
+def single_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The process-group variables that a single process without a launcher (plain `dvc repro`) lacks, or {}
+    when a launcher set them (its values win).
+
+    Without them `deepspeed.init_distributed` falls back to MPI discovery and fails on a missing mpi4py.
+    MASTER_ADDR/MASTER_PORT the user chose are kept; otherwise localhost and a free port."""
+    if any(key in environ for key in LAUNCHER_ENV):
+        return {}
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    if "MASTER_ADDR" not in environ:
+        env["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(probe.getsockname()[1])
+    return env
+
+
 def build_accelerator(cfg: TrainConfig, precision: str, ds_config: Optional[dict[str, Any]]) -> Accelerator:
-    plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config is not None else None
+    """The Accelerator for `precision` and, with `ds_config`, DeepSpeed (launched or as a single process).
+
+    Side effect under DeepSpeed without a launcher: fills in the single-process group environment."""
+    plugin = None
+    if ds_config is not None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"train.deepspeed={cfg.deepspeed} needs DeepSpeed, which is not installed here; "
+                              f"run `pip install -e \".[deepspeed]\"` or set train.deepspeed: null")
+        os.environ.update(single_process_env(os.environ))
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
     # cpu=True on a machine without CUDA makes accelerate pick gloo DDP under torchrun/accelerate launch;
     # DeepSpeed initialises its own process group (and refuses cpu=True).
