@@ -153,7 +153,7 @@ def test_tutel_backend_without_tutel_is_refused_at_load(monkeypatch):
 
 
 def test_yaml11_exponent_float_gets_the_spelling_that_works(tmp_path):
-    text = (ROOT / "params.yaml").read_text().replace("lr: 3.0e-4", "lr: 3e-4")
+    text = (ROOT / "params.yaml").read_text().replace("lr: 1.0e-4", "lr: 3e-4", 1)
     assert "lr: 3e-4" in text
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"train.lr='3e-4' was read as a string.*write 3.0e-4"):

@@ -265,7 +265,8 @@ def test_initialize_upcycles_from_a_local_folder_and_writes_a_loadable_model(tmp
 def test_init_stage_script_writes_model_and_metrics(tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "tokenizer")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(n_positions=32, n_embd=32, n_layer=4, n_head=4, n_inner=64, num_experts=4)
+    params["model"].update(init_from=None, n_positions=32, n_embd=32, n_layer=4, n_head=4, n_inner=64,
+                           num_experts=4)
     params["train"]["seq_len"] = 32
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = [sys.executable, str(ROOT / "stages" / "init.py"), "--tokenizer", "tokenizer", "--out", "models/init",

@@ -147,8 +147,8 @@ def saved_bytes(model: torch.nn.Module, batch: int, seq: int, precision: str) ->
 def test_cli_reports_the_reference_config(capsys, tmp_path):
     assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["params"] == 506_968_064 and out["fits"] and out["micro_batch_size"] == 4
-    assert out["largest_micro_batch"] >= 4
+    assert out["params"] == 506_968_064 and out["fits"] and out["micro_batch_size"] == 8
+    assert out["largest_micro_batch"] >= 8
     assert plan.main(["--params", "params.yaml", "--tokenizer", str(tmp_path), "--micro-batch", "128"]) == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT in 16 GiB" in text and f"largest micro-batch that fits: {out['largest_micro_batch']}" in text
@@ -159,14 +159,15 @@ def test_reference_config_meets_the_issue_targets():
     """Micro-batch 8 x 1024, bf16, 8-bit AdamW: allocated <= 8 GiB with checkpointing, <= 10 GiB without
     (the chunked loss holds no logits); the headroom comes on top."""
     ref = ModelConfig()
-    with_ckpt = plan.estimate(ref, TrainConfig(precision="bf16", micro_batch_size=8), 50260)
+    with_ckpt = plan.estimate(ref, TrainConfig(precision="bf16", micro_batch_size=8, gradient_checkpointing=True),
+                              50260)
     without = plan.estimate(ref, TrainConfig(precision="bf16", micro_batch_size=8, gradient_checkpointing=False), 50260)
     assert with_ckpt.allocated_gb <= 8 and without.allocated_gb <= 10.1
     assert without.fits and without.total_gb == pytest.approx(without.allocated_gb * 1.1 + plan.CUDA_CONTEXT_GB)
 
 
 def test_preflight_refuses_on_a_simulated_16_gib_gpu():
-    ref, big = ModelConfig(), TrainConfig(precision="bf16", micro_batch_size=96)
+    ref, big = ModelConfig(), TrainConfig(precision="bf16", micro_batch_size=96, gradient_checkpointing=True)
     sixteen = 16 * GIB
     with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 .*set train.micro_batch_size: 65"):
         plan.preflight(ref, big, 50260, 1, "cuda", sixteen)

@@ -525,8 +525,8 @@ def test_deepspeed_single_process_without_launcher_trains_and_resumes_after_kill
     done = subprocess.run(stage_cmd(ws, f"{engine}_crash", params), cwd=ws, env=no_launcher_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    first, resumed = (json.loads((ws / f"{run}/train.json").read_text()) for run in (f"{engine}_straight",
-                                                                                     f"{engine}_crash"))
+    first, resumed = (json.loads((ws / f"{run}/run/train.json").read_text())  # run facts beside train.json
+                      for run in (f"{engine}_straight", f"{engine}_crash"))
     assert first["steps"] == resumed["steps"] == 12 and resumed["resumed_from_step"] in (4, 8)
     assert first["deepspeed"] == engine and first["processes"] == 1
     assert first["optimizer"] == ("deepspeed_cpu_adam" if engine == "zero2_offload" else "adamw_8bit")

@@ -48,7 +48,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    init_from: Optional[str] = None
+    init_from: Optional[str] = "gpt2-medium"
     init_layers: Optional[tuple[int, ...]] = None  # parent blocks (0-based) seeding ours; null = evenly spaced
     upcycle_reinit_ratio: float = 0.5  # Drop-Upcycling: share of each expert's FFN units re-initialised
     n_positions: int = 1024
@@ -72,12 +72,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seq_len: int = 1024
-    micro_batch_size: int = 4
-    grad_accum: int = 8
+    micro_batch_size: int = 8
+    grad_accum: int = 4
     epochs: int = 2
     max_steps: Optional[int] = None
-    lr: float = 3e-4
-    min_lr: float = 3e-5
+    lr: float = 1e-4
+    min_lr: float = 1e-5
     warmup_steps: Optional[int] = None  # set exactly one of warmup_steps / warmup_ratio (moechat.schedule)
     warmup_ratio: Optional[float] = 0.05  # share of the run's optimizer steps, sized from the data
     weight_decay: float = 0.1
@@ -86,7 +86,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (train.py); see docs/performance.md
     eval_every: int = 200
     eval_batches: int = 50

@@ -251,9 +251,9 @@ class MoeChatSparseMoeBlock(nn.Module):
         dead_S1 = None if valid_N is None and cap is None else (key_S == E).unsqueeze(-1)
         token_S, weight_S = token_A[order_A], weight_A[order_A]
         if self._experts_are_plain_linears():
-            y_SD = self._experts_grouped(x_ND[token_S], key_S.clamp(max=E - 1), offs_E, dead_S1)
+            y_SD = self._experts_grouped(x_ND.index_select(0, token_S), key_S.clamp(max=E - 1), offs_E, dead_S1)
         else:
-            y_SD = self._experts_called(x_ND[token_S], offs_E)
+            y_SD = self._experts_called(x_ND.index_select(0, token_S), offs_E)
         y_SD = y_SD.to(x_ND.dtype) * weight_S.unsqueeze(-1).to(x_ND.dtype)
         y_ND = x_ND.new_zeros(x_ND.shape).index_add(0, token_S, y_SD)
         return y_ND, tokens_per_expert, dropped
@@ -392,7 +392,9 @@ def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch
         y_SO = F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
     else:
         y_SO = torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
-    return y_SO + bias_EO[expert_S]
+    # index_select, not bias_EO[expert_S]: advanced indexing backward accumulates with index_put_, whose CPU
+    # kernel adds in a thread-dependent order (bias gradients then differ in the last bit between runs)
+    return y_SO + bias_EO.index_select(0, expert_S)
 
 
 def _import_tutel():
