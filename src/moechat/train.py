@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
-from moechat.config import ConfigError, ModelConfig, MoechatError, TrainConfig
+from moechat.config import ConfigError, MoechatError, TrainConfig
+from moechat.configuration_moechat import MoeChatConfig
 from moechat.schedule import build_schedule, lr_multiplier, steps_per_epoch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
@@ -474,7 +475,7 @@ def device_memory(device: torch.device) -> tuple[str, Optional[int]]:
     return "cuda", torch.cuda.get_device_properties(device).total_memory
 
 
-def oom_error(err: BaseException, where: str, model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int,
+def oom_error(err: BaseException, where: str, model_cfg: MoeChatConfig, cfg: TrainConfig, vocab_size: int,
               world: int) -> TrainOOMError:
     """A CUDA OOM turned into what to lower, with the planner's estimate (cfg has the resolved precision)."""
     estimate = plan.estimate(model_cfg, cfg, vocab_size, world_size=world)
@@ -490,12 +491,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / plan.GIB, "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / plan.GIB, "host max RSS (CPU run)"
-
-
-def model_config_of(hf_config: Any) -> ModelConfig:
-    """The planner's ModelConfig from a loaded model's config (the init stage may differ from params)."""
-    return ModelConfig(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(ModelConfig)
-                          if hasattr(hf_config, f.name) and f.name != "init_from"})
 
 
 def load_model(init_dir: Path) -> torch.nn.Module:
@@ -551,7 +546,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     set_seed(seed)
 
     model = load_model(init_dir)
-    model_cfg = model_config_of(model.config)
+    model_cfg = model.config  # the planner reads the loaded model's own config (init may differ from params)
     run_cfg = dataclasses.replace(cfg, precision=precision)
     vocab = model.config.vocab_size
     plan.preflight(model_cfg, run_cfg, vocab, world, *device_memory(accelerator.device))
