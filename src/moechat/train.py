@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
+from moechat.router_tally import RouterTally
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.schedule import build_schedule, lr_multiplier, steps_per_epoch
@@ -356,9 +357,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     device = accelerator.device
     norm = torch.tensor(max(n_targets_global, 1) / (accum * world), device=device, dtype=torch.float32)
     sums = torch.zeros(4, device=device)  # loss, lm, aux, z summed over micro-batches
-    # Router counts stay on the device, summed over micro-batches: [n_moe_layers, E] and [n_moe_layers].
-    tokens_per_expert: Optional[torch.Tensor] = None
-    dropped: Optional[torch.Tensor] = None
+    router = RouterTally.for_model(accelerator.unwrap_model(model).config, device)  # summed on the device
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with accelerator.accumulate(model):
@@ -367,11 +366,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
             accelerator.backward(out.loss)
         sums += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
                              out.aux_loss.detach().float(), out.z_loss.detach().float()])
-        if tokens_per_expert is None:
-            tokens_per_expert, dropped = out.router_tokens_per_expert, out.router_dropped
-        else:
-            tokens_per_expert = tokens_per_expert + out.router_tokens_per_expert
-            dropped = dropped + out.router_dropped
+        router.add(out)
         del out, batch  # nothing of this micro-batch stays alive during the next one's forward
     means = accelerator.reduce(sums / accum, reduction="mean")
     if not torch.isfinite(means).all():
@@ -381,25 +376,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    router = _router_shares(accelerator, model, tokens_per_expert, dropped)
+    shares = router.reduced(lambda t: accelerator.reduce(t, reduction="sum")).step_shares()
     tokens = sum(b["input_ids"].numel() for b in batches) * world
     loss, lm, aux, z = means.tolist()
     gn = None if grad_norm is None else float(grad_norm)
-    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, router)
-
-
-def _router_shares(accelerator: Accelerator, model: torch.nn.Module, tokens_per_expert: Optional[torch.Tensor],
-                   dropped: Optional[torch.Tensor]) -> list[dict[str, Any]]:
-    """Per MoE layer: block index, expert shares of the step's assignments (all processes) and the dropped
-    share; one host sync for all layers."""
-    if tokens_per_expert is None or tokens_per_expert.numel() == 0:
-        return []
-    counts_LE = accelerator.reduce(tokens_per_expert, reduction="sum").float()
-    lost_L = accelerator.reduce(dropped, reduction="sum").float()
-    assigned_L1 = counts_LE.sum(-1, keepdim=True).clamp(min=1)
-    rows = torch.cat([counts_LE / assigned_L1, lost_L.unsqueeze(-1) / assigned_L1], dim=-1).tolist()
-    layers = accelerator.unwrap_model(model).config.moe_layer_indices()
-    return [{"layer": layer, "expert_share": row[:-1], "dropped_share": row[-1]} for layer, row in zip(layers, rows)]
+    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares)
 
 
 @torch.no_grad()
