@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moechat.config import ConfigError, EvalConfig
 from moechat.data.chat import tokenize_conversation
-from moechat.evaluate import evaluate, evaluate_lm, generate_samples, layer_metrics, share_rows
+from moechat.evaluate import EvalDataError, evaluate, evaluate_lm, generate_samples, layer_metrics, share_rows
 from moechat.router_tally import RouterTally
 from tests._release_tiny import conversations, packed, save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
 
@@ -94,6 +94,11 @@ def test_router_tally_sums_batches_as_one_batch_would(tok, model):
     assert shares["layer"] == 1 and sum(shares["expert_share"]) == pytest.approx(1.0)
     assert split.reduced(lambda t: 2 * t).tokens_per_expert_LE.tolist() == (2 * whole.tokens_per_expert_LE).tolist()
     assert RouterTally.for_model(model.config).counts_by_layer() == {}  # nothing added: no rows to report
+
+
+def test_an_empty_val_split_is_a_one_line_error(model):
+    with pytest.raises(EvalDataError, match=r"^the evaluation split is empty; rerun the prepare stage"):
+        evaluate_lm(model, [], batch_size=2)
 
 
 def test_layer_metrics_balanced_and_collapsed():

@@ -168,13 +168,15 @@ def test_reference_config_meets_the_issue_targets():
     ref = REFERENCE.model.architecture
     with_ckpt = plan.estimate(ref, reference_train(precision="bf16", micro_batch_size=8, gradient_checkpointing=True),
                               50260)
-    without = plan.estimate(ref, reference_train(precision="bf16", micro_batch_size=8, gradient_checkpointing=False), 50260)
+    without = plan.estimate(ref, reference_train(precision="bf16", micro_batch_size=8, gradient_checkpointing=False),
+                            50260)
     assert with_ckpt.allocated_gb <= 8 and without.allocated_gb <= 10.1
     assert without.fits and without.total_gb == pytest.approx(without.allocated_gb * 1.1 + plan.CUDA_CONTEXT_GB)
 
 
 def test_preflight_refuses_on_a_simulated_16_gib_gpu():
-    ref, big = REFERENCE.model.architecture, reference_train(precision="bf16", micro_batch_size=96, gradient_checkpointing=True)
+    ref = REFERENCE.model.architecture
+    big = reference_train(precision="bf16", micro_batch_size=96, gradient_checkpointing=True)
     sixteen = 16 * GIB
     with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 .*set train.micro_batch_size: 65"):
         plan.preflight(ref, big, 50260, 1, "cuda", sixteen)

@@ -5,6 +5,7 @@ without a launcher with exact crash-resume, precision choice, LR schedule."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math

@@ -18,19 +18,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moechat.config import ConfigError, EvalConfig
+from moechat.chat import leaves_room_for_a_prompt
+from moechat.config import ConfigError, EvalConfig, MoechatError
 from moechat.router_tally import RouterTally
 
 IGNORE = -100
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """`auto` = the GPU when one is visible, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
-    return torch.device(device)
+class EvalDataError(MoechatError, ValueError):
+    """The prepared val split cannot be evaluated; the message says which stage to rerun."""
 
 
 @dataclass
@@ -61,7 +57,8 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
     MoE layer (see `layer_metrics`).
     """
     if len(dataset) == 0:
-        raise ValueError("the evaluation split is empty; check data/prepared/val (prepare stage)")
+        raise EvalDataError("the evaluation split is empty; rerun the prepare stage (dvc repro prepare) with "
+                            "data that leaves data.val_fraction of the trees for validation")
     model.eval()
     device = next(model.parameters()).device
     tally, router = _Tally(), RouterTally.for_model(model.config, device)
@@ -76,7 +73,8 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
         _add_batch(tally, out.logits, labels)
         router.add(out)
     if tally.targets == 0:
-        raise ValueError("the evaluation split has no assistant tokens (every label is -100); check prepare")
+        raise EvalDataError("the evaluation split has no assistant tokens (every label is -100); rerun the "
+                            "prepare stage (dvc repro prepare)")
     loss = tally.nll_sum / tally.targets
     metrics: dict[str, Any] = {
         "loss": loss,
@@ -158,7 +156,7 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     input_ids = enc["input_ids"]
     limit = getattr(model.config, "n_positions", None)
     if limit is not None:
-        if max_new_tokens >= limit:
+        if not leaves_room_for_a_prompt(max_new_tokens, limit):
             raise ValueError(f"max_new_tokens={max_new_tokens} must be < the model's n_positions={limit}")
         input_ids = input_ids[:, -(limit - max_new_tokens):]
     return generate_continuation(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, seed, streamer)
@@ -187,7 +185,7 @@ def check_max_new_tokens(model: PreTrainedModel, max_new_tokens: int) -> None:
     """`eval.max_new_tokens` must leave room for the prompt in the model's positions; checked before any
     work so a bad value fails with its params key, not from inside `generate` after the val pass."""
     limit = getattr(model.config, "n_positions", None)
-    if limit is not None and max_new_tokens >= limit:
+    if not leaves_room_for_a_prompt(max_new_tokens, limit):
         raise ConfigError(f"params.yaml: eval.max_new_tokens={max_new_tokens} must be < the model's "
                           f"n_positions={limit} (the prompt needs positions too); set eval.max_new_tokens to at "
                           f"most {limit - 1}, e.g. {max(1, limit // 2)}")

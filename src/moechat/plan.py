@@ -420,4 +420,5 @@ def run_for(params: Params, vocab: int, args: argparse.Namespace) -> Optional[Ru
     data = data_size(params.data, params.train.seq_len, Path(args.prepare_metrics))
     if data is None:
         return None
-    return run_size(params.model.architecture, params.train, vocab, data, args.world_size, args.mfu, args.gpu_tflops * 1e12)
+    return run_size(params.model.architecture, params.train, vocab, data, args.world_size, args.mfu,
+                    args.gpu_tflops * 1e12)

@@ -265,17 +265,17 @@ def keep_embeddings_in_32bit(model: torch.nn.Module, manager: Any) -> None:
 
 def load_blocks(data_dir: Path, split: str, seq_len: int) -> dict[str, torch.Tensor]:
     """The packed blocks of `split` as int64 tensors [rows, seq_len] (held in memory: OASST is small)."""
-    from moechat.data.chat import load_packed
+    from moechat.data.chat import PreparedDataError, load_packed
 
     path = Path(data_dir) / split
     ds = load_packed(data_dir, split)
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing} (has {ds.column_names}); rerun the prepare stage")
+        raise PreparedDataError(f"{path}: missing columns {missing} (has {ds.column_names}); rerun the prepare stage")
     blocks = {c: t.long() for c, t in ds.with_format("torch", columns=list(COLUMNS))[:].items()}
     if blocks["input_ids"].ndim != 2 or blocks["input_ids"].shape[1] != seq_len:
-        raise ValueError(f"{path}: blocks have shape {tuple(blocks['input_ids'].shape)}, expected [rows, "
-                         f"train.seq_len={seq_len}]; rerun `dvc repro prepare` after changing train.seq_len")
+        raise PreparedDataError(f"{path}: blocks have shape {tuple(blocks['input_ids'].shape)}, expected [rows, "
+                                f"train.seq_len={seq_len}]; rerun `dvc repro prepare` after changing train.seq_len")
     return blocks
 
 
