@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
-from moechat.router_tally import RouterTally
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
+from moechat.router_tally import RouterTally
 from moechat.schedule import build_schedule, lr_multiplier, steps_per_epoch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
