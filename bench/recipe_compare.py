@@ -31,7 +31,7 @@ from benchlib import device_name  # noqa: E402
 VARIANTS = {
     "scratch": ["model.init_from=null", "train.lr=3.0e-4", "train.min_lr=3.0e-5"],  # presets/scratch.yaml
     "upcycled": ["model.init_from=gpt2-medium", "model.init_layers=null", "model.upcycle_reinit_ratio=0.5"],
-    "dense": ["model.init_from=gpt2-medium", "model.n_layer=24", "model.num_experts=1", "model.top_k=1",
+    "dense": ["model.init_from=gpt2-medium", "model.n_layer=24", "model.num_experts=1", "model.num_experts_per_tok=1",
               "model.upcycle_reinit_ratio=0.0", "model.init_layers=null"],
 }
 

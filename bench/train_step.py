@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from moechat import plan
-from moechat.config import ModelConfig, TrainConfig, load_params
+from moechat.config import TrainConfig, load_params
 from moechat.io import write_json
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat.train import build_accelerator, build_optimizer, device_peak_flops, train_step
@@ -50,7 +50,7 @@ def padded_batch(seq: int, vocab: int, real: int, pad_id: int, seed: int) -> dic
     return b
 
 
-def measure(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, steps: int, warmup: int,
+def measure(model_cfg: MoeChatConfig, cfg: TrainConfig, precision: str, steps: int, warmup: int,
             cap_gb: Optional[float], batch_fn) -> dict[str, Any]:
     """Time `steps` optimizer steps after `warmup` of them, in a fresh accelerate state."""
     from accelerate.state import AcceleratorState
@@ -64,11 +64,8 @@ def measure(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, steps: int
         torch.cuda.reset_peak_memory_stats()
     accelerator = build_accelerator(cfg, precision, None)
     torch.manual_seed(0)
-    hf = MoeChatConfig(vocab_size=VOCAB if cuda else 512 + 3, n_positions=model_cfg.n_positions,
-                       n_embd=model_cfg.n_embd, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                       n_inner=model_cfg.n_inner, num_experts=model_cfg.num_experts,
-                       num_experts_per_tok=model_cfg.top_k, moe_every=model_cfg.moe_every, pad_token_id=0,
-                       eos_token_id=2)
+    shape = {name: getattr(model_cfg, name) for name in MoeChatConfig.hyperparameters()}
+    hf = MoeChatConfig(**shape, vocab_size=VOCAB if cuda else 512 + 3, pad_token_id=0, eos_token_id=2)
     row: dict[str, Any] = {"micro_batch": cfg.micro_batch_size, "seq_len": cfg.seq_len,
                            "checkpointing": cfg.gradient_checkpointing, "precision": precision,
                            "optimizer": cfg.optimizer, "cap_gb": cap_gb}
@@ -129,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     overrides = yaml.safe_load(Path("presets/tiny.yaml").read_text()) if args.tiny else None
     params = load_params(args.params, overrides)
-    model_cfg, base = params.model, params.train
+    model_cfg, base = params.model.architecture, params.train
     precision = "bf16" if cuda else "fp32"
     seq = base.seq_len if args.tiny else 1024
     steps = args.steps or (10 if cuda else 3)

@@ -54,7 +54,7 @@ def rss_bytes() -> int:
 def run_variant(variant: str, device: str, steps: int, warmup: int) -> dict[str, Any]:
     import dataclasses
 
-    from moechat.config import TrainConfig
+    from moechat.config import load_params
     from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
     from moechat.train import build_accelerator, build_optimizer, compile_blocks, drop_fp32_output_copy, train_step
 
@@ -66,7 +66,7 @@ def run_variant(variant: str, device: str, steps: int, warmup: int) -> dict[str,
         dims = dict(n_embd=128, n_layer=2, n_head=4, n_inner=512, num_experts=4)
         mb, seq, precision, optimizer = 8, 256, "fp32", "adamw"
     vocab = 50260
-    cfg = dataclasses.replace(TrainConfig(), seq_len=seq, micro_batch_size=mb, grad_accum=1, optimizer=optimizer,
+    cfg = dataclasses.replace(load_params("params.yaml").train, seq_len=seq, micro_batch_size=mb, grad_accum=1, optimizer=optimizer,
                               precision=precision, gradient_checkpointing=False, compile=variant.endswith("compile"))
     torch.manual_seed(0)
     model = MoeChatForCausalLM(MoeChatConfig(vocab_size=vocab, n_positions=seq, num_experts_per_tok=2, moe_every=2,

@@ -20,7 +20,7 @@ METRICS = ("rows", "trees")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True, help="folder for the canonical message rows")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the message and tree counts")

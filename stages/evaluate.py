@@ -13,7 +13,8 @@ from pathlib import Path
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.data.chat import load_packed
-from moechat.evaluate import evaluate, load_model, pick_device, share_rows
+from moechat.chat import resolve_device
+from moechat.evaluate import evaluate, load_model, share_rows
 from moechat.harness import run_lm_eval, task_manager
 from moechat.io import write_json
 from moechat.metrics import write_stage_report
@@ -24,7 +25,7 @@ from moechat.metrics import write_stage_report
 METRICS = ("loss", "perplexity", "accuracy", "tokens", "dead_expert_threshold")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="save_pretrained folder of the trained model")
     parser.add_argument("--data", type=Path, required=True, help="prepared data folder (packed val split)")
@@ -35,11 +36,12 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, required=True, help="folder for DVC plot data files")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)  # a bad --device is one line, before any work
 
     params = load_params(args.params)
     manager = task_manager(params.eval)  # lm-eval tasks checked before the val pass
-    model, tokenizer = load_model(args.model, pick_device(args.device))
+    model, tokenizer = load_model(args.model, device)
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
     if params.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(model, tokenizer, params.eval, params.seed, manager)
@@ -55,6 +57,7 @@ def main() -> None:
           f"dead experts {router.get('dead_experts', 0)}; {len(samples)} samples -> {args.samples}"
           + "".join(f"; {task} acc {m['acc']:.3f}" for task, m in metrics.get("lm_eval", {}).get("tasks", {}).items()
                     if "acc" in m))
+    return 0
 
 
 if __name__ == "__main__":

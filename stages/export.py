@@ -17,7 +17,7 @@ from moechat.evaluate import load_model
 from moechat.export import export_model, read_metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="trained save_pretrained folder")
     parser.add_argument("--metrics-dir", type=Path, required=True,
@@ -25,13 +25,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="export folder to write")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB or 2GB")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     params = load_params(args.params)
     model, tokenizer = load_model(args.model, torch.device("cpu"))  # export only copies weights
     summary = export_model(model, tokenizer, params, read_metrics(args.metrics_dir), args.out, args.max_shard_size)
     print(f"export: {args.out}: {len(summary['shards'])} safetensors shard(s), {summary['weight_bytes']:,} bytes, "
           f"{summary['params']['total']:,} params ({summary['params']['active']:,} active per token)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from moechat.metrics import write_stage_report
 METRICS = ("params.total", "params.active")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder written by prepare")
     parser.add_argument("--out", type=Path, required=True, help="save_pretrained folder to write")
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--run-facts", type=Path, default=None,
                         help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     params = load_params(args.params)
     report = initialize(params.model, params.seed, params.train.seq_len, args.tokenizer, args.out)
@@ -37,6 +37,7 @@ def main() -> None:
     print(f"init: {report['init_from'] or 'scratch'} -> {args.out}: {counts['total']:,} params, "
           f"{counts['active']:,} active per token, MoE blocks {report['moe_layers']}, "
           f"{report['train_flops_per_token']:.3g} train FLOPs/token at seq_len {report['seq_len']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ METRICS = ("messages", "messages_kept", "threads", "packing_efficiency", "naive_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw", type=Path, required=True, help="folder written by the download stage")
     parser.add_argument("--out", type=Path, required=True, help="folder for packed splits and conversations")

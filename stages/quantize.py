@@ -14,7 +14,7 @@ from pathlib import Path
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.data.chat import load_packed
-from moechat.evaluate import pick_device
+from moechat.chat import resolve_device
 from moechat.io import write_json
 from moechat.metrics import write_stage_report
 from moechat.quantize import quantize_stage
@@ -47,7 +47,7 @@ METRICS = ("perplexity_fp32", "perplexity_quantized", "perplexity_ratio", "weigh
            "calib_tokens_per_expert_median", "fallback")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="exported full-precision folder")
     parser.add_argument("--data", type=Path, required=True, help="prepared data (conversations_train.jsonl, val)")
@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (a visible GPU, else the CPU) | cpu | cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=4, help="val batch size for the perplexity runs")
     parser.add_argument("--max-batches", type=int, default=None, help="cap the val batches (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)  # a bad --device is one line, before any work
 
     params = load_params(args.params)
     q = params.quantize
@@ -70,7 +71,7 @@ def main() -> None:
         print(notice, flush=True)
     metrics, experts = quantize_stage(args.model, args.data / "conversations_train.jsonl",
                                       load_packed(args.data, "val"), q, params.seed, args.out, args.batch_size,
-                                      args.max_batches, pick_device(args.device))
+                                      args.max_batches, device)
     write_json(args.experts, experts)
     write_stage_report(metrics, METRICS, args.metrics, args.run_facts)
     print(f"quantize: {q.bits}-bit g{q.group_size} on {metrics['device']} -> {args.out} in "
@@ -78,6 +79,7 @@ def main() -> None:
           f"val ppl {metrics['perplexity_fp32']:.3f} -> {metrics['perplexity_quantized']:.3f} "
           f"(x{metrics['perplexity_ratio']:.4f}); weights {metrics['weight_bytes_fp32']:,} -> "
           f"{metrics['weight_bytes_quantized']:,} bytes; {metrics['fallback']['experts']} expert(s) on RTN fallback")
+    return 0
 
 
 if __name__ == "__main__":

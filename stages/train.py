@@ -22,18 +22,18 @@ METRICS = ("lm_loss", "aux_loss", "val_lm_loss", "tokens_per_s", "mfu", "peak_me
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--data", type=Path, required=True, help="prepared data folder (train/ and val/)")
-    ap.add_argument("--init", type=Path, required=True, help="init model folder (save_pretrained)")
-    ap.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root (persists across runs)")
-    ap.add_argument("--out", type=Path, required=True, help="final model folder")
-    ap.add_argument("--live", type=Path, required=True, help="DVCLive folder")
-    ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
-    ap.add_argument("--run-facts", type=Path, default=None,
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True, help="prepared data folder (train/ and val/)")
+    parser.add_argument("--init", type=Path, required=True, help="init model folder (save_pretrained)")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root (persists across runs)")
+    parser.add_argument("--out", type=Path, required=True, help="final model folder")
+    parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
+    parser.add_argument("--run-facts", type=Path, default=None,
                     help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
-    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
-    args = ap.parse_args(argv)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    args = parser.parse_args(argv)
 
     params = load_params(args.params)
     m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)

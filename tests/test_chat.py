@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from moechat.config import DataConfig, TokenizerConfig
+from moechat.config import DataConfig, MoechatError, TokenizerConfig
 from moechat.data import chat, oasst
 from moechat.data.fixture import gpt2_tokenizer_dir
 from moechat.data.prepare import prepare
@@ -259,5 +259,7 @@ def test_special_token_drops_are_counted_in_prepare_metrics(raw_dir, tmp_path):
 
 
 def test_load_packed_names_missing_split(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the prepare stage"):
+    """A one-line error for the stage scripts (MoechatError), still a FileNotFoundError for callers."""
+    with pytest.raises(chat.MissingSplitError, match="run the prepare stage") as err:
         chat.load_packed(tmp_path, "train")
+    assert isinstance(err.value, MoechatError) and isinstance(err.value, FileNotFoundError)

@@ -17,8 +17,10 @@ from safetensors.torch import save_file
 
 from moechat import checkpoint as ckpt
 from moechat import train as train_module
-from moechat.config import TrainConfig
+from moechat.config import load_params
 from tests.test_train import logged, run_inprocess, tiny_cfg, workspace  # noqa: F401  (workspace: a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_net(seed: int = 0) -> torch.nn.Module:
@@ -131,7 +133,7 @@ def test_fingerprint_tracks_trajectory_params_and_init_weights(tmp_path):
     init.mkdir(), (data / "train").mkdir(parents=True)
     save_file({"w": torch.ones(3)}, str(init / "model.safetensors"))
     (data / "train/state.json").write_text('{"_fingerprint": "aaa"}')
-    cfg = dataclasses.asdict(TrainConfig())
+    cfg = dataclasses.asdict(load_params(ROOT / "params.yaml").train)
     base = ckpt.fingerprint(cfg, 1, init, data, 1)
     assert ckpt.fingerprint({**cfg, "save_every": 7, "eval_every": 3}, 1, init, data, 1) == base
     assert ckpt.fingerprint({**cfg, "lr": 1e-3}, 1, init, data, 1) != base
@@ -160,7 +162,7 @@ def test_fingerprint_covers_the_init_config_not_only_its_weights(tmp_path):
         inits.append(tmp_path / f"init_k{top_k}")
     weights = [(p / "model.safetensors").read_bytes() for p in inits]
     assert weights[0] == weights[1]  # same shapes, same seed: only config.json tells them apart
-    cfg = dataclasses.asdict(TrainConfig())
+    cfg = dataclasses.asdict(load_params(ROOT / "params.yaml").train)
     fps = [ckpt.fingerprint(cfg, 1, p, data, 1) for p in inits]
     assert fps[0] != fps[1]
     # the transformers version stamp alone does not restart a run

@@ -1,11 +1,13 @@
 """params.yaml validation: every bad value fails before any work, naming the key, the value and the fix."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from moechat.config import ConfigError, Params, load_params, params_from_dict
+from moechat.config import ConfigError, ModelConfig, Params, TrainConfig, load_params, params_from_dict
+from moechat.configuration_moechat import MoeChatConfig, MoeChatConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +25,9 @@ def with_change(section: str, key: str, value) -> dict:
 def test_reference_params_load_into_typed_sections():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
-    assert (params.model.n_layer, params.model.n_embd, params.model.n_head) == (8, 1024, 16)
-    assert (params.model.num_experts, params.model.top_k, params.model.moe_every) == (10, 2, 2)
+    arch = params.model.architecture
+    assert (arch.n_layer, arch.n_embd, arch.n_head) == (8, 1024, 16)
+    assert (arch.num_experts, arch.num_experts_per_tok, arch.moe_every) == (10, 2, 2)
     assert params.data.langs == ("en",) and params.tokenizer.source == "gpt2"
     assert params.train.seq_len == 1024 and params.train.optimizer == "adamw_8bit"
 
@@ -32,20 +35,20 @@ def test_reference_params_load_into_typed_sections():
 def test_tiny_preset_is_valid_and_overrides_only_what_it_names():
     tiny = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
     params = load_params(ROOT / "params.yaml", overrides=tiny)
-    assert params.model.n_embd == 64 and params.train.seq_len == 256
-    assert params.model.aux_loss_coef == 0.01  # untouched keys keep the reference value
+    assert params.model.architecture.n_embd == 64 and params.train.seq_len == 256
+    assert params.model.architecture.aux_loss_coef == 0.01  # untouched keys keep the reference value
 
 
 def test_sections_are_frozen():
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(AttributeError):
-        params.model.top_k = 3
+        params.model.init_from = None
 
 
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
-        ("model", "top_k", 11, "model.top_k=11 must be <= model.num_experts=10"),
+        ("model", "num_experts_per_tok", 11, "model.num_experts_per_tok=11 must be <= model.num_experts=10"),
         ("model", "n_head", 7, "model.n_embd=1024 must be divisible by model.n_head=7"),
         ("model", "n_positions", 512, "train.seq_len=1024 must be <= model.n_positions=512"),
         ("data", "val_fraction", 1.0, "data.val_fraction=1.0 must lie strictly between 0 and 1"),
@@ -99,9 +102,29 @@ def test_missing_key_is_named_not_defaulted():
         params_from_dict(raw)
 
 
-def test_dataclass_defaults_are_the_reference_params():
-    """Code that builds a section directly (tests, notebooks) gets what params.yaml says."""
-    assert Params() == load_params(ROOT / "params.yaml")
+def test_model_and_train_sections_have_no_second_copy_of_the_defaults():
+    """params.yaml is the one source of the model and train values: the dataclasses repeat none of them."""
+    for section in (ModelConfig, TrainConfig):
+        for f in dataclasses.fields(section):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f.name
+
+
+def test_model_keys_are_the_model_configs_own_fields():
+    """Every model key besides the three init keys is a MoeChatConfig field of the same name and value."""
+    raw = reference()["model"]
+    arch = load_params(ROOT / "params.yaml").model.architecture
+    init_keys = {"init_from", "init_layers", "upcycle_reinit_ratio"}
+    assert set(raw) - init_keys == set(MoeChatConfig.hyperparameters())
+    assert {name: getattr(arch, name) for name in MoeChatConfig.hyperparameters()} == \
+        {name: value for name, value in raw.items() if name not in init_keys}
+
+
+def test_a_model_config_error_speaks_the_params_key(tmp_path):
+    """The config's own check, with params.yaml's key and file in the message (one check, two callers)."""
+    with pytest.raises(MoeChatConfigError, match=r"^MoeChatConfig.dropout=1.5 must be in \[0, 1\)$"):
+        MoeChatConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match=r"^params.yaml: model.dropout=1.5 must be in \[0, 1\)$"):
+        params_from_dict(with_change("model", "dropout", 1.5))
 
 
 def test_upcycling_with_a_freshly_trained_tokenizer_is_refused():

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from moechat.config import ConfigError, EvalConfig
 from moechat.data.chat import tokenize_conversation
-from moechat.evaluate import _LayerTally, evaluate, evaluate_lm, generate_samples, layer_metrics, share_rows
+from moechat.evaluate import EvalDataError, evaluate, evaluate_lm, generate_samples, layer_metrics, share_rows
+from moechat.router_tally import RouterTally
 from tests._release_tiny import conversations, packed, save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,33 +74,60 @@ def test_router_counts_cover_every_real_token_top_k_times(tok, model):
     assert [r["expert"] for r in rows] == [f"expert {e}" for e in range(4)]
 
 
+def test_router_tally_sums_batches_as_one_batch_would(tok, model):
+    """The one tally of train, evaluate and quantize: the sums over batches equal one forward over all rows
+    (counts exactly, entropy weighted by assignments), on the rows the model's own outputs name."""
+    ds = packed(tok, conversations(6))
+    rows = ds[0:len(ds)]
+    kwargs = dict(use_cache=False, output_router_stats=True)
+    whole = RouterTally.for_model(model.config)
+    whole.add(model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], labels=rows["labels"], **kwargs))
+    split = RouterTally.for_model(model.config)
+    for b in range(len(ds)):
+        row = ds[b:b + 1]
+        split.add(model(input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"], **kwargs))
+    assert split.layers == whole.layers == model.config.moe_layer_indices() and split.batches == len(ds)
+    assert torch.equal(split.tokens_per_expert_LE, whole.tokens_per_expert_LE)
+    torch.testing.assert_close(split.entropy_sum_L, whole.entropy_sum_L, rtol=1e-5, atol=0)
+    assert split.counts_by_layer() == {1: whole.tokens_per_expert_LE[0].tolist()}
+    (shares,) = split.step_shares()
+    assert shares["layer"] == 1 and sum(shares["expert_share"]) == pytest.approx(1.0)
+    assert split.reduced(lambda t: 2 * t).tokens_per_expert_LE.tolist() == (2 * whole.tokens_per_expert_LE).tolist()
+    assert RouterTally.for_model(model.config).counts_by_layer() == {}  # nothing added: no rows to report
+
+
+def test_an_empty_val_split_is_a_one_line_error(model):
+    with pytest.raises(EvalDataError, match=r"^the evaluation split is empty; rerun the prepare stage"):
+        evaluate_lm(model, [], batch_size=2)
+
+
 def test_layer_metrics_balanced_and_collapsed():
-    balanced = layer_metrics(0, _LayerTally(torch.tensor([10, 10, 10, 10])), 0.01)
+    balanced = layer_metrics(0, [10, 10, 10, 10], 0, 0.0, 0.01)
     assert balanced["cv"] == pytest.approx(0.0) and balanced["dead_experts"] == 0
-    collapsed = layer_metrics(0, _LayerTally(torch.tensor([40, 0, 0, 0]), dropped=8), 0.01)
+    collapsed = layer_metrics(0, [40, 0, 0, 0], 8, 0.0, 0.01)
     # shares (1, 0, 0, 0): population std sqrt(3)/4 over mean 1/4 = sqrt(3)
     assert collapsed["cv"] == pytest.approx(math.sqrt(3))
     assert collapsed["dead_expert_ids"] == [1, 2, 3]
     assert collapsed["dropped_share"] == pytest.approx(8 / 40)
     # threshold is strict "below" threshold / E: a share exactly at it (0.4 / 4 = 0.1) is alive
-    edge = layer_metrics(0, _LayerTally(torch.tensor([1, 3, 3, 3])), 0.4)
+    edge = layer_metrics(0, [1, 3, 3, 3], 0, 0.0, 0.4)
     assert edge["dead_experts"] == 0
 
 
 def test_dead_experts_are_judged_against_the_uniform_share():
     # E=4, threshold 0.01: dead below 0.01 / 4 = 0.0025. Shares 0.005 and 0.002: only the second is dead
     # (an absolute 0.01 cut-off would call both dead).
-    small = layer_metrics(0, _LayerTally(torch.tensor([5000, 4030, 950, 20])), 0.01)
+    small = layer_metrics(0, [5000, 4030, 950, 20], 0, 0.0, 0.01)
     assert small["expert_share"][2:] == pytest.approx([0.095, 0.002])
-    alive = layer_metrics(0, _LayerTally(torch.tensor([5000, 4000, 950, 50])), 0.01)
+    alive = layer_metrics(0, [5000, 4000, 950, 50], 0, 0.0, 0.01)
     assert alive["dead_experts"] == 0  # share 0.005 = 2% of the fair share 0.25
     assert small["dead_expert_ids"] == [3]
     # E=200, perfectly balanced: every share is 0.005 < 0.01, yet no expert is dead; one expert at 0.5% of
     # its fair share is.
     counts = torch.full((200,), 1000)
-    assert layer_metrics(0, _LayerTally(counts), 0.01)["dead_experts"] == 0
+    assert layer_metrics(0, counts.tolist(), 0, 0.0, 0.01)["dead_experts"] == 0
     counts[7] = 5
-    assert layer_metrics(0, _LayerTally(counts), 0.01)["dead_expert_ids"] == [7]
+    assert layer_metrics(0, counts.tolist(), 0, 0.0, 0.01)["dead_expert_ids"] == [7]
 
 
 def test_samples_greedy_is_deterministic_and_seeded_sampling_repeats(tok, model):

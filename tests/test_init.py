@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from moechat.config import ModelConfig
+from moechat.configuration_moechat import MoeChatConfig
 from moechat.init import (
     UpcycleError,
     build_config,
@@ -48,9 +49,10 @@ def make_tokenizer(n_words: int = PARENT_VOCAB) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_params(**overrides) -> ModelConfig:
-    base = ModelConfig(n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=128, num_experts=4, top_k=2)
-    return dataclasses.replace(base, **overrides)
+def tiny_params(init_from=None, init_layers=None, upcycle_reinit_ratio=0.5, **shape) -> ModelConfig:
+    shape = {**dict(n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=128, num_experts=4,
+                    num_experts_per_tok=2), **shape}
+    return ModelConfig(init_from, init_layers, upcycle_reinit_ratio, architecture=MoeChatConfig(**shape))
 
 
 def dense_parent(n_layer: int = 2, seed: int = 0, tied: bool = True) -> GPT2LMHeadModel:
@@ -63,7 +65,7 @@ def dense_parent(n_layer: int = 2, seed: int = 0, tied: bool = True) -> GPT2LMHe
 
 def test_build_config_takes_vocab_and_special_ids_from_tokenizer():
     tok = make_tokenizer()
-    config = build_config(tiny_params(top_k=1), tok)
+    config = build_config(tiny_params(num_experts_per_tok=1), tok)
     assert config.vocab_size == len(tok) == PARENT_VOCAB + 3
     assert config.pad_token_id == tok.convert_tokens_to_ids("<|pad|>")
     assert config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
@@ -88,7 +90,7 @@ def test_scratch_init_is_seeded_and_scales_residual_projections():
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_upcycled_model_reproduces_its_dense_parent(top_k):
     parent = dense_parent()
-    config = build_config(tiny_params(top_k=top_k), make_tokenizer())
+    config = build_config(tiny_params(num_experts_per_tok=top_k), make_tokenizer())
     model = upcycle(config, parent, seed=0).eval()
     x = torch.randint(0, PARENT_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -179,7 +181,7 @@ def test_experts_of_a_layer_are_no_longer_equal_after_a_few_steps(reinit_ratio):
     """Exact copies give the router no LM-loss gradient (every choice computes the same MLP); with
     Drop-Upcycling it gets one at step 0, and after a few steps no two experts are equal."""
     parent = dense_parent()
-    config = build_config(tiny_params(top_k=2, aux_loss_coef=0.0, z_loss_coef=0.0), make_tokenizer())
+    config = build_config(tiny_params(num_experts_per_tok=2, aux_loss_coef=0.0, z_loss_coef=0.0), make_tokenizer())
     model = upcycle(config, parent, seed=0, reinit_ratio=reinit_ratio).train()
     x = torch.randint(0, PARENT_VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
     model(input_ids=x, labels=x).loss.backward()

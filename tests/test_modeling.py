@@ -634,7 +634,7 @@ def test_bad_model_config_raises_named_error(overrides, field):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"num_experts": 2, "top_k": 3}, "model.top_k=3 must be <= model.num_experts=2"),
+    ({"num_experts": 2, "num_experts_per_tok": 3}, "model.num_experts_per_tok=3 must be <= model.num_experts=2"),
     ({"moe_backend": "megablocks"}, "model.moe_backend='megablocks' is not one of torch | tutel"),
 ])
 def test_bad_model_params_raise_config_error(overrides, message):

@@ -122,7 +122,7 @@ def test_two_experiments_rerun_init_onwards_and_compare_readably(repo):
     assert ran(exp) == {"init", "train", "evaluate", "export", "quantize"}, exp
     facts = json.loads((repo / "metrics/run/train.json").read_text())
     assert len(facts["fingerprint"]) == 12 and facts["train_seconds"] > 0  # run facts still recorded
-    dvc(repo, "exp", "run", "-n", "k1", "-S", "model.top_k=1")
+    dvc(repo, "exp", "run", "-n", "k1", "-S", "model.num_experts_per_tok=1")
 
     diff = dvc(repo, "metrics", "diff", "--all")
     for key in ("perplexity", "accuracy", "val_lm_loss", "router.mean_cv", "perplexity_ratio", "params.total"):

@@ -8,20 +8,27 @@ import pytest
 import torch
 
 from dataclasses import replace
+from pathlib import Path
 
 from moechat import plan
-from moechat.config import ModelConfig, TrainConfig
+from moechat.config import TrainConfig, load_params
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 
 GIB = 1024**3
-MODEL = ModelConfig(n_positions=4, n_embd=8, n_layer=2, n_head=2, n_inner=16, num_experts=2, top_k=1, moe_every=2)
+MODEL = MoeChatConfig(n_positions=4, n_embd=8, n_layer=2, n_head=2, n_inner=16, num_experts=2, num_experts_per_tok=1,
+                      moe_every=2)
+REFERENCE = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 VOCAB = 10
+
+
+def reference_train(**kw) -> TrainConfig:
+    return replace(REFERENCE.train, **kw)
 
 
 def train_cfg(**kw) -> TrainConfig:
     base = dict(seq_len=4, micro_batch_size=2, precision="bf16", optimizer="adamw", gradient_checkpointing=False,
                 gpu_memory_gb=16.0)
-    return TrainConfig(**{**base, **kw})
+    return replace(REFERENCE.train, **{**base, **kw})
 
 
 def test_parameter_count_by_hand_and_by_the_model():
@@ -32,7 +39,7 @@ def test_parameter_count_by_hand_and_by_the_model():
     model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=4, n_embd=8, n_layer=2, n_head=2,
                                              n_inner=16, num_experts=2, num_experts_per_tok=1, moe_every=2))
     assert model.parameter_counts()["total"] == pc.total
-    ref = ModelConfig()  # the reference config: 50257 GPT-2 ids + 3 chat tokens
+    ref = REFERENCE.model.architecture  # the reference config: 50257 GPT-2 ids + 3 chat tokens
     with torch.device("meta"):
         big = MoeChatForCausalLM(MoeChatConfig(vocab_size=50260, n_positions=1024, n_embd=1024, n_layer=8,
                                                n_head=16, n_inner=4096, num_experts=10, num_experts_per_tok=2,
@@ -109,8 +116,8 @@ def test_activation_term_within_ten_percent_of_measured_saved_tensors():
     """Saved-for-backward bytes per token, measured with autograd's saved-tensor hooks on the real model at
     a scaled config (fp32 and bf16 autocast, checkpointing off and on), against the planner's term. With
     checkpointing the hooks see the stored block inputs; the one recomputed block is the off case's."""
-    cfg = ModelConfig(n_positions=128, n_embd=64, n_layer=4, n_head=4, n_inner=256, num_experts=4, top_k=2,
-                      moe_every=2)
+    cfg = MoeChatConfig(n_positions=128, n_embd=64, n_layer=4, n_head=4, n_inner=256, num_experts=4,
+                        num_experts_per_tok=2, moe_every=2)
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = MoeChatForCausalLM(MoeChatConfig(vocab_size=128, n_positions=128, n_embd=64, n_layer=4, n_head=4,
@@ -158,23 +165,25 @@ def test_cli_reports_the_reference_config(capsys, tmp_path):
 def test_reference_config_meets_the_issue_targets():
     """Micro-batch 8 x 1024, bf16, 8-bit AdamW: allocated <= 8 GiB with checkpointing, <= 10 GiB without
     (the chunked loss holds no logits); the headroom comes on top."""
-    ref = ModelConfig()
-    with_ckpt = plan.estimate(ref, TrainConfig(precision="bf16", micro_batch_size=8, gradient_checkpointing=True),
+    ref = REFERENCE.model.architecture
+    with_ckpt = plan.estimate(ref, reference_train(precision="bf16", micro_batch_size=8, gradient_checkpointing=True),
                               50260)
-    without = plan.estimate(ref, TrainConfig(precision="bf16", micro_batch_size=8, gradient_checkpointing=False), 50260)
+    without = plan.estimate(ref, reference_train(precision="bf16", micro_batch_size=8, gradient_checkpointing=False),
+                            50260)
     assert with_ckpt.allocated_gb <= 8 and without.allocated_gb <= 10.1
     assert without.fits and without.total_gb == pytest.approx(without.allocated_gb * 1.1 + plan.CUDA_CONTEXT_GB)
 
 
 def test_preflight_refuses_on_a_simulated_16_gib_gpu():
-    ref, big = ModelConfig(), TrainConfig(precision="bf16", micro_batch_size=96, gradient_checkpointing=True)
+    ref = REFERENCE.model.architecture
+    big = reference_train(precision="bf16", micro_batch_size=96, gradient_checkpointing=True)
     sixteen = 16 * GIB
     with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 .*set train.micro_batch_size: 65"):
         plan.preflight(ref, big, 50260, 1, "cuda", sixteen)
-    assert plan.preflight(ref, TrainConfig(precision="bf16"), 50260, 1, "cuda", sixteen).fits
+    assert plan.preflight(ref, reference_train(precision="bf16"), 50260, 1, "cuda", sixteen).fits
     # params promise 80 GiB, the device has 16: the device's memory is the budget
     with pytest.raises(plan.MemoryBudgetError, match=r"this GPU's 16.00 GiB \(less than train.gpu_memory_gb=80\)"):
-        plan.preflight(ref, TrainConfig(precision="bf16", micro_batch_size=96, gpu_memory_gb=80), 50260, 1, "cuda",
+        plan.preflight(ref, reference_train(precision="bf16", micro_batch_size=96, gpu_memory_gb=80), 50260, 1, "cuda",
                        sixteen)
     with pytest.raises(plan.MemoryBudgetError, match=r"> train.gpu_memory_gb=16 "):  # a bigger GPU: params rule
         plan.preflight(ref, big, 50260, 1, "cuda", 80 * GIB)
@@ -186,7 +195,8 @@ def test_preflight_refuses_on_a_simulated_16_gib_gpu():
 
 
 def test_flops_per_token_from_the_config_equals_the_models_own_count():
-    cfg = ModelConfig(n_positions=16, n_embd=8, n_layer=4, n_head=2, n_inner=16, num_experts=4, top_k=2, moe_every=2)
+    cfg = MoeChatConfig(n_positions=16, n_embd=8, n_layer=4, n_head=2, n_inner=16, num_experts=4, num_experts_per_tok=2,
+                        moe_every=2)
     model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=4, n_head=2,
                                              n_inner=16, num_experts=4, num_experts_per_tok=2, moe_every=2))
     assert plan.flops_per_token(cfg, VOCAB, 16) == model.flops_per_token(16)
@@ -201,7 +211,7 @@ def test_run_size_is_measured_from_prepare_json_when_it_matches(tmp_path):
                                    "train": {"tokens": 3_000_000, "blocks": 3200}}))
     data = plan.data_size(params.data, 1024, metrics)
     assert data == plan.DataSize(3_000_000, 3200, str(metrics))
-    run = plan.run_size(params.model, params.train, 50260, data, mfu=0.5, peak_flops=1e14)
+    run = plan.run_size(params.model.architecture, params.train, 50260, data, mfu=0.5, peak_flops=1e14)
     assert (run.steps_per_epoch, run.total_steps, run.warmup_steps) == (100, 200, 10)
     assert run.tokens_per_run == 200 * 32 * 1024
     assert run.seconds == pytest.approx(run.tokens_per_run * run.flops_per_token / 5e13)

@@ -50,11 +50,11 @@ def test_demo_bad_preset_writes_nothing(in_root, tmp_path, capsys):
 
 def test_demo_invalid_preset_content_fails_before_copying(in_root, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  num_experts: 2\n  top_k: 3\n")
+    bad.write_text("model:\n  num_experts: 2\n  num_experts_per_tok: 3\n")
     workdir = tmp_path / "demo"
     assert demo.main(["--preset", str(bad), "--workdir", str(workdir)]) == 2
     assert not workdir.exists()
-    assert "model.top_k=3" in capsys.readouterr().err
+    assert "model.num_experts_per_tok=3" in capsys.readouterr().err
 
 
 def test_demo_non_empty_workdir_is_refused_untouched(in_root, tmp_path, capsys):

@@ -32,6 +32,19 @@ def test_bad_params_give_one_line_and_exit_1(tmp_path):
         f"download: error: {params}: data.thread_policy='longest' is not one of best | all; pick one of those")
 
 
+@pytest.mark.parametrize("stage, args", [
+    ("evaluate", ["--samples", "s.json", "--plots", "plots"]),
+    ("quantize", ["--out", "q", "--experts", "e.json"]),
+])
+def test_unknown_device_is_one_line_before_any_work(tmp_path, stage, args):
+    """evaluate and quantize resolve --device with chat's one function, before params, model or data."""
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--model", "m", "--data", "d",
+                           "--metrics", "m.json", "--device", "tpu", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"{stage}: error: --device tpu: expected auto, cpu, cuda or cuda:N"
+
+
 def test_third_party_warnings_are_dropped_and_errors_kept(monkeypatch, caplog):
     monkeypatch.delenv("MOECHAT_VERBOSE", raising=False)
     quiet_third_party()

@@ -5,6 +5,7 @@ without a launcher with exact crash-resume, precision choice, LR schedule."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -23,7 +24,7 @@ import yaml
 from datasets import Dataset
 
 from moechat import checkpoint as ckpt
-from moechat.config import ConfigError, TrainConfig
+from moechat.config import ConfigError, TrainConfig, load_params
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat import plan
 from moechat.schedule import Schedule
@@ -40,8 +41,11 @@ TINY_TRAIN = dict(seq_len=SEQ, micro_batch_size=4, grad_accum=1, epochs=1, max_s
                   eval_every=4, eval_batches=2, save_every=4, keep_checkpoints=2)
 
 
+REFERENCE_TRAIN = load_params(ROOT / "params.yaml").train
+
+
 def tiny_cfg(**overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY_TRAIN, **overrides})
+    return dataclasses.replace(REFERENCE_TRAIN, **{**TINY_TRAIN, **overrides})
 
 
 def make_blocks(n_rows: int, seed: int) -> Dataset:
@@ -427,7 +431,7 @@ def test_adamw_8bit_keeps_32bit_state_for_wte_wpe_and_lm_head():
     model = MoeChatForCausalLM(MoeChatConfig(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                              n_inner=256, num_experts=4, num_experts_per_tok=2, moe_every=2,
                                              pad_token_id=0, eos_token_id=1))
-    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw_8bit"), offload=False)
+    optimizer = build_optimizer(model, dataclasses.replace(REFERENCE_TRAIN, optimizer="adamw_8bit"), offload=False)
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     model(x, labels=x).loss.backward()
     optimizer.step()

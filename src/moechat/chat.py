@@ -44,6 +44,12 @@ class PromptTooLong(ChatError):
     """The latest user turn alone does not fit the model's positions with room for the reply."""
 
 
+def leaves_room_for_a_prompt(max_new_tokens: int, n_positions: Optional[int]) -> bool:
+    """The one rule for a reply cap (chat's --max-new-tokens, eval.max_new_tokens, generate_reply): the
+    prompt needs at least one of the model's positions."""
+    return n_positions is None or max_new_tokens < n_positions
+
+
 def resolve_max_new_tokens(requested: Optional[int], n_positions: Optional[int]) -> int:
     """The reply cap: `requested` when it leaves room for a prompt, else a ChatError naming the flag;
     unset = min(256, n_positions // 2), so half the context stays for the history (trimmed to fit)."""
@@ -51,7 +57,7 @@ def resolve_max_new_tokens(requested: Optional[int], n_positions: Optional[int])
         return MAX_NEW_TOKENS if n_positions is None else max(1, min(MAX_NEW_TOKENS, n_positions // 2))
     if requested < 1:
         raise ChatError(f"--max-new-tokens={requested} must be >= 1")
-    if n_positions is not None and requested >= n_positions:
+    if not leaves_room_for_a_prompt(requested, n_positions):
         raise ChatError(f"--max-new-tokens={requested} must be < the model's n_positions={n_positions}; pass at "
                         f"most {n_positions - 1}, or leave it out for min({MAX_NEW_TOKENS}, n_positions // 2) = "
                         f"{max(1, min(MAX_NEW_TOKENS, n_positions // 2))}")

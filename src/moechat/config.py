@@ -13,11 +13,14 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import yaml
+
+if TYPE_CHECKING:  # transformers takes seconds to import; the config module loads it when it builds one
+    from moechat.configuration_moechat import MoeChatConfig
 
 
 class MoechatError(Exception):
@@ -48,52 +51,41 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    init_from: Optional[str] = "gpt2-medium"
-    init_layers: Optional[tuple[int, ...]] = None  # parent blocks (0-based) seeding ours; null = evenly spaced
-    upcycle_reinit_ratio: float = 0.5  # Drop-Upcycling: share of each expert's FFN units re-initialised
-    n_positions: int = 1024
-    n_embd: int = 1024
-    n_layer: int = 8
-    n_head: int = 16
-    n_inner: int = 4096
-    num_experts: int = 10
-    top_k: int = 2
-    moe_every: int = 2
-    capacity_factor: float = 0.0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    moe_backend: Literal["torch", "tutel"] = "torch"
-    tie_word_embeddings: bool = False
-    dropout: float = 0.0
-    initializer_range: float = 0.02
-    layer_norm_epsilon: float = 1e-5
+    """params.yaml's `model` section: how the init stage seeds the model, and the model itself. Every key
+    other than the three below is a MoeChatConfig field of the same name (MoeChatConfig.hyperparameters()),
+    built and validated once, by MoeChatConfig, into `architecture`."""
+
+    init_from: Optional[str]  # dense GPT-2 parent to upcycle; None = from scratch
+    init_layers: Optional[tuple[int, ...]]  # parent blocks (0-based) seeding ours; None = evenly spaced
+    upcycle_reinit_ratio: float  # Drop-Upcycling: share of each expert's FFN units re-initialised
+    architecture: MoeChatConfig  # vocabulary and special ids unset: they come from the tokenizer (init)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seq_len: int = 1024
-    micro_batch_size: int = 8
-    grad_accum: int = 4
-    epochs: int = 2
-    max_steps: Optional[int] = None
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: Optional[int] = None  # set exactly one of warmup_steps / warmup_ratio (moechat.schedule)
-    warmup_ratio: Optional[float] = 0.05  # share of the run's optimizer steps, sized from the data
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (train.py); see docs/performance.md
-    eval_every: int = 200
-    eval_batches: int = 50
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    gpu_memory_gb: float = 16.0
-    deepspeed: Optional[str] = None
+    seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: Optional[int]
+    lr: float
+    min_lr: float
+    warmup_steps: Optional[int]  # set exactly one of warmup_steps / warmup_ratio (moechat.schedule)
+    warmup_ratio: Optional[float]  # share of the run's optimizer steps, sized from the data
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    optimizer: Literal["adamw_8bit", "adamw"]
+    precision: Literal["auto", "bf16", "fp16", "fp32"]
+    gradient_checkpointing: bool
+    compile: bool  # torch.compile each transformer block (train.py); see docs/performance.md
+    eval_every: int
+    eval_batches: int
+    save_every: int
+    keep_checkpoints: int
+    gpu_memory_gb: float
+    deepspeed: Optional[str]
 
 
 @dataclass(frozen=True)
@@ -127,13 +119,16 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 1337
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """The whole of params.yaml. The model and train sections have no defaults: params.yaml (or a preset
+    merged over it) is their one source."""
+
+    seed: int
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    train: TrainConfig
+    eval: EvalConfig
+    quantize: QuantizeConfig
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -162,29 +157,18 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     params = _build(Params, raw, source, prefix="")
-    _check_finite(params, source)
     _check(params, source)
     _check_ranges(params, source)
     return params
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
+    if cls is ModelConfig:
+        return _build_model(raw, source, prefix)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]}; known keys in {where}: {', '.join(fields)}"
-        )
-    missing = [name for name in fields if name not in raw]
-    if missing:
-        raise ConfigError(
-            f"{source}: missing key {prefix}{missing[0]}; every key of {where} must be set "
-            f"(see the reference params.yaml), missing: {', '.join(prefix + m for m in missing)}"
-        )
+    _check_keys(raw, [f.name for f in dataclasses.fields(cls)], source, prefix)
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -193,6 +177,49 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         else:
             values[name] = _coerce(value, hint, f"{prefix}{name}", source)
     return cls(**values)
+
+
+def _check_keys(raw: dict[str, Any], known: list[str], source: str, prefix: str) -> None:
+    """Every key of a section is known and set: a typo or a forgotten key fails here, by name."""
+    where = prefix.rstrip(".") or "top level"
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]}; known keys in {where}: {', '.join(known)}"
+        )
+    missing = [name for name in known if name not in raw]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing key {prefix}{missing[0]}; every key of {where} must be set "
+            f"(see the reference params.yaml), missing: {', '.join(prefix + m for m in missing)}"
+        )
+
+
+def _build_model(raw: dict[str, Any], source: str, prefix: str) -> ModelConfig:
+    """The model section: its three init keys typed here, every other key a MoeChatConfig field, typed by
+    the config's own annotations and validated by the config itself (its message, naming our key)."""
+    from moechat.configuration_moechat import MoeChatConfig, MoeChatConfigError
+
+    init_keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "architecture"]
+    shape_keys = MoeChatConfig.hyperparameters()
+    _check_keys(raw, init_keys + list(shape_keys), source, prefix)
+    hints = typing.get_type_hints(ModelConfig, localns={"MoeChatConfig": MoeChatConfig})
+    shape_hints = _own_type_hints(MoeChatConfig, shape_keys)
+    init = {name: _coerce(raw[name], hints[name], f"{prefix}{name}", source) for name in init_keys}
+    shape = {name: _coerce(raw[name], shape_hints[name], f"{prefix}{name}", source) for name in shape_keys}
+    try:
+        architecture = MoeChatConfig(**shape)
+    except MoeChatConfigError as err:
+        raise ConfigError(f"{source}: {err.render(prefix)}") from None
+    return ModelConfig(**init, architecture=architecture)
+
+
+def _own_type_hints(cls: type, names: tuple[str, ...]) -> dict[str, Any]:
+    """Resolved type hints of `names`, declared on `cls` itself (PretrainedConfig's own annotations name
+    types its module never imports, so typing.get_type_hints(cls) cannot resolve the whole class)."""
+    own = type("Hints", (), {"__annotations__": {n: cls.__annotations__[n] for n in names},
+                             "__module__": cls.__module__})
+    return typing.get_type_hints(own)
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -217,6 +244,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # .inf/.nan pass the type check and end in NaN losses
+        raise ConfigError(f"{source}: {key}={value} must be a finite number")
     if hint is float and isinstance(value, str) and _yaml11_float_string(value):
         raise ConfigError(f"{source}: {key}={value!r} was read as a string: YAML 1.1 needs a dot in the mantissa "
                           f"of a float; write {_yaml11_float_fix(value)}")
@@ -240,25 +270,12 @@ def _check(p: Params, source: str) -> None:
     _require(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be >= 1", source)
     _require(p.tokenizer.vocab_size >= 260,
              f"tokenizer.vocab_size={p.tokenizer.vocab_size} must be >= 260 (256 bytes + chat tokens)", source)
-    for key in ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_experts", "top_k", "moe_every"):
-        _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be >= 1", source)
-    _require(m.top_k <= m.num_experts,
-             f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}; "
-             f"lower top_k or add experts", source)
-    _require(m.n_embd % m.n_head == 0,
-             f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}; "
-             f"pick n_head from the divisors of n_embd", source)
-    _require(m.capacity_factor >= 0, f"model.capacity_factor={m.capacity_factor} must be >= 0 (0 = dropless)",
-             source)
-    for key in ("aux_loss_coef", "z_loss_coef"):
-        _require(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)} must be >= 0 (0 switches the loss off)", source)
     _require(m.init_from is None or p.tokenizer.source != "train",
              f"model.init_from={m.init_from!r} needs the parent's tokenizer, but tokenizer.source='train' builds "
              f"a new vocabulary; set tokenizer.source to the parent (e.g. gpt2) or model.init_from to null", source)
     _check_upcycling(m, source)
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)", source)
-    _require(t.seq_len <= m.n_positions,
-             f"train.seq_len={t.seq_len} must be <= model.n_positions={m.n_positions}; "
+    _require(t.seq_len <= m.architecture.n_positions,
+             f"train.seq_len={t.seq_len} must be <= model.n_positions={m.architecture.n_positions}; "
              f"lower seq_len or raise n_positions", source)
     for key in ("seq_len", "micro_batch_size", "grad_accum", "epochs", "eval_every", "eval_batches",
                 "save_every", "keep_checkpoints"):
@@ -349,33 +366,15 @@ SEED_MAX = 2**32 - 1  # numpy's and torch.manual_seed's range
 N_POSITIONS_MAX = 65536  # the position table and activations beyond this do not fit one 16 GB GPU
 
 
-def _check_finite(p: Params, source: str) -> None:
-    """Every float param is a finite number: `.inf`/`.nan` pass the type check and end in NaN losses."""
-    for section in dataclasses.fields(p):
-        value = getattr(p, section.name)
-        if not dataclasses.is_dataclass(value):
-            continue
-        for f in dataclasses.fields(value):
-            x = getattr(value, f.name)
-            if isinstance(x, float) and not math.isfinite(x):
-                raise ConfigError(f"{source}: {section.name}.{f.name}={x} must be a finite number")
-
-
 def _check_ranges(p: Params, source: str) -> None:
     """Ranges that no run can use, checked before any stage works; each message names the key and the fix."""
-    m, t, e = p.model, p.train, p.eval
+    m, t, e = p.model.architecture, p.train, p.eval
     _require(0 <= p.seed <= SEED_MAX, f"seed={p.seed} must be in 0..{SEED_MAX} (2^32-1), e.g. 1337", source)
     for key in ("beta1", "beta2"):
         _require(0.0 <= getattr(t, key) < 1.0,
                  f"train.{key}={getattr(t, key)} must be in [0, 1), e.g. beta1: 0.9, beta2: 0.95", source)
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0 (0 = no decay)", source)
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping)", source)
-    _require(m.initializer_range > 0,
-             f"model.initializer_range={m.initializer_range} must be > 0 (the std of the weight init), e.g. 0.02",
-             source)
-    _require(m.layer_norm_epsilon > 0,
-             f"model.layer_norm_epsilon={m.layer_norm_epsilon} must be > 0 (it keeps LayerNorm from dividing "
-             f"by zero), e.g. 1.0e-5", source)
     _require(m.moe_every <= m.n_layer,
              f"model.moe_every={m.moe_every} must be <= model.n_layer={m.n_layer}, or the model has no MoE "
              f"layer at all; lower moe_every (1 = every layer)", source)
@@ -417,8 +416,8 @@ def _check_upcycling(m: ModelConfig, source: str) -> None:
     _require(m.init_from is not None,
              f"model.init_layers={list(m.init_layers)} selects blocks of a dense parent, but model.init_from is "
              f"null; set model.init_from (e.g. gpt2-medium) or model.init_layers to null", source)
-    _require(len(m.init_layers) == m.n_layer,
+    _require(len(m.init_layers) == m.architecture.n_layer,
              f"model.init_layers={list(m.init_layers)} names {len(m.init_layers)} blocks but model.n_layer="
-             f"{m.n_layer}; list one parent block per layer, or null for evenly spaced ones", source)
+             f"{m.architecture.n_layer}; list one parent block per layer, or null for evenly spaced ones", source)
     _require(all(0 <= a < b for a, b in zip(m.init_layers, m.init_layers[1:])) and m.init_layers[0] >= 0,
              f"model.init_layers={list(m.init_layers)} must be increasing block indices >= 0 (0-based)", source)

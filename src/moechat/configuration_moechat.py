@@ -12,7 +12,21 @@ MOE_BACKENDS = ("torch", "tutel")
 
 
 class MoeChatConfigError(ValueError):
-    """A MoeChatConfig value that no model can be built from; the message names the field and the fix."""
+    """A MoeChatConfig value that no model can be built from; the message names the field and the fix.
+
+    `template` writes each field as `{p}name`, so params.yaml's loader can name its own keys (`model.name`)
+    with the same sentence the config speaks (`MoeChatConfig.name`)."""
+
+    def __init__(self, field: str, template: str):
+        self.field, self.template = field, template
+        super().__init__(self.render("MoeChatConfig."))
+
+    def render(self, prefix: str) -> str:
+        return self.template.format(p=prefix)
+
+
+# Fields set from the tokenizer (vocabulary, special ids) or at run time, not hyperparameters of params.yaml.
+NOT_HYPERPARAMETERS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache")
 
 
 class MoeChatConfig(PretrainedConfig):
@@ -23,8 +37,9 @@ class MoeChatConfig(PretrainedConfig):
     value caps each expert, in training mode only, at `ceil(capacity_factor * B*T * num_experts_per_tok /
     num_experts)` assignments, earliest positions first (causal); eval mode and generation stay dropless.
     `aux_loss` is the Switch loss normalised by k (1 at perfect balance; transformers' Mixtral reports k).
-    `num_experts_per_tok` is params.yaml's `model.top_k` (renamed so that generate() does not read it as
-    its top-k sampling flag).
+    Every hyperparameter field is a key of params.yaml's `model` section under the same name
+    (`hyperparameters()`); `num_experts_per_tok` is Mixtral's name, since a `top_k` field would be read by
+    generate() as its top-k sampling flag.
     """
 
     model_type = "moechat"
@@ -64,38 +79,49 @@ class MoeChatConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self._validate()
 
+    @classmethod
+    def hyperparameters(cls) -> tuple[str, ...]:
+        """The fields params.yaml's `model` section sets, under these names: the single list of them."""
+        return tuple(name for name in cls.__annotations__ if name not in NOT_HYPERPARAMETERS)
+
     def _validate(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_experts",
                      "num_experts_per_tok", "moe_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MoeChatConfigError(f"MoeChatConfig.{name}={value!r} must be an integer >= 1")
+                raise MoeChatConfigError(name, f"{{p}}{name}={value!r} must be an integer >= 1")
         if self.n_embd % self.n_head:
-            raise MoeChatConfigError(
-                f"MoeChatConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}; "
-                f"pick n_head from the divisors of n_embd")
+            raise MoeChatConfigError("n_embd", f"{{p}}n_embd={self.n_embd} must be divisible by {{p}}n_head="
+                                               f"{self.n_head}; pick n_head from the divisors of n_embd")
         if self.num_experts_per_tok > self.num_experts:
             raise MoeChatConfigError(
-                f"MoeChatConfig.num_experts_per_tok={self.num_experts_per_tok} must be <= "
-                f"num_experts={self.num_experts}; lower it (model.top_k) or add experts")
+                "num_experts_per_tok", f"{{p}}num_experts_per_tok={self.num_experts_per_tok} must be <= "
+                                       f"{{p}}num_experts={self.num_experts}; lower num_experts_per_tok or add experts")
         if self.capacity_factor < 0:
             raise MoeChatConfigError(
-                f"MoeChatConfig.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
-        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            raise MoeChatConfigError(
-                f"MoeChatConfig.aux_loss_coef={self.aux_loss_coef} and z_loss_coef={self.z_loss_coef} "
-                f"must be >= 0")
+                "capacity_factor", f"{{p}}capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise MoeChatConfigError(
+                    name, f"{{p}}{name}={getattr(self, name)} must be >= 0 (0 switches the loss off)")
         if not 0.0 <= self.dropout < 1.0:
-            raise MoeChatConfigError(f"MoeChatConfig.dropout={self.dropout} must be in [0, 1)")
-        if self.moe_backend not in MOE_BACKENDS:
+            raise MoeChatConfigError("dropout", f"{{p}}dropout={self.dropout} must be in [0, 1)")
+        if self.initializer_range <= 0:
+            raise MoeChatConfigError("initializer_range", f"{{p}}initializer_range={self.initializer_range} must "
+                                                          f"be > 0 (the std of the weight init), e.g. 0.02")
+        if self.layer_norm_epsilon <= 0:
             raise MoeChatConfigError(
-                f"MoeChatConfig.moe_backend={self.moe_backend!r} is not one of {' | '.join(MOE_BACKENDS)}")
+                "layer_norm_epsilon", f"{{p}}layer_norm_epsilon={self.layer_norm_epsilon} must be > 0 (it keeps "
+                                      f"LayerNorm from dividing by zero), e.g. 1.0e-5")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise MoeChatConfigError("moe_backend", f"{{p}}moe_backend={self.moe_backend!r} is not one of "
+                                                    f"{' | '.join(MOE_BACKENDS)}; pick one of those")
         for name in ("bos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise MoeChatConfigError(
-                    f"MoeChatConfig.{name}={value} lies outside the vocabulary [0, {self.vocab_size}); "
-                    f"build the config from the tokenizer the model is trained with")
+                    name, f"{{p}}{name}={value} lies outside the vocabulary [0, {self.vocab_size}); "
+                          f"build the config from the tokenizer the model is trained with")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block `layer_idx` (0-based) has an MoE MLP: the `moe_every`-th, 2·`moe_every`-th, ... block."""
@@ -112,4 +138,4 @@ class MoeChatConfig(PretrainedConfig):
         return self.moe_layer_indices()
 
 
-__all__ = ["MoeChatConfig", "MoeChatConfigError"]
+__all__ = ["MoeChatConfig", "MoeChatConfigError", "NOT_HYPERPARAMETERS"]

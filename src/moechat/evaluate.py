@@ -9,37 +9,24 @@ exact top-k assignments it made.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moechat.config import ConfigError, EvalConfig
+from moechat.chat import leaves_room_for_a_prompt
+from moechat.config import ConfigError, EvalConfig, MoechatError
+from moechat.router_tally import RouterTally
 
 IGNORE = -100
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """`auto` = the GPU when one is visible, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
-    return torch.device(device)
-
-
-@dataclass
-class _LayerTally:
-    """Running sums for one MoE layer."""
-
-    tokens_per_expert: torch.Tensor
-    dropped: int = 0
-    entropy_sum: float = 0.0  # entropy (nats) times routed tokens, summed over batches
-    routed_tokens: int = 0
+class EvalDataError(MoechatError, ValueError):
+    """The prepared val split cannot be evaluated; the message says which stage to rerun."""
 
 
 @dataclass
@@ -48,7 +35,6 @@ class _Tally:
     targets: int = 0
     correct: int = 0
     batches: int = 0
-    layers: dict[int, _LayerTally] = field(default_factory=dict)
 
 
 def iter_batches(dataset: Any, batch_size: int, max_batches: Optional[int]) -> Iterable[dict[str, torch.Tensor]]:
@@ -71,10 +57,11 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
     MoE layer (see `layer_metrics`).
     """
     if len(dataset) == 0:
-        raise ValueError("the evaluation split is empty; check data/prepared/val (prepare stage)")
+        raise EvalDataError("the evaluation split is empty; rerun the prepare stage (dvc repro prepare) with "
+                            "data that leaves data.val_fraction of the trees for validation")
     model.eval()
     device = next(model.parameters()).device
-    tally = _Tally()
+    tally, router = _Tally(), RouterTally.for_model(model.config, device)
     n_batches = math.ceil(len(dataset) / batch_size) if max_batches is None else min(
         max_batches, math.ceil(len(dataset) / batch_size))
     for batch in tqdm(iter_batches(dataset, batch_size, max_batches), total=n_batches, desc=desc, disable=None):
@@ -84,9 +71,10 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
         out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=labels,
                     use_cache=False, output_router_stats=True)
         _add_batch(tally, out.logits, labels)
-        _add_router(tally, out, model.config.moe_layer_indices())
+        router.add(out)
     if tally.targets == 0:
-        raise ValueError("the evaluation split has no assistant tokens (every label is -100); check prepare")
+        raise EvalDataError("the evaluation split has no assistant tokens (every label is -100); rerun the "
+                            "prepare stage (dvc repro prepare)")
     loss = tally.nll_sum / tally.targets
     metrics: dict[str, Any] = {
         "loss": loss,
@@ -95,7 +83,7 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
         "tokens": tally.targets,
         "batches": tally.batches,
     }
-    layers = [layer_metrics(i, t, dead_expert_threshold) for i, t in sorted(tally.layers.items())]
+    layers = [layer_metrics(*sums, dead_expert_threshold) for sums in router.layer_sums()]
     if layers:
         metrics["layers"] = layers
         metrics["router"] = {
@@ -118,47 +106,33 @@ def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor)
     tally.batches += 1
 
 
-def _add_router(tally: _Tally, out: Any, moe_layers: list[int]) -> None:
-    """Add one batch's router counts: the model's `router_*` rows, one per block in `moe_layers`."""
-    counts_LE = out.router_tokens_per_expert.detach().long().cpu()
-    dropped_L = out.router_dropped.detach().long().cpu()
-    entropy_L = out.router_entropy.detach().double().cpu()
-    for row, layer_idx in enumerate(moe_layers):
-        counts = counts_LE[row]
-        layer = tally.layers.setdefault(layer_idx, _LayerTally(torch.zeros_like(counts)))
-        layer.tokens_per_expert += counts
-        layer.dropped += int(dropped_L[row])
-        # Assignments = routed tokens * top_k; weight the batch's mean entropy by its routed tokens.
-        routed = int(counts.sum())
-        layer.entropy_sum += float(entropy_L[row]) * routed
-        layer.routed_tokens += routed
-
-
-def layer_metrics(layer: int, t: _LayerTally, dead_expert_threshold: float) -> dict[str, Any]:
+def layer_metrics(layer: int, tokens_per_expert: Sequence[int], dropped: int, entropy_sum: float,
+                  dead_expert_threshold: float) -> dict[str, Any]:
     """One MoE layer: expert shares (of all top-k assignments), their coefficient of variation
     (std / mean, population std; 0 = perfectly balanced), dead experts, the share of assignments dropped
-    by capacity routing, and the mean router entropy in nats and relative to ln E.
+    by capacity routing, and the mean router entropy in nats and relative to ln E. The arguments are one
+    row of `RouterTally.layer_sums()`.
 
     `dead_expert_threshold` is a fraction of the uniform share 1/E: an expert is dead when its share is
     below `dead_expert_threshold / E` (0.01 = it gets under 1% of the tokens perfect balance would give
     it). Relative to 1/E so the same setting means the same thing for 4 or 200 experts; an absolute
     share would call every expert dead once 1/E drops under it."""
-    counts = t.tokens_per_expert.double()
+    counts = torch.tensor(list(tokens_per_expert), dtype=torch.float64)
     assigned = float(counts.sum())
     n_experts = counts.numel()
     shares = (counts / assigned) if assigned > 0 else torch.zeros_like(counts)
     mean = 1.0 / n_experts
     cv = float(shares.std(unbiased=False) / mean) if assigned > 0 else 0.0
     dead = [e for e in range(n_experts) if float(shares[e]) * n_experts < dead_expert_threshold]
-    entropy = t.entropy_sum / t.routed_tokens if t.routed_tokens else 0.0
+    entropy = entropy_sum / assigned if assigned > 0 else 0.0
     return {
         "layer": layer,
         "expert_share": [float(s) for s in shares],
-        "tokens_per_expert": [int(c) for c in t.tokens_per_expert],
+        "tokens_per_expert": [int(c) for c in tokens_per_expert],
         "cv": cv,
         "dead_experts": len(dead),
         "dead_expert_ids": dead,
-        "dropped_share": t.dropped / assigned if assigned > 0 else 0.0,
+        "dropped_share": dropped / assigned if assigned > 0 else 0.0,
         "entropy": entropy,
         "entropy_normalized": entropy / math.log(n_experts) if n_experts > 1 else 0.0,
     }
@@ -182,7 +156,7 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     input_ids = enc["input_ids"]
     limit = getattr(model.config, "n_positions", None)
     if limit is not None:
-        if max_new_tokens >= limit:
+        if not leaves_room_for_a_prompt(max_new_tokens, limit):
             raise ValueError(f"max_new_tokens={max_new_tokens} must be < the model's n_positions={limit}")
         input_ids = input_ids[:, -(limit - max_new_tokens):]
     return generate_continuation(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, seed, streamer)
@@ -211,7 +185,7 @@ def check_max_new_tokens(model: PreTrainedModel, max_new_tokens: int) -> None:
     """`eval.max_new_tokens` must leave room for the prompt in the model's positions; checked before any
     work so a bad value fails with its params key, not from inside `generate` after the val pass."""
     limit = getattr(model.config, "n_positions", None)
-    if limit is not None and max_new_tokens >= limit:
+    if not leaves_room_for_a_prompt(max_new_tokens, limit):
         raise ConfigError(f"params.yaml: eval.max_new_tokens={max_new_tokens} must be < the model's "
                           f"n_positions={limit} (the prompt needs positions too); set eval.max_new_tokens to at "
                           f"most {limit - 1}, e.g. {max(1, limit // 2)}")

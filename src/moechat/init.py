@@ -50,33 +50,14 @@ class UpcycleError(ConfigError):
 
 
 def build_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> MoeChatConfig:
-    """MoeChatConfig from params.yaml's `model` section; vocabulary and special ids from the tokenizer."""
+    """params.yaml's model architecture with the tokenizer's vocabulary and special ids."""
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ConfigError(
             f"tokenizer has pad_token_id={tokenizer.pad_token_id}, eos_token_id={tokenizer.eos_token_id}; "
             f"both are needed (prepare adds <|pad|> and sets eos to <|im_end|>): rerun `dvc repro prepare`")
-    return MoeChatConfig(
-        vocab_size=len(tokenizer),
-        n_positions=model.n_positions,
-        n_embd=model.n_embd,
-        n_layer=model.n_layer,
-        n_head=model.n_head,
-        n_inner=model.n_inner,
-        num_experts=model.num_experts,
-        num_experts_per_tok=model.top_k,
-        moe_every=model.moe_every,
-        capacity_factor=model.capacity_factor,
-        aux_loss_coef=model.aux_loss_coef,
-        z_loss_coef=model.z_loss_coef,
-        moe_backend=model.moe_backend,
-        tie_word_embeddings=model.tie_word_embeddings,
-        dropout=model.dropout,
-        initializer_range=model.initializer_range,
-        layer_norm_epsilon=model.layer_norm_epsilon,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    shape = {name: getattr(model.architecture, name) for name in MoeChatConfig.hyperparameters()}
+    return MoeChatConfig(**shape, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def init_scratch(config: MoeChatConfig, seed: int) -> MoeChatForCausalLM:
@@ -249,7 +230,7 @@ def model_report(model: MoeChatForCausalLM, seq_len: int, init_from: str | None,
         "layers": ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layer)],
         "moe_layers": cfg.moe_layers,
         "num_experts": cfg.num_experts,
-        "top_k": cfg.num_experts_per_tok,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
         "vocab_size": cfg.vocab_size,
         "seq_len": seq_len,
         "train_flops_per_token": model.flops_per_token(seq_len),

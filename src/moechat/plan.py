@@ -30,11 +30,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from moechat.config import ConfigError, DataConfig, ModelConfig, MoechatError, Params, TrainConfig, load_params
+from moechat.config import ConfigError, DataConfig, MoechatError, Params, TrainConfig, load_params
 from moechat.presets import merged_params
 from moechat.schedule import build_schedule
+
+if TYPE_CHECKING:
+    from moechat.configuration_moechat import MoeChatConfig
 
 GIB = 1024**3
 CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
@@ -79,15 +82,16 @@ class MemoryPlan:
         return self.total_gb <= self.budget_gb
 
 
-def count_params(model: ModelConfig, vocab_size: int) -> ParamCount:
-    """Parameter count of MoeChatForCausalLM from its config, layer by layer (GPT-2 layout, biases on
+def count_params(model: MoeChatConfig, vocab_size: int) -> ParamCount:
+    """Parameter count of MoeChatForCausalLM from its config (`vocab_size` given apart: params.yaml's
+    architecture has none until the tokenizer is built), layer by layer (GPT-2 layout, biases on
     every Linear except the router and lm_head)."""
     d, f, e = model.n_embd, model.n_inner, model.num_experts
     embedding = vocab_size * d + model.n_positions * d
     attn = (d * 3 * d + 3 * d) + (d * d + d)
     mlp = (d * f + f) + (f * d + d)
     norms = 2 * (2 * d)
-    n_moe = sum(1 for i in range(model.n_layer) if (i + 1) % model.moe_every == 0)
+    n_moe = len(model.moe_layer_indices())
     n_dense = model.n_layer - n_moe
     blocks = n_dense * (attn + mlp + norms) + n_moe * (attn + norms + d * e + e * mlp)
     lm_head = 0 if model.tie_word_embeddings else vocab_size * d
@@ -99,7 +103,7 @@ def compute_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def activation_bytes_per_token(model: ModelConfig, precision: str, checkpointing: bool) -> float:
+def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointing: bool) -> float:
     """Saved-for-backward bytes per token of the whole stack, as the code saves them.
 
     a = compute bytes; under autocast the matmul inputs are saved as a-byte casts, in fp32 the saved
@@ -113,20 +117,20 @@ def activation_bytes_per_token(model: ModelConfig, precision: str, checkpointing
     Around the stack: token ids, position ids (int64), ln_f's fp32 input and the loss's fp32 hidden rows.
     """
     a = compute_bytes(precision)
-    d, f, k, e, h = model.n_embd, model.n_inner, model.top_k, model.num_experts, model.n_head
+    d, f, k, e, h = model.n_embd, model.n_inner, model.num_experts_per_tok, model.num_experts, model.n_head
     resid = 4 * d  # fp32 residual stream at each LayerNorm input
     attn = resid + 7 * a * d + 4 * h
     ln_out = a * d if a != 4 else 4 * d
     dense_mlp = resid + ln_out + 2 * a * f
     moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (24 + a * d + 2 * a * f + 4 + 8 * d)
-    per_layer = [attn + (moe_mlp if (i + 1) % model.moe_every == 0 else dense_mlp) for i in range(model.n_layer)]
+    per_layer = [attn + (moe_mlp if model.is_moe_layer(i) else dense_mlp) for i in range(model.n_layer)]
     around = 8 + 8 + 4 * d + 4 * d
     if checkpointing:
         return around + model.n_layer * resid + max(per_layer)
     return float(around + sum(per_layer))
 
 
-def estimate(model: ModelConfig, train: TrainConfig, vocab_size: int, micro_batch_size: Optional[int] = None,
+def estimate(model: MoeChatConfig, train: TrainConfig, vocab_size: int, micro_batch_size: Optional[int] = None,
              world_size: int = 1) -> MemoryPlan:
     """Peak GPU memory of one training process (see the module docstring for each term)."""
     mb = micro_batch_size or train.micro_batch_size
@@ -167,7 +171,7 @@ class Recommendation:
     plan: MemoryPlan
 
 
-def fastest_fitting(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1
+def fastest_fitting(model: MoeChatConfig, train: TrainConfig, vocab_size: int, world_size: int = 1
                     ) -> Optional[Recommendation]:
     """Checkpointing off before on (recomputing every block costs about a third more FLOPs), then the
     largest micro-batch that divides the global batch (fewer, larger matmuls and optimizer-free steps);
@@ -183,7 +187,7 @@ def fastest_fitting(model: ModelConfig, train: TrainConfig, vocab_size: int, wor
     return None
 
 
-def largest_micro_batch(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
+def largest_micro_batch(model: MoeChatConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
                         limit: int = 1024) -> int:
     """Largest micro-batch (<= limit) whose estimate fits train.gpu_memory_gb; 0 when even 1 does not."""
     best = 0
@@ -198,7 +202,7 @@ class MemoryBudgetError(MoechatError, RuntimeError):
     """The config does not fit train.gpu_memory_gb; the message says what to lower."""
 
 
-def advice(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> str:
+def advice(model: MoeChatConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> str:
     """What to lower, with the largest micro-batch that fits."""
     best = largest_micro_batch(model, train, vocab_size, world_size)
     if best:
@@ -212,7 +216,7 @@ def advice(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: 
     return "even micro-batch 1 does not fit: " + ", ".join(hints) + ", or use a smaller model"
 
 
-def check(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
+def check(model: MoeChatConfig, train: TrainConfig, vocab_size: int, world_size: int = 1,
           budget_name: Optional[str] = None) -> MemoryPlan:
     """Pre-flight: raise MemoryBudgetError before allocating when the estimate exceeds the budget."""
     plan = estimate(model, train, vocab_size, world_size=world_size)
@@ -226,7 +230,7 @@ def check(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: i
     return plan
 
 
-def preflight(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int, device_type: str,
+def preflight(model: MoeChatConfig, train: TrainConfig, vocab_size: int, world_size: int, device_type: str,
               device_total_bytes: Optional[int]) -> Optional[MemoryPlan]:
     """The training stage's check before it allocates: on CUDA, refuse when the estimate exceeds the
     smaller of train.gpu_memory_gb and the device's total memory; elsewhere (CPU) no GPU budget applies
@@ -317,20 +321,20 @@ def data_size(data: DataConfig, seq_len: int, prepare_metrics: Optional[Path]) -
                                          f"run `dvc repro prepare` to measure)")
 
 
-def flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int) -> float:
+def flops_per_token(model: MoeChatConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token, as MoeChatForCausalLM.flops_per_token counts them (6 N_active + attention,
     PaLM appendix B), from the config alone."""
     pc = count_params(model, vocab_size)
     d, f = model.n_embd, model.n_inner
-    n_moe = sum(1 for i in range(model.n_layer) if (i + 1) % model.moe_every == 0)
-    idle_experts = n_moe * (model.num_experts - model.top_k) * ((d * f + f) + (f * d + d))
+    n_moe = len(model.moe_layer_indices())
+    idle_experts = n_moe * (model.num_experts - model.num_experts_per_tok) * ((d * f + f) + (f * d + d))
     active_non_embedding = pc.total - pc.embedding - idle_experts
     if model.tie_word_embeddings:
         active_non_embedding += vocab_size * d
     return float(6 * active_non_embedding + 12 * model.n_layer * d * seq_len)
 
 
-def run_size(model: ModelConfig, train: TrainConfig, vocab_size: int, data: DataSize, world_size: int = 1,
+def run_size(model: MoeChatConfig, train: TrainConfig, vocab_size: int, data: DataSize, world_size: int = 1,
              mfu: float = DEFAULT_MFU, peak_flops: float = RTX_4060_TI_BF16_FLOPS) -> RunSize:
     """Optimizer steps and warmup from the real schedule function, and the wall time they take at `mfu`."""
     schedule = build_schedule(train, data.blocks, world_size)
@@ -353,7 +357,7 @@ def render_run(run: RunSize) -> str:
     ])
 
 
-def recommendation_line(model: ModelConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> str:
+def recommendation_line(model: MoeChatConfig, train: TrainConfig, vocab_size: int, world_size: int = 1) -> str:
     """One line for `moechat plan`: the fastest configuration that fits, as params keys."""
     best = fastest_fitting(model, train, vocab_size, world_size)
     if best is None:
@@ -391,8 +395,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"moechat plan: --micro-batch={args.micro_batch} must be >= 1")
         return 2
     vocab = vocab_size_for(params.tokenizer.source, params.tokenizer.vocab_size, Path(args.tokenizer))
-    plan = estimate(params.model, params.train, vocab, args.micro_batch, args.world_size)
-    best = largest_micro_batch(params.model, params.train, vocab, args.world_size)
+    arch = params.model.architecture
+    plan = estimate(arch, params.train, vocab, args.micro_batch, args.world_size)
+    best = largest_micro_batch(arch, params.train, vocab, args.world_size)
     try:
         run = run_for(params, vocab, args)
     except ConfigError as err:
@@ -403,8 +408,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "run": asdict(run) if run else None}, indent=1))
     else:
         print(render(plan))
-        print(f"largest micro-batch that fits: {best}" if best else advice(params.model, params.train, vocab))
-        print(recommendation_line(params.model, params.train, vocab, args.world_size))
+        print(f"largest micro-batch that fits: {best}" if best else advice(arch, params.train, vocab))
+        print(recommendation_line(arch, params.train, vocab, args.world_size))
         print(render_run(run) if run else f"run: no data size for data.source={params.data.source!r} "
                                           f"(only English OASST1 is estimated); run `dvc repro prepare` to measure")
     return 0 if plan.fits else 1
@@ -415,4 +420,5 @@ def run_for(params: Params, vocab: int, args: argparse.Namespace) -> Optional[Ru
     data = data_size(params.data, params.train.seq_len, Path(args.prepare_metrics))
     if data is None:
         return None
-    return run_size(params.model, params.train, vocab, data, args.world_size, args.mfu, args.gpu_tflops * 1e12)
+    return run_size(params.model.architecture, params.train, vocab, data, args.world_size, args.mfu,
+                    args.gpu_tflops * 1e12)

@@ -55,6 +55,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from moechat.io import atomic_dir
 from moechat.config import MoechatError, QuantizeConfig
 from moechat.model_folder import code_free_view
+from moechat.router_tally import RouterTally
 
 # GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
 # modules of one block are quantized (inputs before outputs); ":!" = run but do not quantize; "mlp:moe"
@@ -225,14 +226,10 @@ def router_token_counts(model: PreTrainedModel, calib: list[list[int]]) -> dict[
     """Tokens each expert receives from the full-precision router over the calibration set, per MoE layer
     (each conversation run alone, as GPTQModel feeds them)."""
     device = next(model.parameters()).device
-    totals_LE: Optional[torch.Tensor] = None  # summed on the device, one row per MoE layer
+    tally = RouterTally.for_model(model.config, device)
     for ids in calib:
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=False, output_router_stats=True)
-        counts_LE = out.router_tokens_per_expert
-        totals_LE = counts_LE if totals_LE is None else totals_LE + counts_LE
-    if totals_LE is None:
-        return {}
-    return dict(zip(model.config.moe_layer_indices(), totals_LE.long().tolist()))
+        tally.add(model(input_ids=torch.tensor([ids], device=device), use_cache=False, output_router_stats=True))
+    return tally.counts_by_layer()
 
 
 # ------------------------------------------------------------------------------------------- quantize

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
-from moechat.config import ConfigError, ModelConfig, MoechatError, TrainConfig
+from moechat.config import ConfigError, MoechatError, TrainConfig
+from moechat.configuration_moechat import MoeChatConfig
+from moechat.router_tally import RouterTally
 from moechat.schedule import build_schedule, lr_multiplier, steps_per_epoch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
@@ -263,17 +265,17 @@ def keep_embeddings_in_32bit(model: torch.nn.Module, manager: Any) -> None:
 
 def load_blocks(data_dir: Path, split: str, seq_len: int) -> dict[str, torch.Tensor]:
     """The packed blocks of `split` as int64 tensors [rows, seq_len] (held in memory: OASST is small)."""
-    from moechat.data.chat import load_packed
+    from moechat.data.chat import PreparedDataError, load_packed
 
     path = Path(data_dir) / split
     ds = load_packed(data_dir, split)
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing} (has {ds.column_names}); rerun the prepare stage")
+        raise PreparedDataError(f"{path}: missing columns {missing} (has {ds.column_names}); rerun the prepare stage")
     blocks = {c: t.long() for c, t in ds.with_format("torch", columns=list(COLUMNS))[:].items()}
     if blocks["input_ids"].ndim != 2 or blocks["input_ids"].shape[1] != seq_len:
-        raise ValueError(f"{path}: blocks have shape {tuple(blocks['input_ids'].shape)}, expected [rows, "
-                         f"train.seq_len={seq_len}]; rerun `dvc repro prepare` after changing train.seq_len")
+        raise PreparedDataError(f"{path}: blocks have shape {tuple(blocks['input_ids'].shape)}, expected [rows, "
+                                f"train.seq_len={seq_len}]; rerun `dvc repro prepare` after changing train.seq_len")
     return blocks
 
 
@@ -355,9 +357,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     device = accelerator.device
     norm = torch.tensor(max(n_targets_global, 1) / (accum * world), device=device, dtype=torch.float32)
     sums = torch.zeros(4, device=device)  # loss, lm, aux, z summed over micro-batches
-    # Router counts stay on the device, summed over micro-batches: [n_moe_layers, E] and [n_moe_layers].
-    tokens_per_expert: Optional[torch.Tensor] = None
-    dropped: Optional[torch.Tensor] = None
+    router = RouterTally.for_model(accelerator.unwrap_model(model).config, device)  # summed on the device
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with accelerator.accumulate(model):
@@ -366,11 +366,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
             accelerator.backward(out.loss)
         sums += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
                              out.aux_loss.detach().float(), out.z_loss.detach().float()])
-        if tokens_per_expert is None:
-            tokens_per_expert, dropped = out.router_tokens_per_expert, out.router_dropped
-        else:
-            tokens_per_expert = tokens_per_expert + out.router_tokens_per_expert
-            dropped = dropped + out.router_dropped
+        router.add(out)
         del out, batch  # nothing of this micro-batch stays alive during the next one's forward
     means = accelerator.reduce(sums / accum, reduction="mean")
     if not torch.isfinite(means).all():
@@ -380,25 +376,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    router = _router_shares(accelerator, model, tokens_per_expert, dropped)
+    shares = router.reduced(lambda t: accelerator.reduce(t, reduction="sum")).step_shares()
     tokens = sum(b["input_ids"].numel() for b in batches) * world
     loss, lm, aux, z = means.tolist()
     gn = None if grad_norm is None else float(grad_norm)
-    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, router)
-
-
-def _router_shares(accelerator: Accelerator, model: torch.nn.Module, tokens_per_expert: Optional[torch.Tensor],
-                   dropped: Optional[torch.Tensor]) -> list[dict[str, Any]]:
-    """Per MoE layer: block index, expert shares of the step's assignments (all processes) and the dropped
-    share; one host sync for all layers."""
-    if tokens_per_expert is None or tokens_per_expert.numel() == 0:
-        return []
-    counts_LE = accelerator.reduce(tokens_per_expert, reduction="sum").float()
-    lost_L = accelerator.reduce(dropped, reduction="sum").float()
-    assigned_L1 = counts_LE.sum(-1, keepdim=True).clamp(min=1)
-    rows = torch.cat([counts_LE / assigned_L1, lost_L.unsqueeze(-1) / assigned_L1], dim=-1).tolist()
-    layers = accelerator.unwrap_model(model).config.moe_layer_indices()
-    return [{"layer": layer, "expert_share": row[:-1], "dropped_share": row[-1]} for layer, row in zip(layers, rows)]
+    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares)
 
 
 @torch.no_grad()
@@ -474,7 +456,7 @@ def device_memory(device: torch.device) -> tuple[str, Optional[int]]:
     return "cuda", torch.cuda.get_device_properties(device).total_memory
 
 
-def oom_error(err: BaseException, where: str, model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int,
+def oom_error(err: BaseException, where: str, model_cfg: MoeChatConfig, cfg: TrainConfig, vocab_size: int,
               world: int) -> TrainOOMError:
     """A CUDA OOM turned into what to lower, with the planner's estimate (cfg has the resolved precision)."""
     estimate = plan.estimate(model_cfg, cfg, vocab_size, world_size=world)
@@ -490,12 +472,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / plan.GIB, "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / plan.GIB, "host max RSS (CPU run)"
-
-
-def model_config_of(hf_config: Any) -> ModelConfig:
-    """The planner's ModelConfig from a loaded model's config (the init stage may differ from params)."""
-    return ModelConfig(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(ModelConfig)
-                          if hasattr(hf_config, f.name) and f.name != "init_from"})
 
 
 def load_model(init_dir: Path) -> torch.nn.Module:
@@ -551,7 +527,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     set_seed(seed)
 
     model = load_model(init_dir)
-    model_cfg = model_config_of(model.config)
+    model_cfg = model.config  # the planner reads the loaded model's own config (init may differ from params)
     run_cfg = dataclasses.replace(cfg, precision=precision)
     vocab = model.config.vocab_size
     plan.preflight(model_cfg, run_cfg, vocab, world, *device_memory(accelerator.device))

@@ -256,11 +256,19 @@ def build_blocks(input_ids: list[list[int]], labels: list[list[int]], seq_len: i
     return Dataset.from_dict({"input_ids": ids_BT, "labels": labels_BT, "position_ids": pos_BT}, features=features)
 
 
+class PreparedDataError(MoechatError, ValueError):
+    """The prepared data is missing or out of date; the message names the folder and the stage to rerun."""
+
+
+class MissingSplitError(PreparedDataError, FileNotFoundError):
+    """A packed split the prepare stage writes is not there."""
+
+
 def load_packed(prepared_dir: str | Path, split: str) -> Dataset:
     """The packed `split` ("train" or "val") written by the prepare stage, as torch tensors."""
     path = Path(prepared_dir) / split
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no packed split {split!r}; run the prepare stage (dvc repro prepare)")
+        raise MissingSplitError(f"{path}: no packed split {split!r}; run the prepare stage (dvc repro prepare)")
     return load_from_disk(str(path)).with_format("torch")
 
 
