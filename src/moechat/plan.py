@@ -4,7 +4,9 @@ The estimate adds up what a training step keeps resident on one GPU, in bytes:
   weights      4 B/param (fp32 master weights; autocast computes in bf16/fp16)
   grads        4 B/param (fp32, like the weights)
   optimizer    adamw: 8 B/param (two fp32 moments); adamw_8bit: 2 B/param (two uint8 moments) plus one
-               fp32 absmax per 256-value block and moment (bitsandbytes blockwise quantisation);
+               fp32 absmax per 256-value block and moment (bitsandbytes blockwise quantisation), except
+               wte, wpe and lm_head, which keep 32-bit state (8 B/param; train.keep_embeddings_in_32bit)
+               unless ZeRO-2 flattens them into its partitions;
                zero2_offload: 0 on the GPU (DeepSpeed CPU Adam keeps it in host memory)
   casts        16-bit copies of the matmul weights that autocast keeps for backward (2 B/param); the
                MoE layer's per-forward stack of its experts' weights is that copy for the experts
@@ -143,7 +145,8 @@ def estimate(model: MoeChatConfig, train: TrainConfig, vocab_size: int, micro_ba
     if offload:
         opt_bytes = 0.0
     elif train.optimizer == "adamw_8bit":
-        opt_bytes = 2 * p + 2 * 4 * p / BNB_BLOCK
+        wide = 0 if train.deepspeed else pc.embedding + pc.lm_head  # 32-bit state: wte, wpe, lm_head
+        opt_bytes = 8 * wide + 2 * (p - wide) + 2 * 4 * (p - wide) / BNB_BLOCK
     else:
         opt_bytes = 8 * p
     tokens = mb * train.seq_len
