@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moechat.modeling import MoeChatConfig
-from moechat.modeling_moechat import MoeChatSparseMoeBlock, _grouped_linear
+from moechat.modeling_moechat import MoeChatForCausalLM, MoeChatSparseMoeBlock, _grouped_linear
 from tests.test_modeling import moe_block, naive_moe
 
 # aten ops that copy a device value to the host (item/int/bool/tolist go through _local_scalar_dense) or
@@ -251,3 +251,15 @@ def test_hooked_experts_see_their_routed_tokens_and_give_the_same_output(capacit
     kept = r.tokens_per_expert if capacity_factor == 0 else r.tokens_per_expert.clamp(max=block.capacity(16))
     assert seen == kept.tolist() and sum(seen) == 14 * 2 - int(r.dropped)
     torch.testing.assert_close(y_called, y_grouped, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_loss_with_logits_to_keep_is_chunked_and_equal():
+    """A validation loop that wants only the loss passes logits_to_keep=1: same loss, no full logits."""
+    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                             n_inner=32, num_experts=4, num_experts_per_tok=2, moe_every=2)).eval()
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(x, labels=x)
+        kept = model(x, labels=x, logits_to_keep=1)
+    assert full.logits.shape == (2, 12, 64) and kept.logits.shape == (2, 1, 64)
+    torch.testing.assert_close(kept.lm_loss, full.lm_loss, rtol=1e-6, atol=1e-6)

@@ -758,8 +758,9 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
         targets (or their sum divided by `num_items_in_batch`, for exact gradient accumulation).
 
         In training mode with targets the loss is chunked (`chunked_lm_loss`) and `logits` is None
-        (liger-kernel's convention): the full [B, T, V] logits are never held. Otherwise the logits are
-        returned and the loss is computed from them.
+        (liger-kernel's convention): the full [B, T, V] logits are never held. In eval mode the logits are
+        returned and the loss is computed from them, unless `logits_to_keep` keeps only some positions
+        (a validation loop that wants the loss alone passes 1): then the loss is chunked too.
 
         Without an attention mask, the pad tail of a packed row (the last document when none of its
         labels is a target) is not routed: `prepare` pads rows that way."""
@@ -777,13 +778,14 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
             hidden_BTD, targets_BT = hidden_BTD[:, :-1], labels[:, 1:]
         aux_loss, z_loss = self._router_losses(out.router_aux_loss, out.router_z_loss, out.last_hidden_state)
         logits = lm_loss = loss = None
-        if targets_BT is not None and self.training:
-            lm_loss = self.chunked_lm_loss(hidden_BTD, self.lm_head.weight, targets_BT, num_items_in_batch)
-        else:
+        if targets_BT is None or not self.training:
             logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
-            if targets_BT is not None:
+        if targets_BT is not None:
+            if logits is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
                 lm_loss = self.lm_loss(logits if shift_labels is not None else logits[:, :-1], targets_BT,
-                                       num_items_in_batch)
+                                       num_items_in_batch)  # the full logits exist anyway
+            else:
+                lm_loss = self.chunked_lm_loss(hidden_BTD, self.lm_head.weight, targets_BT, num_items_in_batch)
         if lm_loss is not None:
             loss = lm_loss + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
         result = MoeChatCausalLMOutput(
