@@ -2,8 +2,10 @@
 
 Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
   model.safetensors                 the weights (the module's state dict)
-  optimizer.safetensors + .json     the optimizer state dict (bnb 8-bit state included), tensors by name
-  rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R
+  optimizer.safetensors             the optimizer state dict (bnb 8-bit state included): its tensors by name,
+                                    the rest as JSON in the file's header metadata (`save_tree`)
+  rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R; Python's and NumPy's
+                                    as JSON in the header metadata
   ...                               whatever the caller's `extra_files` adds (train: the DVCLive curves
                                     as of this step, see moechat.train.snapshot_live)
   state.json                        step, data cursor, scheduler, GradScaler, last losses, counters;
@@ -34,12 +36,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from moechat.config import MoechatError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRASH_PREFIX = ".trash-"
+TREE_KEY = "tree"  # the safetensors header metadata key holding a saved tree's JSON skeleton
+RNG_KEY = "rng"  # ... and an RNG file's Python and NumPy generator states
 # DeepSpeed ZeRO-2's optimizer state_dict holds these small objects besides tensors: the loss scaler
 # (static or dynamic), the ZeRO stage enum and the per-parameter slice addresses. They are stored as class
 # name + plain attributes and rebuilt only when their exact name is listed here (no pickle, no lookup of
@@ -246,19 +250,27 @@ def _allowed_class(name: Any, allowed: frozenset[str]) -> type:
     return obj
 
 
-def save_tree(tree: Any, folder: Path, stem: str) -> None:
+def save_tree(tree: Any, path: Path) -> None:
+    """`tree` as one safetensors file: its tensors by state path, the rest as JSON in the header metadata.
+    One file, so the skeleton and the tensors it names are always written (and damaged) together."""
     tensors: dict[str, torch.Tensor] = {}
     encoded = encode_tree(tree, tensors)
-    save_file(tensors, str(folder / f"{stem}.safetensors"))
-    (folder / f"{stem}.json").write_text(json.dumps(encoded))
+    save_file(tensors, str(path), metadata={TREE_KEY: json.dumps(encoded)})
 
 
-def load_tree(folder: Path, stem: str) -> Any:
-    path = Path(folder) / f"{stem}.json"
-    try:
-        return decode_tree(json.loads(path.read_text()), load_file(str(Path(folder) / f"{stem}.safetensors")))
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}; delete {Path(folder)} if you did not write it") from None
+def read_safetensors(path: Path, key: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, the JSON stored under header metadata `key`) of one safetensors file; a file without that
+    key raises KeyError, like a missing tensor."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return tensors, json.loads(metadata[key])
+
+
+def load_tree(path: Path) -> Any:
+    """Inverse of `save_tree`: builds only allow-listed classes (else CheckpointError)."""
+    tensors, skeleton = read_safetensors(path, TREE_KEY)
+    return decode_tree(skeleton, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,12 +384,11 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
             shutil.rmtree(leftover)
     barrier()
     rng_tensors, rng_plain = capture_rng()
-    save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"))
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_plain))
+    save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"), metadata={RNG_KEY: json.dumps(rng_plain)})
     if per_rank_optimizer:
-        save_tree(optimizer_state, tmp, f"optimizer_rank{rank}")
+        save_tree(optimizer_state, tmp / f"optimizer_rank{rank}.safetensors")
     elif rank == 0:
-        save_tree(optimizer_state, tmp, "optimizer")
+        save_tree(optimizer_state, tmp / "optimizer.safetensors")
     if rank == 0:
         # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -453,16 +464,10 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor],
         state = TrainState.from_dict(meta)
         current = path / "model.safetensors"
         weights = load_file(str(current))
-        current = path / f"{stem}.json"
-        encoded = json.loads(current.read_text(encoding="utf-8"))
         current = path / f"{stem}.safetensors"
-        tensors = load_file(str(current))
-        current = path / f"{stem}.json"  # names a tensor the .safetensors lacks: KeyError
-        optimizer_state = decode_tree(encoded, tensors)
+        optimizer_state = load_tree(current)  # a skeleton naming a tensor the file lacks: KeyError
         current = path / f"rng_rank{rank}.safetensors"
-        load_file(str(current))
-        current = path / f"rng_rank{rank}.json"
-        json.loads(current.read_text(encoding="utf-8"))["numpy"]
+        read_safetensors(current, RNG_KEY)[1]["numpy"]
     except CheckpointError as err:
         raise CheckpointError(f"{current}: {err}") from None
     except _READ_ERRORS as err:
@@ -487,11 +492,12 @@ def check_matches(path: Path, weights: dict[str, torch.Tensor], loaded: LoadedCh
         return
     shape = [len(g.get("params", [])) for g in saved["param_groups"]]
     if shape != [len(g["params"]) for g in optimizer_state["param_groups"]]:
-        raise CheckpointError(f"{Path(path) / 'optimizer.json'}: parameter groups of sizes {shape} do not match "
+        raise CheckpointError(f"{Path(path) / 'optimizer.safetensors'}: parameter groups of sizes {shape} do not match "
                               f"the optimizer's {[len(g['params']) for g in optimizer_state['param_groups']]}")
     ids = {i for g in optimizer_state["param_groups"] for i in g["params"]}
     if not set(saved.get("state", {})) <= ids:
-        raise CheckpointError(f"{Path(path) / 'optimizer.json'}: state for parameters the optimizer does not have")
+        raise CheckpointError(f"{Path(path) / 'optimizer.safetensors'}: state for parameters the optimizer does "
+                              f"not have")
 
 
 def resume_point(root: Path, fp: str, model: torch.nn.Module, rank: int = 0, optimizer_state: Any = None,
@@ -518,5 +524,4 @@ def resume_point(root: Path, fp: str, model: torch.nn.Module, rank: int = 0, opt
 
 
 def restore_rank_rng(path: Path, rank: int) -> None:
-    tensors = load_file(str(Path(path) / f"rng_rank{rank}.safetensors"))
-    restore_rng(tensors, json.loads((Path(path) / f"rng_rank{rank}.json").read_text()))
+    restore_rng(*read_safetensors(Path(path) / f"rng_rank{rank}.safetensors", RNG_KEY))
