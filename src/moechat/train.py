@@ -653,6 +653,7 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, cuda,
                                                               cuda and torch.cuda.is_bf16_supported()))
     ds_config = deepspeed_config(cfg, cfg.precision)
+    offload = offloads_optimizer(ds_config)
     accelerator = build_accelerator(cfg, cfg.precision, ds_config)
     world = accelerator.num_processes
     set_seed(seed)
@@ -669,7 +670,7 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
     schedule = build_schedule(cfg, stream.n_rows, world)  # refuses a warmup that covers the run, before step 0
 
-    optimizer = build_optimizer(model, cfg, offloads_optimizer(ds_config))
+    optimizer = build_optimizer(model, cfg, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, schedule))
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -681,7 +682,7 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     fp = ckpt.fingerprint(dataclasses.asdict(cfg), seed, init_dir, data_dir, world)
     return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=accelerator.unwrap_model(model),
                model_cfg=model_cfg, optimizer=optimizer, scheduler=scheduler, schedule=schedule, stream=stream,
-               train_blocks=train_blocks, val_blocks=val_blocks, offload=offloads_optimizer(ds_config),
+               train_blocks=train_blocks, val_blocks=val_blocks, offload=offload,
                per_rank_optimizer=ds_config is not None, checkpoint_dir=Path(checkpoint_dir),
                live_dir=Path(live_dir), fingerprint=fp, state=ckpt.TrainState(fingerprint=fp))
 
