@@ -47,15 +47,15 @@ def test_optimizer_state_round_trips_exactly_through_safetensors_and_json(tmp_pa
     opt = make_opt(net.parameters())
     for s in range(3):
         step(net, opt, s)
-    ckpt.save_tree(opt.state_dict(), tmp_path, "optimizer")
+    ckpt.save_tree(opt.state_dict(), tmp_path / "optimizer.safetensors")
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
     resumed_net = tiny_net(seed=1)
     resumed_net.load_state_dict(net.state_dict())
     resumed = make_opt(resumed_net.parameters())
-    resumed.load_state_dict(ckpt.load_tree(tmp_path, "optimizer"))
+    resumed.load_state_dict(ckpt.load_tree(tmp_path / "optimizer.safetensors"))
     if isinstance(opt, bnb.optim.AdamW8bit):
-        stored = json.loads((tmp_path / "optimizer.json").read_text())
-        assert "__bnb_optimizer_quant_state__" in json.dumps(stored)  # the 8-bit state travels too
+        _, skeleton = ckpt.read_safetensors(tmp_path / "optimizer.safetensors", ckpt.TREE_KEY)
+        assert "__bnb_optimizer_quant_state__" in json.dumps(skeleton)  # the 8-bit state travels too
         first, second = (resumed.state[p] for p in (resumed_net[0].weight, resumed_net[2].weight))
         assert first["qmap1"] is second["qmap1"]  # shared once more, as in the optimizer that was saved
         assert torch.equal(first["qmap1"], opt.state[net[0].weight]["qmap1"])
@@ -80,8 +80,8 @@ def test_tree_encoding_keeps_types():
 def test_shared_tensors_are_stored_once_and_views_copied(tmp_path):
     qmap, flat = torch.linspace(-1, 1, 8), torch.arange(6.0)
     tree = {"a": {"qmap": qmap, "w": flat[:3]}, "b": {"qmap": qmap, "w": flat[3:]}, "c": flat[:3]}
-    ckpt.save_tree(tree, tmp_path, "shared")  # safetensors refuses shared memory: this raised before
-    back = ckpt.load_tree(tmp_path, "shared")
+    ckpt.save_tree(tree, tmp_path / "shared.safetensors")  # safetensors refuses shared memory: this raised before
+    back = ckpt.load_tree(tmp_path / "shared.safetensors")
     assert back["a"]["qmap"] is back["b"]["qmap"] and torch.equal(back["a"]["qmap"], qmap)
     assert back["c"] is back["a"]["w"]  # the same view twice: one tensor
     assert torch.equal(back["a"]["w"], flat[:3]) and torch.equal(back["b"]["w"], flat[3:])
@@ -181,11 +181,14 @@ def test_crafted_checkpoint_cannot_call_arbitrary_code(tmp_path):
                  {"__dtype__": "manual_seed"}):
         with pytest.raises(ckpt.CheckpointError):
             ckpt.decode_tree(tree, {})
-    # read from a file, the refusal names that file
-    save_file({}, str(tmp_path / "optimizer.safetensors"))
-    (tmp_path / "optimizer.json").write_text(json.dumps({"state": exploit}))
-    with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.json: checkpoint names 'deepspeed\.utils:os\.system'"):
-        ckpt.load_tree(tmp_path, "optimizer")
+    # read from a checkpoint, the refusal names the file
+    net = tiny_net()
+    path = ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=1, fingerprint="abc123abc123"), net,
+                                torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
+    _edit_tree(path / "optimizer.safetensors", lambda tree: {"state": exploit})
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"optimizer\.safetensors: checkpoint names 'deepspeed\.utils:os\.system'"):
+        ckpt.read_checkpoint(path)
 
 
 def test_deepspeed_state_objects_round_trip():
@@ -261,58 +264,6 @@ def test_other_fingerprints_lists_only_complete_experiments(tmp_path):
     assert ckpt.other_fingerprints(tmp_path / "missing", "aaaaaaaaaaaa") == []
 
 
-def test_dvclive_curves_travel_with_the_checkpoint(tmp_path):
-    """The live folder's plots and summary are copied into the checkpoint; restoring replaces whatever the
-    workspace holds (another experiment's files, rows past the step, a torn row) with exactly that copy."""
-    live = tmp_path / "live"
-    (live / "plots/metrics/train").mkdir(parents=True)
-    (live / "plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t6.0\n2\t5.5\n")
-    (live / "metrics.json").write_text('{"step": 2, "train": {"loss": 5.5}}')
-    (live / "report.html").write_text("not a curve")  # outside plots/ and the summary: not copied
-    state = ckpt.TrainState(step=2, fingerprint="abc123abc123")
-    net = tiny_net()
-    path = ckpt.save_checkpoint(tmp_path / "ckpts", state, net, torch.optim.SGD(net.parameters(), lr=0.1)
-                                .state_dict(), {}, keep=1, live_dir=live)
-    assert sorted(p.relative_to(path / "live").as_posix() for p in (path / "live").rglob("*") if p.is_file()) \
-        == ["metrics.json", "plots/metrics/train/loss.tsv"]
-    # the workspace moves on: another experiment's curves, an extra series, a torn row of a killed run
-    (live / "plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t9.0\n2\t8.0\n3\t7.")
-    (live / "plots/metrics/moe").mkdir()
-    (live / "plots/metrics/moe/expert7_share.tsv").write_text("step\texpert7_share\n1\t0.1\n")
-    (live / "metrics.json").write_text('{"step": 3, "tra')
-    assert ckpt.restore_live(path, live, 2)
-    assert (live / "plots/metrics/train/loss.tsv").read_text() == "step\tloss\n1\t6.0\n2\t5.5\n"
-    assert not (live / "plots/metrics/moe").exists()
-    assert json.loads((live / "metrics.json").read_text()) == {"step": 2, "train": {"loss": 5.5}}
-    # a fresh start empties the curves; a checkpoint without a copy restores nothing and says so
-    ckpt.reset_live(live)
-    assert not (live / "plots").exists() and not (live / "metrics.json").exists()
-    assert (live / "report.html").exists()
-    bare = ckpt.save_checkpoint(tmp_path / "ckpts", dataclasses.replace(state, step=3), net,
-                                torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
-    (live / "plots").mkdir()
-    assert not ckpt.restore_live(bare, live, 3) and (live / "plots").is_dir()
-    assert ckpt.latest_checkpoint(tmp_path / "ckpts", "abc123abc123") == bare  # the copy is optional
-
-
-def test_checkpoint_without_curve_copy_keeps_the_workspace_curves_up_to_its_step(tmp_path):
-    """An older checkpoint has no live/ copy: the workspace rows up to its step are the only record of the
-    curve before it and must stay; rows past it (a crashed run's) and a torn row go."""
-    live = tmp_path / "live"
-    (live / "plots/metrics/train").mkdir(parents=True)
-    (live / "plots/expert_shares").mkdir(parents=True)
-    (live / "plots/metrics/train/loss.tsv").write_text(
-        "timestamp\tstep\tloss\n10\t1\t6.0\n11\t2\t5.5\n12\t3\t5.1\n13\t4\t4.")
-    (live / "plots/expert_shares/layer1.tsv").write_text(
-        "step\tseries\tshare\n2\texpert0\t0.5\n3\texpert0\t0.4\n")
-    net = tiny_net()
-    bare = ckpt.save_checkpoint(tmp_path / "ckpts", ckpt.TrainState(step=2, fingerprint="abc123abc123"), net,
-                                torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
-    assert not ckpt.restore_live(bare, live, 2)
-    assert (live / "plots/metrics/train/loss.tsv").read_text() == "timestamp\tstep\tloss\n10\t1\t6.0\n11\t2\t5.5\n"
-    assert (live / "plots/expert_shares/layer1.tsv").read_text() == "step\tseries\tshare\n2\texpert0\t0.5\n"
-
-
 # ----------------------------------------------------------------------------------------------------
 # A damaged newest checkpoint: fall back to the newest intact one, or refuse naming the folder
 
@@ -329,10 +280,19 @@ def _rename_a_weight(path: Path) -> None:
     save_file(weights, str(path))
 
 
+def _edit_tree(path: Path, edit) -> None:
+    """Rewrite the JSON skeleton a `save_tree` file carries in its header metadata."""
+    tensors, skeleton = ckpt.read_safetensors(path, ckpt.TREE_KEY)
+    save_file(tensors, str(path), metadata={ckpt.TREE_KEY: json.dumps(edit(skeleton))})
+
+
 def _drop_a_param_group(path: Path) -> None:
-    tree = json.loads(path.read_text())
-    tree["param_groups"] = tree["param_groups"][:0]
-    path.write_text(json.dumps(tree))
+    _edit_tree(path, lambda tree: {**tree, "param_groups": tree["param_groups"][:0]})
+
+
+def _name_an_absent_tensor(path: Path) -> None:
+    _edit_tree(path, lambda tree: json.loads(json.dumps(tree).replace('"__tensor__": "state.0.exp_avg"',
+                                                                     '"__tensor__": "nowhere"')))
 
 
 DAMAGES = {
@@ -343,10 +303,9 @@ DAMAGES = {
     "invalid UTF-8 state.json": ("state.json", lambda p: p.write_bytes(b"\xff\xfe{}")),
     "missing optimizer tensors": ("optimizer.safetensors", lambda p: p.unlink()),
     "truncated optimizer tensors": ("optimizer.safetensors", _truncate),
-    "optimizer json naming absent tensors": ("optimizer.json", lambda p: p.write_text(
-        p.read_text().replace('"__tensor__": "state.0.exp_avg"', '"__tensor__": "nowhere"'))),
+    "optimizer skeleton naming absent tensors": ("optimizer.safetensors", _name_an_absent_tensor),
     "weights of another model": ("model.safetensors", _rename_a_weight),
-    "optimizer of another model": ("optimizer.json", _drop_a_param_group),
+    "optimizer of another model": ("optimizer.safetensors", _drop_a_param_group),
     "truncated RNG state": ("rng_rank0.safetensors", _truncate),
 }
 

@@ -2,11 +2,12 @@
 
 Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
   model.safetensors                 the weights (the module's state dict)
-  optimizer.safetensors + .json     the optimizer state dict (bnb 8-bit state included), tensors by name
-  rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R
-  live/                             the DVCLive folder's `plots/` and `metrics.json` as of this step, so a
-                                    resumed run continues the curves of its own lineage, never those of
-                                    another experiment that ran in the same workspace since
+  optimizer.safetensors             the optimizer state dict (bnb 8-bit state included): its tensors by name,
+                                    the rest as JSON in the file's header metadata (`save_tree`)
+  rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R; Python's and NumPy's
+                                    as JSON in the header metadata
+  ...                               whatever the caller's `extra_files` adds (train: the DVCLive curves
+                                    as of this step, see moechat.train.snapshot_live)
   state.json                        step, data cursor, scheduler, GradScaler, last losses, counters;
                                     written last: it marks the checkpoint complete
 
@@ -35,14 +36,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from moechat.config import MoechatError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRASH_PREFIX = ".trash-"
-LIVE_COPY = "live"  # inside a checkpoint: the DVCLive curves of its lineage up to its step
-LIVE_ITEMS = ("plots", "metrics.json")  # what of a DVCLive folder a checkpoint keeps and restores
+TREE_KEY = "tree"  # the safetensors header metadata key holding a saved tree's JSON skeleton
+RNG_KEY = "rng"  # ... and an RNG file's Python and NumPy generator states
 # DeepSpeed ZeRO-2's optimizer state_dict holds these small objects besides tensors: the loss scaler
 # (static or dynamic), the ZeRO stage enum and the per-parameter slice addresses. They are stored as class
 # name + plain attributes and rebuilt only when their exact name is listed here (no pickle, no lookup of
@@ -54,7 +55,11 @@ ALLOWED_OBJECTS = frozenset({
 })
 ALLOWED_ENUMS = frozenset({"deepspeed.runtime.zero.config:ZeroStageEnum"})
 # Train keys that change bookkeeping only, not the optimisation trajectory: editing them keeps resuming.
-NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb")
+# gradient_checkpointing recomputes the same forward (same loss and gradients within fp32 rounding, tested in
+# test_modeling), so turning it on after an OOM, as the OOM message advises, keeps
+# the run's progress.
+NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb",
+                       "gradient_checkpointing")
 
 
 class CheckpointError(MoechatError, RuntimeError):
@@ -249,19 +254,27 @@ def _allowed_class(name: Any, allowed: frozenset[str]) -> type:
     return obj
 
 
-def save_tree(tree: Any, folder: Path, stem: str) -> None:
+def save_tree(tree: Any, path: Path) -> None:
+    """`tree` as one safetensors file: its tensors by state path, the rest as JSON in the header metadata.
+    One file, so the skeleton and the tensors it names are always written (and damaged) together."""
     tensors: dict[str, torch.Tensor] = {}
     encoded = encode_tree(tree, tensors)
-    save_file(tensors, str(folder / f"{stem}.safetensors"))
-    (folder / f"{stem}.json").write_text(json.dumps(encoded))
+    save_file(tensors, str(path), metadata={TREE_KEY: json.dumps(encoded)})
 
 
-def load_tree(folder: Path, stem: str) -> Any:
-    path = Path(folder) / f"{stem}.json"
-    try:
-        return decode_tree(json.loads(path.read_text()), load_file(str(Path(folder) / f"{stem}.safetensors")))
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}; delete {Path(folder)} if you did not write it") from None
+def read_safetensors(path: Path, key: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, the JSON stored under header metadata `key`) of one safetensors file; a file without that
+    key raises KeyError, like a missing tensor."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return tensors, json.loads(metadata[key])
+
+
+def load_tree(path: Path) -> Any:
+    """Inverse of `save_tree`: builds only allow-listed classes (else CheckpointError)."""
+    tensors, skeleton = read_safetensors(path, TREE_KEY)
+    return decode_tree(skeleton, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,85 +365,18 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-# ----------------------------------------------------------------------------------------------------
-# DVCLive curves travel with the checkpoint
-
-
-def _copy_live(src: Path, dst: Path) -> None:
-    """Copy the DVCLive items (`plots/`, `metrics.json`) that exist in `src` into `dst` (which lacks them)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in LIVE_ITEMS:
-        item = Path(src) / name
-        if item.is_dir():
-            shutil.copytree(item, dst / name)
-        elif item.is_file():
-            shutil.copy2(item, dst / name)
-
-
-def reset_live(live_dir: Path) -> None:
-    """Empty the DVCLive items of `live_dir`: a fresh experiment must not inherit curves (or extra
-    per-expert series) that another experiment left in the workspace."""
-    for name in LIVE_ITEMS:
-        item = Path(live_dir) / name
-        if item.is_dir():
-            shutil.rmtree(item)
-        elif item.exists():
-            item.unlink()
-
-
-def restore_live(checkpoint: Path, live_dir: Path, step: int) -> bool:
-    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint` (of `step`).
-
-    Whatever the workspace holds (another experiment's curves, rows a crashed run wrote past this step,
-    a row torn by kill -9, or nothing because DVC removed a non-persistent out) is discarded: the copy was
-    taken after the step's rows were flushed, so it is consistent. A crash during the restore is harmless,
-    the next run restores again from the same copy. A checkpoint written before curves were saved with it
-    has no copy: then the workspace curves are kept up to `step` (rows past it and torn rows are cut),
-    since they are the only record of the steps before it, and False is returned."""
-    saved = Path(checkpoint) / LIVE_COPY
-    if not saved.is_dir():
-        trim_live(live_dir, step)
-        return False
-    reset_live(live_dir)
-    _copy_live(saved, Path(live_dir))
-    return True
-
-
-def trim_live(live_dir: Path, step: int) -> None:
-    """Cut every curve TSV under `live_dir/plots` to its rows of steps <= `step`; torn rows go too."""
-    plots = Path(live_dir) / "plots"
-    for path in sorted(plots.rglob("*.tsv")) if plots.is_dir() else []:
-        lines = path.read_text(encoding="utf-8").split("\n")
-        header = lines[0].split("\t")
-        if "step" not in header:
-            continue
-        column = header.index("step")
-        kept = [line for line in lines[1:] if _row_step(line, len(header), column) is not None
-                and _row_step(line, len(header), column) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("\n".join([lines[0], *kept]) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _row_step(line: str, n_fields: int, column: int) -> Optional[int]:
-    """The step of one TSV row, or None for a torn (short or non-numeric) row."""
-    fields = line.split("\t")
-    if len(fields) != n_fields or not fields[column].isdigit():
-        return None
-    return int(fields[column])
-
-
 def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optimizer_state: Any,
-                    scheduler_state: dict[str, Any], keep: int, rank: int = 0, world_size: int = 1,
+                    scheduler_state: dict[str, Any], keep: int, *, rank: int = 0, world_size: int = 1,
                     barrier: Callable[[], None] = lambda: None, per_rank_optimizer: bool = False,
-                    scaler_state: Optional[dict[str, Any]] = None, live_dir: Optional[Path] = None) -> Path:
+                    scaler_state: Optional[dict[str, Any]] = None,
+                    extra_files: Optional[Callable[[Path], None]] = None) -> Path:
     """Write one checkpoint atomically and prune to the newest `keep` of this fingerprint.
 
     Collective under several processes: every rank calls it (each writes its own RNG file; with
     `per_rank_optimizer`, as for DeepSpeed ZeRO partitions, its own optimizer shard); rank 0 writes
     the weights, state.json last, fsyncs and renames the folder into place. `scaler_state` is the fp16
-    GradScaler's state_dict (plain numbers), None without one. `live_dir` (rank 0, after this step's
-    DVCLive rows are written) is copied into the checkpoint's `live/` for `restore_live`."""
+    GradScaler's state_dict (plain numbers), None without one. `extra_files` (rank 0) writes more files
+    into the unpublished folder, so they appear atomically with the checkpoint (train: the curves)."""
     folder = Path(root) / state.fingerprint
     final = folder / step_dir_name(state.step)
     tmp = folder / f".tmp-{final.name}"
@@ -442,18 +388,17 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
             shutil.rmtree(leftover)
     barrier()
     rng_tensors, rng_plain = capture_rng()
-    save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"))
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_plain))
+    save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"), metadata={RNG_KEY: json.dumps(rng_plain)})
     if per_rank_optimizer:
-        save_tree(optimizer_state, tmp, f"optimizer_rank{rank}")
+        save_tree(optimizer_state, tmp / f"optimizer_rank{rank}.safetensors")
     elif rank == 0:
-        save_tree(optimizer_state, tmp, "optimizer")
+        save_tree(optimizer_state, tmp / "optimizer.safetensors")
     if rank == 0:
         # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        if live_dir is not None:
-            _copy_live(live_dir, tmp / LIVE_COPY)
+        if extra_files is not None:
+            extra_files(tmp)
     barrier()
     if rank == 0:
         meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,
@@ -523,16 +468,10 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor],
         state = TrainState.from_dict(meta)
         current = path / "model.safetensors"
         weights = load_file(str(current))
-        current = path / f"{stem}.json"
-        encoded = json.loads(current.read_text(encoding="utf-8"))
         current = path / f"{stem}.safetensors"
-        tensors = load_file(str(current))
-        current = path / f"{stem}.json"  # names a tensor the .safetensors lacks: KeyError
-        optimizer_state = decode_tree(encoded, tensors)
+        optimizer_state = load_tree(current)  # a skeleton naming a tensor the file lacks: KeyError
         current = path / f"rng_rank{rank}.safetensors"
-        load_file(str(current))
-        current = path / f"rng_rank{rank}.json"
-        json.loads(current.read_text(encoding="utf-8"))["numpy"]
+        read_safetensors(current, RNG_KEY)[1]["numpy"]
     except CheckpointError as err:
         raise CheckpointError(f"{current}: {err}") from None
     except _READ_ERRORS as err:
@@ -557,11 +496,12 @@ def check_matches(path: Path, weights: dict[str, torch.Tensor], loaded: LoadedCh
         return
     shape = [len(g.get("params", [])) for g in saved["param_groups"]]
     if shape != [len(g["params"]) for g in optimizer_state["param_groups"]]:
-        raise CheckpointError(f"{Path(path) / 'optimizer.json'}: parameter groups of sizes {shape} do not match "
+        raise CheckpointError(f"{Path(path) / 'optimizer.safetensors'}: parameter groups of sizes {shape} do not match "
                               f"the optimizer's {[len(g['params']) for g in optimizer_state['param_groups']]}")
     ids = {i for g in optimizer_state["param_groups"] for i in g["params"]}
     if not set(saved.get("state", {})) <= ids:
-        raise CheckpointError(f"{Path(path) / 'optimizer.json'}: state for parameters the optimizer does not have")
+        raise CheckpointError(f"{Path(path) / 'optimizer.safetensors'}: state for parameters the optimizer does "
+                              f"not have")
 
 
 def resume_point(root: Path, fp: str, model: torch.nn.Module, rank: int = 0, optimizer_state: Any = None,
@@ -588,5 +528,4 @@ def resume_point(root: Path, fp: str, model: torch.nn.Module, rank: int = 0, opt
 
 
 def restore_rank_rng(path: Path, rank: int) -> None:
-    tensors = load_file(str(Path(path) / f"rng_rank{rank}.safetensors"))
-    restore_rng(tensors, json.loads((Path(path) / f"rng_rank{rank}.json").read_text()))
+    restore_rng(*read_safetensors(Path(path) / f"rng_rank{rank}.safetensors", RNG_KEY))

@@ -18,10 +18,11 @@ import resource
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MethodType
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from accelerate import Accelerator
@@ -35,7 +36,7 @@ from moechat.io import atomic_dir
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.router_tally import RouterTally
-from moechat.schedule import build_schedule, lr_multiplier, steps_per_epoch
+from moechat.schedule import Schedule, build_schedule, lr_multiplier, steps_per_epoch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 # Dense 16-bit tensor-core peaks (no sparsity: half the datasheets' "with sparsity" figures) from NVIDIA's
@@ -394,7 +395,7 @@ def evaluate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, to
     for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
         batch = {c: val[c][b * micro_batch:(b + 1) * micro_batch].to(accelerator.device) for c in COLUMNS}
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                    num_items_in_batch=1, use_cache=False)
+                    num_items_in_batch=1, use_cache=False, logits_to_keep=1)  # the loss alone: no full logits
         sums += torch.stack([out.lm_loss.float(), torch.tensor(float(count_targets(batch["labels"])),
                                                                device=sums.device),
                              out.aux_loss.float(), out.z_loss.float()])
@@ -508,7 +509,214 @@ def save_final(model: torch.nn.Module, accelerator: Accelerator, init_dir: Path,
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loop
+# The DVCLive curves: they belong to the checkpoint lineage, so a copy travels inside every checkpoint
+
+LIVE_COPY = "live"  # inside a checkpoint: the DVCLive curves of its lineage up to its step
+LIVE_ITEMS = ("plots", "metrics.json")  # what of a DVCLive folder a checkpoint keeps and restores
+
+
+def snapshot_live(live_dir: Path, checkpoint: Path) -> None:
+    """Copy the DVCLive items (`plots/`, `metrics.json`) that exist in `live_dir` into `checkpoint/live`
+    (called on the unpublished checkpoint folder, after this step's rows are flushed)."""
+    dst = Path(checkpoint) / LIVE_COPY
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in LIVE_ITEMS:
+        item = Path(live_dir) / name
+        if item.is_dir():
+            shutil.copytree(item, dst / name)
+        elif item.is_file():
+            shutil.copy2(item, dst / name)
+
+
+def reset_live(live_dir: Path) -> None:
+    """Empty the DVCLive items of `live_dir`: a fresh experiment must not inherit curves (or extra
+    per-expert series) that another experiment left in the workspace."""
+    for name in LIVE_ITEMS:
+        item = Path(live_dir) / name
+        if item.is_dir():
+            shutil.rmtree(item)
+        elif item.exists():
+            item.unlink()
+
+
+def restore_live(checkpoint: Path, live_dir: Path, step: int) -> bool:
+    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint` (of `step`).
+
+    Whatever the workspace holds (another experiment's curves, rows a crashed run wrote past this step,
+    a row torn by kill -9, or nothing because DVC removed a non-persistent out) is discarded: the copy was
+    taken after the step's rows were flushed, so it is consistent. A crash during the restore is harmless,
+    the next run restores again from the same copy. A checkpoint written before curves were saved with it
+    has no copy: then the workspace curves are kept up to `step` (rows past it and torn rows are cut),
+    since they are the only record of the steps before it, and False is returned."""
+    saved = Path(checkpoint) / LIVE_COPY
+    if not saved.is_dir():
+        trim_live(live_dir, step)
+        return False
+    reset_live(live_dir)
+    shutil.copytree(saved, live_dir, dirs_exist_ok=True)
+    return True
+
+
+def trim_live(live_dir: Path, step: int) -> None:
+    """Cut every curve TSV under `live_dir/plots` to its rows of steps <= `step`; torn rows go too."""
+    plots = Path(live_dir) / "plots"
+    for path in sorted(plots.rglob("*.tsv")) if plots.is_dir() else []:
+        lines = path.read_text(encoding="utf-8").split("\n")
+        header = lines[0].split("\t")
+        if "step" not in header:
+            continue
+        column = header.index("step")
+        kept = [line for line in lines[1:] if _row_step(line, len(header), column) is not None
+                and _row_step(line, len(header), column) <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join([lines[0], *kept]) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _row_step(line: str, n_fields: int, column: int) -> Optional[int]:
+    """The step of one TSV row, or None for a torn (short or non-numeric) row."""
+    fields = line.split("\t")
+    if len(fields) != n_fields or not fields[column].isdigit():
+        return None
+    return int(fields[column])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run: setup -> resume -> loop -> summary
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built once by `setup` (torchtitan's trainer state); `resume`, `save`
+    and `train_loop` take it. `cfg.precision` is the resolved one, never `auto`."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by accelerate (DDP / DeepSpeed engine around raw_model)
+    raw_model: torch.nn.Module
+    model_cfg: MoeChatConfig  # the loaded model's own config (init may differ from params)
+    optimizer: torch.optim.Optimizer  # as prepared by accelerate
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
+    stream: BatchStream
+    train_blocks: dict[str, torch.Tensor]
+    val_blocks: dict[str, torch.Tensor]
+    offload: bool  # DeepSpeed's CPU Adam replaced train.optimizer
+    per_rank_optimizer: bool  # ZeRO shards the optimizer state: one file per rank
+    checkpoint_dir: Path
+    live_dir: Path
+    fingerprint: str
+    state: ckpt.TrainState
+    live: Any = None  # the DVCLive logger, main process only
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer itself, without accelerate's wrapper (whose state_dict a checkpoint holds)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.raw_model.config.vocab_size
+
+    def oom_error(self, err: BaseException, where: str) -> TrainOOMError:
+        return oom_error(err, where, self.model_cfg, self.cfg, self.vocab_size, self.accelerator.num_processes)
+
+
+def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoint_dir: Path,
+          live_dir: Path) -> Run:
+    """Engine, model, data, optimizer and schedule of a run at step 0 (nothing resumed yet)."""
+    cuda = torch.cuda.is_available()
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, cuda,
+                                                              cuda and torch.cuda.is_bf16_supported()))
+    ds_config = deepspeed_config(cfg, cfg.precision)
+    offload = offloads_optimizer(ds_config)
+    accelerator = build_accelerator(cfg, cfg.precision, ds_config)
+    world = accelerator.num_processes
+    set_seed(seed)
+
+    model = load_model(init_dir)
+    model_cfg, vocab = model.config, model.config.vocab_size
+    plan.preflight(model_cfg, cfg, vocab, world, *device_memory(accelerator.device))
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compile_blocks(model)
+    train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
+    val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
+    stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
+    schedule = build_schedule(cfg, stream.n_rows, world)  # refuses a warmup that covers the run, before step 0
+
+    optimizer = build_optimizer(model, cfg, offload)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, schedule))
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    except torch.OutOfMemoryError as err:
+        raise oom_error(err, "while placing the model and optimizer on the GPU", model_cfg, cfg, vocab,
+                        world) from err
+    drop_fp32_output_copy(model)
+    # the resolved precision, not `auto`: a bf16 run and an fp16 (loss-scaled) run are different experiments
+    fp = ckpt.fingerprint(dataclasses.asdict(cfg), seed, init_dir, data_dir, world)
+    return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=accelerator.unwrap_model(model),
+               model_cfg=model_cfg, optimizer=optimizer, scheduler=scheduler, schedule=schedule, stream=stream,
+               train_blocks=train_blocks, val_blocks=val_blocks, offload=offload,
+               per_rank_optimizer=ds_config is not None, checkpoint_dir=Path(checkpoint_dir),
+               live_dir=Path(live_dir), fingerprint=fp, state=ckpt.TrainState(fingerprint=fp))
+
+
+def resume(run: Run) -> Optional[Path]:
+    """Load the newest intact checkpoint of the run's experiment into it (weights, optimizer, scheduler,
+    GradScaler, counters): the checkpoint's folder, or None for a fresh start. RNG is restored separately,
+    by `restore_rng`, as the last thing before the loop."""
+    acc, world = run.accelerator, run.accelerator.num_processes
+    # the fresh optimizer's parameter groups, which a checkpoint's optimizer state must match (ZeRO's
+    # partitioned state is loaded and checked by DeepSpeed itself)
+    template = None if run.per_rank_optimizer else run.inner_optimizer.state_dict()
+    found = ckpt.resume_point(run.checkpoint_dir, run.fingerprint, run.raw_model, acc.process_index, template,
+                              log=acc.print)
+    path, loaded = found if found is not None else (None, None)
+    agree_on_resume(acc, path, run.checkpoint_dir / run.fingerprint)
+    if path is None:
+        others = ckpt.other_fingerprints(run.checkpoint_dir, run.fingerprint)
+        if others:
+            acc.print(f"no checkpoint of experiment {run.fingerprint} in {run.checkpoint_dir}; starting from "
+                      f"step 0 (checkpoints of other experiments, kept: {', '.join(others)})")
+        return None
+    if run.per_rank_optimizer:  # ZeRO takes one state dict per saved rank; ours are saved with the same world
+        run.inner_optimizer.load_state_dict([loaded.optimizer_state] * world, load_from_fp32_weights=True)
+    else:
+        run.inner_optimizer.load_state_dict(loaded.optimizer_state)
+    run.scheduler.load_state_dict(loaded.scheduler_state)
+    if acc.scaler is not None and loaded.scaler_state is not None:
+        acc.scaler.load_state_dict(loaded.scaler_state)
+    run.state = loaded.state
+    return path
+
+
+def open_live(run: Run, resumed_from: Optional[Path]) -> None:
+    """The DVCLive logger (main process), its curves those of the checkpoint lineage: restored from the
+    checkpoint when resuming (whatever another experiment or a crashed run left in the workspace), empty
+    on a fresh start."""
+    if not run.accelerator.is_main_process:
+        return
+    from dvclive import Live
+
+    if resumed_from is None:
+        reset_live(run.live_dir)
+    elif not restore_live(resumed_from, run.live_dir, run.state.step):
+        run.accelerator.print(f"{resumed_from} holds no copy of the DVCLive curves (written by an older moechat); "
+                              f"kept the curves in {run.live_dir} up to step {run.state.step}")
+    run.live = Live(str(run.live_dir), resume=resumed_from is not None, save_dvc_exp=False, dvcyaml=None)
+
+
+def save(run: Run) -> Path:
+    """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included."""
+    acc = run.accelerator
+    snapshot = (lambda folder: snapshot_live(run.live_dir, folder)) if run.live is not None else None
+    return ckpt.save_checkpoint(
+        run.checkpoint_dir, run.state, run.raw_model, run.inner_optimizer.state_dict(), run.scheduler.state_dict(),
+        run.cfg.keep_checkpoints, rank=acc.process_index, world_size=acc.num_processes,
+        barrier=acc.wait_for_everyone, per_rank_optimizer=run.per_rank_optimizer,
+        scaler_state=acc.scaler.state_dict() if acc.scaler is not None else None, extra_files=snapshot)
 
 
 def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoint_dir: Path, out_dir: Path,
@@ -518,157 +726,115 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     Side effects: checkpoints under `checkpoint_dir/<fingerprint>/`, DVCLive curves under `live_dir`, the
     final model in `out_dir`. Returns the metrics for metrics/train.json."""
     wall_start = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    precision = resolve_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    ds_config = deepspeed_config(cfg, precision)
-    offload = offloads_optimizer(ds_config)
-    accelerator = build_accelerator(cfg, precision, ds_config)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    set_seed(seed)
-
-    model = load_model(init_dir)
-    model_cfg = model.config  # the planner reads the loaded model's own config (init may differ from params)
-    run_cfg = dataclasses.replace(cfg, precision=precision)
-    vocab = model.config.vocab_size
-    plan.preflight(model_cfg, run_cfg, vocab, world, *device_memory(accelerator.device))
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        compile_blocks(model)
-    train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
-    val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
-    stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
-    schedule = build_schedule(cfg, stream.n_rows, world)  # refuses a warmup that covers the run, before step 0
-    total_steps = schedule.total_steps
-
-    optimizer = build_optimizer(model, cfg, offload)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, schedule))
+    run = setup(cfg, seed, data_dir, init_dir, checkpoint_dir, live_dir)
+    resumed_from = resume(run)
+    open_live(run, resumed_from)
+    start_step = run.state.step
+    if resumed_from is not None:
+        ckpt.restore_rank_rng(resumed_from, run.accelerator.process_index)  # last: the loop continues bit-exact
+        run.accelerator.print(f"resuming {run.fingerprint} from {resumed_from} "
+                              f"(step {start_step}/{run.schedule.total_steps})")
     try:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    except torch.OutOfMemoryError as err:
-        raise oom_error(err, "while placing the model and optimizer on the GPU", model_cfg, run_cfg, vocab,
-                        world) from err
-    drop_fp32_output_copy(model)
-    raw_model = accelerator.unwrap_model(model)
-    per_rank_optimizer = ds_config is not None  # ZeRO shards the optimizer state: one file per rank
+        with one_line_errors(run):
+            train_loop(run)
+    finally:
+        if run.live is not None:
+            run.live.end()
+    # a checkpoint from before val losses were kept in it has none
+    val = run.state.last_val or evaluate(run.model, run.accelerator, run.val_blocks, run.cfg.micro_batch_size,
+                                         run.cfg.eval_batches)
+    save_final(run.model, run.accelerator, init_dir, out_dir)
+    return summary(run, val, start_step, time.perf_counter() - wall_start)
 
-    # the resolved precision, not `auto`: a bf16 run and an fp16 (loss-scaled) run are different experiments
-    fp = ckpt.fingerprint(dataclasses.asdict(run_cfg), seed, init_dir, data_dir, world)
-    state = ckpt.TrainState(fingerprint=fp)
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    # the fresh optimizer's parameter groups, which a checkpoint's optimizer state must match (ZeRO's
-    # partitioned state is loaded and checked by DeepSpeed itself)
-    template = None if per_rank_optimizer else inner.state_dict()
-    found = ckpt.resume_point(checkpoint_dir, fp, raw_model, rank, template, log=accelerator.print)
-    resume, loaded = found if found is not None else (None, None)
-    agree_on_resume(accelerator, resume, Path(checkpoint_dir) / fp)
-    if resume is not None:
-        if per_rank_optimizer:  # ZeRO takes one state dict per saved rank; ours are saved with the same world
-            inner.load_state_dict([loaded.optimizer_state] * world, load_from_fp32_weights=True)
-        else:
-            inner.load_state_dict(loaded.optimizer_state)
-        scheduler.load_state_dict(loaded.scheduler_state)
-        if accelerator.scaler is not None and loaded.scaler_state is not None:
-            accelerator.scaler.load_state_dict(loaded.scaler_state)
-        state = loaded.state
-    else:
-        others = ckpt.other_fingerprints(checkpoint_dir, fp)
-        if others:
-            accelerator.print(f"no checkpoint of experiment {fp} in {checkpoint_dir}; starting from step 0 "
-                              f"(checkpoints of other experiments, kept: {', '.join(others)})")
-    live = None
-    if main:
-        from dvclive import Live
 
-        # the curves belong to the checkpoint lineage: restored from the checkpoint when resuming (whatever
-        # another experiment or a crashed run left in the workspace), empty on a fresh start
-        if resume is None:
-            ckpt.reset_live(live_dir)
-        elif not ckpt.restore_live(resume, live_dir, state.step):
-            accelerator.print(f"{resume} holds no copy of the DVCLive curves (written by an older moechat); "
-                              f"kept the curves in {live_dir} up to step {state.step}")
-        live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
-    if resume is not None:
-        ckpt.restore_rank_rng(resume, rank)
-        accelerator.print(f"resuming {fp} from {resume} (step {state.step}/{total_steps})")
-    start_step = state.step
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    device_name, peak, mfu_note = device_peak_flops(accelerator.device, precision)
-
-    val: dict[str, float] = dict(state.last_val)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", unit="step")
-    model.train()
+@contextmanager
+def one_line_errors(run: Run) -> Iterator[None]:
+    """NaN/inf, CUDA OOM and Ctrl-C inside the loop become one-line errors saying what survives and what to do."""
     try:
-        while state.step < total_steps:
-            step = state.step + 1
-            rows, cursor = stream.next_rows(state.cursor)
-            batches = micro_batches(train_blocks, rows, cfg.micro_batch_size, rank, world)
-            n_targets = count_targets(train_blocks["labels"][rows])
-            t0 = time.perf_counter()
-            stats = train_step(model, optimizer, accelerator, batches, n_targets, cfg.grad_clip, step)
-            lr = scheduler.get_last_lr()[0]
-            if not accelerator.optimizer_step_was_skipped:  # fp16: the GradScaler skipped an inf/NaN step
-                scheduler.step()
-            if accelerator.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            state = dataclasses.replace(state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
-                                        target_tokens_seen=state.target_tokens_seen + stats.targets,
-                                        train_seconds=state.train_seconds + dt,
-                                        last_losses={"loss": stats.loss, "lm_loss": stats.lm_loss,
-                                                     "aux_loss": stats.aux_loss, "z_loss": stats.z_loss})
-            if live is not None:
-                log_step(live, step, stats, lr, stats.tokens / dt)
-                log_expert_shares(live_dir, step, stats.router)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
-                state = dataclasses.replace(state, last_val={**val, "step": step})
-                if live is not None:
-                    live.step = step
-                    live.log_metric("val/lm_loss", val["lm_loss"])
-                    live.log_metric("val/aux_loss", val["aux_loss"])
-            if live is not None:
-                live.next_step()
-            if step % cfg.save_every == 0 or step == total_steps:
-                inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-                scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-                ckpt.save_checkpoint(checkpoint_dir, state, raw_model, inner.state_dict(), scheduler.state_dict(),
-                                     cfg.keep_checkpoints, rank, world, accelerator.wait_for_everyone,
-                                     per_rank_optimizer, scaler, live_dir=live_dir if main else None)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
+        yield
     except NonFiniteLossError as err:
-        last = ckpt.latest_checkpoint(checkpoint_dir, fp)
+        last = ckpt.latest_checkpoint(run.checkpoint_dir, run.fingerprint)
         raise NonFiniteLossError(f"{err}; stopped without saving. Last good checkpoint: {last or 'none'}. "
                                  f"Lower train.lr, or use train.precision: bf16/fp32 if this was fp16") from None
     except torch.OutOfMemoryError as err:
-        raise oom_error(err, f"at step {state.step + 1}", model_cfg, run_cfg, vocab, world) from err
+        raise run.oom_error(err, f"at step {run.state.step + 1}") from err
     except KeyboardInterrupt:
-        raise interrupted(checkpoint_dir, fp, state.step + 1, total_steps) from None
+        raise interrupted(run.checkpoint_dir, run.fingerprint, run.state.step + 1,
+                          run.schedule.total_steps) from None
+
+
+def train_loop(run: Run) -> None:
+    """Optimizer steps from `run.state.step` to the schedule's end: log, evaluate and checkpoint on schedule.
+    `run.state` is advanced after every step, so an error names the step it happened in."""
+    cfg, acc, live = run.cfg, run.accelerator, run.live
+    rank, world, total_steps = acc.process_index, acc.num_processes, run.schedule.total_steps
+    bar = tqdm(total=total_steps, initial=run.state.step, disable=not acc.is_main_process, desc="train", unit="step")
+    run.model.train()
+    try:
+        while run.state.step < total_steps:
+            state = run.state
+            step = state.step + 1
+            rows, cursor = run.stream.next_rows(state.cursor)
+            batches = micro_batches(run.train_blocks, rows, cfg.micro_batch_size, rank, world)
+            n_targets = count_targets(run.train_blocks["labels"][rows])
+            t0 = time.perf_counter()
+            stats = train_step(run.model, run.optimizer, acc, batches, n_targets, cfg.grad_clip, step)
+            lr = run.scheduler.get_last_lr()[0]
+            if not acc.optimizer_step_was_skipped:  # fp16: the GradScaler skipped an inf/NaN step
+                run.scheduler.step()
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            run.state = dataclasses.replace(
+                state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
+                target_tokens_seen=state.target_tokens_seen + stats.targets, train_seconds=state.train_seconds + dt,
+                last_losses={"loss": stats.loss, "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss,
+                             "z_loss": stats.z_loss})
+            if live is not None:
+                log_step(live, step, stats, lr, stats.tokens / dt)
+                log_expert_shares(run.live_dir, step, stats.router)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                val = evaluate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
+                run.state = dataclasses.replace(run.state, last_val={**val, "step": step})
+                if live is not None:
+                    log_val(live, step, val)
+            if live is not None:
+                live.next_step()
+            if step % cfg.save_every == 0 or step == total_steps:
+                save(run)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
     finally:
         bar.close()
-        if live is not None:
-            live.end()
 
-    if not val:  # a checkpoint from before val losses were kept in it
-        val = evaluate(model, accelerator, val_blocks, cfg.micro_batch_size, cfg.eval_batches)
-    save_final(model, accelerator, init_dir, out_dir)
-    last = state.last_losses
-    mem_gb, mem_kind = peak_memory(accelerator.device)
+
+def summary(run: Run, val: dict[str, float], start_step: int, wall_seconds: float) -> dict[str, Any]:
+    """The metrics of metrics/train.json: progress, losses, throughput, MFU, memory and the run's facts."""
+    state, cfg, acc = run.state, run.cfg, run.accelerator
+    world, last = acc.num_processes, state.last_losses
+    flops_per_token = run.raw_model.flops_per_token(cfg.seq_len)
+    device_name, peak, mfu_note = device_peak_flops(acc.device, cfg.precision)
+    mem_gb, mem_kind = peak_memory(acc.device)
     tokens_per_s = state.tokens_seen / state.train_seconds if state.train_seconds else None
     mfu = flops_per_token * tokens_per_s / (peak * world) if peak and tokens_per_s else None
     return {
-        "steps": state.step, "total_steps": total_steps, "warmup_steps": schedule.warmup_steps,
-        "resumed_from_step": start_step or None, "fingerprint": fp,
+        "steps": state.step, "total_steps": run.schedule.total_steps, "warmup_steps": run.schedule.warmup_steps,
+        "resumed_from_step": start_step or None, "fingerprint": run.fingerprint,
         "loss": last.get("loss"), "lm_loss": last.get("lm_loss"), "aux_loss": last.get("aux_loss"),
         "z_loss": last.get("z_loss"), "val_lm_loss": val["lm_loss"], "tokens_seen": state.tokens_seen,
         "target_tokens_seen": state.target_tokens_seen, "train_seconds": state.train_seconds,
-        "wall_seconds": time.perf_counter() - wall_start, "tokens_per_s": tokens_per_s,
+        "wall_seconds": wall_seconds, "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token, "mfu": mfu, "device": device_name, "processes": world,
         "peak_flops_per_device": peak, "mfu_note": mfu_note, "peak_memory_gb": mem_gb, "peak_memory_kind": mem_kind,
-        "precision": precision, "optimizer": "deepspeed_cpu_adam" if offload else cfg.optimizer,
-        "deepspeed": cfg.deepspeed, "parameters": raw_model.parameter_counts(),
+        "precision": cfg.precision, "optimizer": "deepspeed_cpu_adam" if run.offload else cfg.optimizer,
+        "deepspeed": cfg.deepspeed, "parameters": run.raw_model.parameter_counts(),
     }
+
+
+def log_val(live: Any, step: int, val: dict[str, float]) -> None:
+    live.step = step
+    live.log_metric("val/lm_loss", val["lm_loss"])
+    live.log_metric("val/aux_loss", val["aux_loss"])
 
 
 def log_step(live: Any, step: int, s: StepStats, lr: float, tokens_per_s: float) -> None:
