@@ -392,6 +392,7 @@ def test_ctrl_c_in_training_says_from_which_step_dvc_repro_resumes(workspace, mo
     assert run_inprocess(workspace, "ctrl-c", tiny_cfg())["resumed_from_step"] == 4
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_processes_that_find_different_intact_checkpoints_refuse_together(workspace):
     """Rank 1's RNG file of the newest checkpoint is damaged, rank 0's files are whole: rank 1 alone would fall
     back a step. Two processes (gloo on CPU) must not continue from two different checkpoints."""
@@ -401,7 +402,8 @@ def test_processes_that_find_different_intact_checkpoints_refuse_together(worksp
     from tests.test_train import stage_cmd, stage_env, write_params
 
     params = write_params(workspace, "ddp-damaged", max_steps=4, micro_batch_size=2, grad_accum=1, save_every=2)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    port = train_module.single_process_env({})["MASTER_PORT"]  # a free port, not a fixed one another run may hold
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     cmd = stage_cmd(workspace, "ddp-damaged", params, launcher)
     first = subprocess.run(cmd, cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-4000:]

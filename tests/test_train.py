@@ -389,7 +389,8 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(workspace):
     one = run_inprocess(workspace, "ddp1", tiny_cfg(max_steps=4, micro_batch_size=2, grad_accum=2, save_every=4))
     params = write_params(workspace, "ddp2", max_steps=4, micro_batch_size=2, grad_accum=1, save_every=4)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    port = single_process_env({})["MASTER_PORT"]  # a free port, not a fixed one another run may hold
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     done = subprocess.run(stage_cmd(workspace, "ddp2", params, launcher), cwd=workspace, env=stage_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -552,6 +553,7 @@ def stderr_tail(ws: Path, run: str) -> str:
     return (ws / f"{run}.stderr").read_text()[-3000:]
 
 
+@pytest.mark.slow  # DeepSpeed compiles its C++ ops on first use (minutes)
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed")
 @pytest.mark.parametrize("engine", ["zero2", "zero2_offload"])
 def test_deepspeed_single_process_without_launcher_trains_and_resumes_after_kill_9(preset_workspace, engine):

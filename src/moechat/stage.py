@@ -51,6 +51,7 @@ def quiet_third_party() -> None:
     quiet_progress_bars(interactive=sys.stderr.isatty())
     for name in NOISY_LOGGERS:
         logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)  # a level reaches child loggers (bitsandbytes.backends.cpu.ops), a filter not
         if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
             logger.addFilter(_ErrorsOnly())
 

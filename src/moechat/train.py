@@ -768,7 +768,8 @@ def train_loop(run: Run) -> None:
     `run.state` is advanced after every step, so an error names the step it happened in."""
     cfg, acc, live = run.cfg, run.accelerator, run.live
     rank, world, total_steps = acc.process_index, acc.num_processes, run.schedule.total_steps
-    bar = tqdm(total=total_steps, initial=run.state.step, disable=not acc.is_main_process, desc="train", unit="step")
+    bar = tqdm(total=total_steps, initial=run.state.step, disable=None if acc.is_main_process else True,
+               desc="train", unit="step")  # None: shown in a terminal, off in a log
     run.model.train()
     try:
         while run.state.step < total_steps:
