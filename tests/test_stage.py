@@ -89,3 +89,11 @@ def test_stage_output_is_the_summary_line_without_library_progress_bars(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].startswith("download: 517 messages in 108 trees")
     assert "Creating parquet" not in done.stderr and "%|" not in done.stderr, done.stderr
+
+
+def test_importing_the_model_prints_nothing():
+    """`import moechat.modeling` in a user's Python: no torchao kernel or pytree deprecation lines."""
+    env = {k: v for k, v in os.environ.items() if k != "MOECHAT_VERBOSE"}
+    done = subprocess.run([sys.executable, "-c", "import moechat.modeling"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr[-2000:]

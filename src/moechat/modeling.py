@@ -8,10 +8,14 @@ the folder also loads with `trust_remote_code=True` where moechat is not install
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from moechat.quiet import quiet_loggers
 
-from moechat.configuration_moechat import MoeChatConfig, MoeChatConfigError
-from moechat.modeling_moechat import (
+quiet_loggers()  # before transformers, which imports torchao (and its warnings) when GPTQModel installed it
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+
+from moechat.configuration_moechat import MoeChatConfig, MoeChatConfigError  # noqa: E402
+from moechat.modeling_moechat import (  # noqa: E402
     MoeChatBackendError,
     MoeChatCausalLMOutput,
     MoeChatForCausalLM,

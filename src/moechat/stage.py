@@ -8,7 +8,6 @@ MOECHAT_VERBOSE=1 to see them again.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -16,15 +15,7 @@ from typing import Callable, NoReturn, Optional
 
 from moechat.config import MoechatError
 
-# bitsandbytes.backends.cpu: "Failed to load CPU gemm_4bit_forward from kernels-community" (an optional package)
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "bitsandbytes.backends.cpu")
-
-
-class _ErrorsOnly(logging.Filter):
-    """A filter, not a level: DeepSpeed resets its logger's level when it is first imported."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
+from moechat.quiet import quiet_loggers
 
 
 # Library progress bars (transformers "Loading weights" / "Writing model shards", datasets' map and save
@@ -49,11 +40,7 @@ def quiet_third_party() -> None:
     if os.environ.get("MOECHAT_VERBOSE"):
         return
     quiet_progress_bars(interactive=sys.stderr.isatty())
-    for name in NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.ERROR)  # a level reaches child loggers (bitsandbytes.backends.cpu.ops), a filter not
-        if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
-            logger.addFilter(_ErrorsOnly())
+    quiet_loggers()
 
 
 # A stage script imports this module before the libraries that log at import time (transformers pulls in
