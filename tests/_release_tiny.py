@@ -85,3 +85,15 @@ def tiny_params(path: Path, **sections: dict[str, Any]) -> Path:
     raw = merge(raw, sections)
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def export_tiny(folder: Path, seed: int = 6) -> tuple[MoeChatForCausalLM, Any]:
+    """The tiny model exported as the export stage writes it, into `folder`/export (the chat tests' model)."""
+    from moechat.config import load_params
+    from moechat.export import export_model
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=seed)
+    export_model(model, tokenizer, load_params(Path(__file__).resolve().parents[1] / "params.yaml"), {},
+                 folder / "export")
+    return model, tokenizer

@@ -16,9 +16,7 @@ import torch
 from moechat.chat import Chat, interactive, resolve_max_new_tokens
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
-from moechat.export import export_model
-from moechat.config import load_params
-from tests._release_tiny import tiny_model, tiny_tokenizer, write_prepared
+from tests._release_tiny import export_tiny, write_prepared
 
 pytestmark = pytest.mark.slow  # trains, exports and quantizes a model, then runs the CLI in subprocesses
 
@@ -37,9 +35,7 @@ def _greedy(model, tok, messages, n):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chat")
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=6)
-    export_model(model, tok, load_params(ROOT / "params.yaml"), {}, tmp / "export")
+    model, tok = export_tiny(tmp)
     return tmp, model, tok
 
 

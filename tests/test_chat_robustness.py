@@ -18,9 +18,8 @@ import torch
 import yaml
 
 from moechat.chat import Chat, PromptTooLong, build_parser, encode_chat, interactive
-from moechat.config import EvalConfig, load_params
-from moechat.export import export_model
-from tests._release_tiny import tiny_model, tiny_tokenizer
+from moechat.config import EvalConfig
+from tests._release_tiny import export_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -29,9 +28,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=6)
-    export_model(model, tok, load_params(ROOT / "params.yaml"), {}, tmp / "export")
+    model, tok = export_tiny(tmp)
     return tmp, model, tok
 
 
