@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moechat.modeling import MoeChatConfig
-from moechat.modeling_moechat import MoeChatForCausalLM, MoeChatSparseMoeBlock, _grouped_linear
+from moechat.modeling_moechat import MoeChatForCausalLM, MoeChatMLP, MoeChatSparseMoeBlock, _grouped_linear
 from tests.test_modeling import moe_block, naive_moe
 
 # aten ops that copy a device value to the host (item/int/bool/tolist go through _local_scalar_dense) or
@@ -263,3 +263,48 @@ def test_eval_loss_with_logits_to_keep_is_chunked_and_equal():
         kept = model(x, labels=x, logits_to_keep=1)
     assert full.logits.shape == (2, 12, 64) and kept.logits.shape == (2, 1, 64)
     torch.testing.assert_close(kept.lm_loss, full.lm_loss, rtol=1e-6, atol=1e-6)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(module: torch.nn.Module, x: torch.Tensor) -> tuple[list[str], list[torch.Tensor]]:
+    out = module(x)
+    y = out[0] if isinstance(out, tuple) else out
+    log = _OpLog()
+    with log:
+        y.square().sum().backward()
+    return log.ops, [x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_backward_recomputes_the_gelu_but_no_matmul(which):
+    """gelu_then: backward reruns each MLP's GELU once and no forward matmul (only the matmuls' own
+    backward: input and weight gradients), and its gradients are bit-equal to an MLP that saved the GELU."""
+    torch.manual_seed(0)
+    if which == "dense":
+        module = MoeChatMLP(32, 64, 0.0)
+        plain = lambda x: module.c_proj(torch.nn.functional.gelu(module.c_fc(x), approximate="tanh"))  # noqa: E731
+        matmuls, expected_matmuls = ("addmm", "mm"), {"mm": 4}  # forward: addmm; backward: 2 mm per linear
+    else:
+        module = moe_block(num_experts=4, num_experts_per_tok=2).train()
+        plain = None
+        matmuls, expected_matmuls = ("_grouped_mm", "mm", "addmm", "bmm"), {"_grouped_mm": 4, "mm": 2, "bmm": 2}
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    ops, grads = _backward_ops(module, x)
+    assert ops.count("gelu") == 1 and ops.count("gelu_backward") == 1
+    counted = {op: ops.count(op) for op in matmuls if ops.count(op)}
+    assert counted == expected_matmuls, counted  # router linear: 2 mm; combine: 2 bmm; experts: 2 per grouped mm
+    if plain is not None:
+        x_ref = x.detach().clone().requires_grad_()
+        module.zero_grad()
+        plain(x_ref).square().sum().backward()
+        for got, want in zip(grads, [x_ref.grad] + [p.grad for p in module.parameters()]):
+            assert torch.equal(got, want)

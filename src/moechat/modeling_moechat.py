@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -60,7 +61,21 @@ class MoeChatMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(gelu_then(self.c_proj, self.c_fc(x)))
+
+
+def gelu_then(linear: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """linear(GELU(h)) without keeping GELU(h) for backward, which recomputes it from h (saved anyway for
+    the GELU's own backward): one [tokens, n_inner] activation less per MLP.
+
+    Non-reentrant checkpointing stops recomputing as soon as the tensors backward needs are saved again
+    (torch's checkpoint early stop, on by default), which happens when `linear`'s matmul records its inputs,
+    before it runs: backward reruns the GELU, never the matmul, provided the matmul is `linear`'s last op
+    (tests/test_moe_dispatch.py counts them)."""
+    if not torch.is_grad_enabled():
+        return linear(F.gelu(h, approximate="tanh"))
+    return checkpoint(lambda h: linear(F.gelu(h, approximate="tanh")), h, use_reentrant=False,
+                      preserve_rng_state=False)  # no randomness inside: dropout comes after
 
 
 def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -229,7 +244,6 @@ class MoeChatSparseMoeBlock(nn.Module):
         E = self.num_experts
         expert_A = experts_Nk.reshape(-1)  # A = n*k assignments, token-major
         token_A = torch.arange(n * k, device=x_ND.device) // k
-        weight_A = weights_Nk.reshape(-1)
         if valid_N is None:
             key_A = expert_A
         else:  # padding's assignments go to the sentinel group E
@@ -249,13 +263,16 @@ class MoeChatSparseMoeBlock(nn.Module):
         dropped = (tokens_per_expert - kept[:E]).sum()
         offs_E = torch.cumsum(kept[:E], 0).to(torch.int32)
         dead_S1 = None if valid_N is None and cap is None else (key_S == E).unsqueeze(-1)
-        token_S, weight_S = token_A[order_A], weight_A[order_A]
+        token_S = token_A[order_A]
         if self._experts_are_plain_linears():
             y_SD = self._experts_grouped(x_ND.index_select(0, token_S), key_S.clamp(max=E - 1), offs_E, dead_S1)
         else:
             y_SD = self._experts_called(x_ND.index_select(0, token_S), offs_E)
-        y_SD = y_SD.to(x_ND.dtype) * weight_S.unsqueeze(-1).to(x_ND.dtype)
-        y_ND = x_ND.new_zeros(x_ND.shape).index_add(0, token_S, y_SD)
+        # Back to token-major order (a permutation: no scatter-add), then each token's k outputs weighted and
+        # summed by one batched matmul in the experts' dtype, so backward keeps only that output (not fp32
+        # copies of it, as an index_add of weighted rows would) and sums in a fixed order.
+        y_NkD = y_SD.index_select(0, _inverse_permutation(order_A)).view(n, k, y_SD.shape[-1])
+        y_ND = torch.bmm(weights_Nk.unsqueeze(1).to(y_NkD.dtype), y_NkD).squeeze(1).to(x_ND.dtype)
         return y_ND, tokens_per_expert, dropped
 
     def _experts_are_plain_linears(self) -> bool:
@@ -297,9 +314,9 @@ class MoeChatSparseMoeBlock(nn.Module):
                                offs_E, expert_S)
         if dead_S1 is not None:
             h_SF = h_SF.masked_fill(dead_S1, 0.0)
-        h_SF = F.gelu(h_SF, approximate="tanh")
-        y_SD = _grouped_linear(h_SF, _stack([m.weight for m in proj], dtype),
-                               _stack([m.bias for m in proj], dtype), offs_E, expert_S)
+        proj_weight = _stack([m.weight for m in proj], dtype)
+        y_SD = gelu_then(lambda a_SF: _grouped_matmul(a_SF, proj_weight, offs_E), h_SF)  # the matmul last
+        y_SD = _add_expert_bias(y_SD, _stack([m.bias for m in proj], dtype), expert_S)
         if dead_S1 is not None:  # before the routing weight: its gradient reads y
             y_SD = y_SD.masked_fill(dead_S1, 0.0)
         return self.experts[0].dropout(y_SD)
@@ -365,6 +382,12 @@ def _count_per_group(group_A: torch.Tensor, n_groups: int) -> torch.Tensor:
         0, group_A, torch.ones_like(group_A))
 
 
+def _inverse_permutation(order_A: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i, on the device (a scatter, not a second sort)."""
+    positions = torch.arange(order_A.numel(), device=order_A.device)
+    return torch.empty_like(order_A).scatter_(0, order_A, positions)
+
+
 def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """[E, ...] copy of the experts' parameters in the compute dtype (the grouped matmul does not autocast)."""
     return torch.stack([t.to(dtype) for t in tensors])
@@ -384,14 +407,20 @@ def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
 
 def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch.Tensor, offs_E: torch.Tensor,
                     expert_S: torch.Tensor) -> torch.Tensor:
-    """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E.
+    """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E."""
+    return _add_expert_bias(_grouped_matmul(x_SI, weight_EOI, offs_E), bias_EO, expert_S)
 
-    Where the grouped matmul cannot run, transformers' fallback op loops over the experts (one host sync
-    for the offsets; an opaque custom op, so torch.compile does not break the graph on it either)."""
+
+def _grouped_matmul(x_SI: torch.Tensor, weight_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """x @ W_e^T for each row range ending at offs_E. Where the grouped matmul cannot run, transformers'
+    fallback op loops over the experts (one host sync for the offsets; an opaque custom op, so
+    torch.compile does not break the graph on it either)."""
     if _grouped_mm_runs(x_SI, weight_EOI):
-        y_SO = F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
-    else:
-        y_SO = torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
+        return F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
+    return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
+
+
+def _add_expert_bias(y_SO: torch.Tensor, bias_EO: torch.Tensor, expert_S: torch.Tensor) -> torch.Tensor:
     # index_select, not bias_EO[expert_S]: advanced indexing backward accumulates with index_put_, whose CPU
     # kernel adds in a thread-dependent order (bias gradients then differ in the last bit between runs)
     return y_SO + bias_EO.index_select(0, expert_S)
@@ -668,7 +697,9 @@ class MoeChatModel(MoeChatPreTrainedModel):
         return out
 
 
-LOSS_CHUNK_TOKENS = 1024  # rows of logits per chunk: 1024 x 50260 is 0.2 GiB in fp32
+# Rows of logits per chunk: what Liger's fused linear cross-entropy picks for 8 x 1024 tokens at vocab/width
+# ~50 (next power of 2 of tokens / ceil(vocab / width)); 256 x 50260 is 49 MiB in fp32.
+LOSS_CHUNK_TOKENS = 256
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -709,7 +740,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_CV = (h_CD @ weight.t()).to(acc).softmax(dim=-1)
                 valid_C1 = (t_C != -100).unsqueeze(-1)
                 grad_CV.scatter_add_(1, t_C.clamp(min=0).unsqueeze(-1), -valid_C1.to(acc))  # - onehot
-                grad_CV = (grad_CV * (valid_C1 * grad_total)).to(dtype)
+                grad_CV = grad_CV.mul_(valid_C1 * grad_total).to(dtype)  # in place: one fp32 chunk at a time
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = grad_CV @ weight
                 if grad_weight is not None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Optional
 
 from moechat.config import ConfigError, DataConfig, MoechatError, Params, TrainConfig, load_params
 from moechat.presets import merged_params
+from moechat.modeling import LOSS_CHUNK_TOKENS  # the rows of logits the chunked loss holds at once
 from moechat.schedule import build_schedule
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 GIB = 1024**3
 CHAT_TOKENS = 3  # <|im_start|>, <|im_end|>, <|pad|> added to the base tokenizer
 BNB_BLOCK = 256  # bitsandbytes 8-bit optimizer block size (one fp32 absmax per block and moment)
-LOSS_CHUNK_TOKENS = 1024  # modeling_moechat.LOSS_CHUNK_TOKENS: rows of logits the chunked loss holds at once
 # Reserves beyond what the allocator reports. Not measured here (no GPU): the CUDA context with cuBLAS and
 # kernels takes a few hundred MiB on current drivers, and the caching allocator's block rounding and
 # split blocks typically cost 5-10% of allocated memory; we reserve the high ends.
@@ -111,11 +111,12 @@ def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointi
     a = compute bytes; under autocast the matmul inputs are saved as a-byte casts, in fp32 the saved
     LayerNorm output is the matmul input itself. Per block: the fp32 residual at ln_1 and ln_2 (4d each).
     Attention: ln_1 output (cast), q, the qkv buffer (k and v are views), the SDPA output, its fp32
-    logsumexp (4 per head) and the output projection's input: 7*a*d + 4*h. Dense MLP: ln_2 output (cast),
-    c_fc output and GELU output: a*d + 2*a*f. MoE MLP: the router's fp32 input and two [E] fp32 rows of
-    router probabilities/logits (three [E] fp32 rows), the top-k ids (int64) and weights, and per assignment
-    (k per token) three int64 indices, the expert input (cast), c_fc output, GELU output, its weight, and
-    the expert output saved twice in fp32: 4d + 12E + 12k + k * (24 + a*d + 2*a*f + 4 + 8d).
+    logsumexp (4 per head) and the output projection's input: 7*a*d + 4*h. Dense MLP: ln_2 output (cast)
+    and c_fc output (backward recomputes the GELU from it: modeling_moechat.gelu_then): a*d + a*f. MoE MLP:
+    the router's fp32 input and two [E] fp32 rows of router probabilities/logits (three [E] fp32 rows), the
+    top-k ids (int64) and weights, and per assignment (k per token) three int64 indices, the expert input
+    (cast), c_fc output, its routing weight (fp32, and cast for the combining matmul) and the expert output
+    (in the compute dtype): 4d + 12E + 12k + k * (24 + a*d + a*f + 4 + a + a*d).
     Around the stack: token ids, position ids (int64), ln_f's fp32 input and the loss's fp32 hidden rows.
     """
     a = compute_bytes(precision)
@@ -123,8 +124,8 @@ def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointi
     resid = 4 * d  # fp32 residual stream at each LayerNorm input
     attn = resid + 7 * a * d + 4 * h
     ln_out = a * d if a != 4 else 4 * d
-    dense_mlp = resid + ln_out + 2 * a * f
-    moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (24 + a * d + 2 * a * f + 4 + 8 * d)
+    dense_mlp = resid + ln_out + a * f
+    moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (24 + a * d + a * f + 4 + a + a * d)
     per_layer = [attn + (moe_mlp if model.is_moe_layer(i) else dense_mlp) for i in range(model.n_layer)]
     around = 8 + 8 + 4 * d + 4 * d
     if checkpointing:
