@@ -435,11 +435,14 @@ def test_padding_free_row_longer_than_n_positions_equals_documents_alone(backend
 
 
 def test_positions_past_the_table_are_refused_by_the_largest_position_id():
-    model = tiny_model(n_positions=16)
+    model = tiny_model(n_positions=16).eval()
     with pytest.raises(ValueError, match="position id 16 exceeds the model's n_positions=16"):
         model(tokens(17, seed=31))
     with pytest.raises(ValueError, match="position id 17 exceeds"):
         model(tokens(20, seed=31), position_ids=torch.cat([torch.arange(2), torch.arange(18)]).unsqueeze(0))
+    # training checks on the device, without waiting for it (on CPU the check still raises at once)
+    with pytest.raises(RuntimeError, match="a position id exceeds the model's n_positions=16"):
+        model.train()(tokens(20, seed=31), position_ids=torch.cat([torch.arange(2), torch.arange(18)]).unsqueeze(0))
 
 
 def test_ids_and_embeddings_agree_and_the_attention_mask_decides_padding():

@@ -112,8 +112,9 @@ def test_loop_fallback_equals_grouped_mm():
     w, b = torch.randn(3, 16, 8), torch.randn(3, 16)
     offs = torch.tensor([3, 3, 7], dtype=torch.int32)
     expert = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2, 2, 2])
-    grouped = _grouped_linear(x, w, b, offs, expert)[:7]
-    odd = _grouped_linear(x[:, :7].contiguous(), w[:, :, :7].contiguous(), b, offs, expert)[:7]  # 28-byte rows
+    onehot = torch.nn.functional.one_hot(expert, 3).float()
+    grouped = _grouped_linear(x, w, b, offs, onehot)[:7]
+    odd = _grouped_linear(x[:, :7].contiguous(), w[:, :, :7].contiguous(), b, offs, onehot)[:7]  # 28-byte rows
     ref = torch.cat([x[:3] @ w[0].t() + b[0], x[3:7] @ w[2].t() + b[2]])
     torch.testing.assert_close(grouped, ref)
     ref_odd = torch.cat([x[:3, :7] @ w[0, :, :7].t() + b[0], x[3:7, :7] @ w[2, :, :7].t() + b[2]])

@@ -310,13 +310,14 @@ class MoeChatSparseMoeBlock(nn.Module):
         x_SD = x_SD.to(dtype)
         if dead_S1 is not None:
             x_SD = x_SD.masked_fill(dead_S1, 0.0)
+        onehot_SE = _one_hot(expert_S, self.num_experts, dtype)
         h_SF = _grouped_linear(x_SD, _stack([m.weight for m in fc], dtype), _stack([m.bias for m in fc], dtype),
-                               offs_E, expert_S)
+                               offs_E, onehot_SE)
         if dead_S1 is not None:
             h_SF = h_SF.masked_fill(dead_S1, 0.0)
         proj_weight = _stack([m.weight for m in proj], dtype)
         y_SD = gelu_then(lambda a_SF: _grouped_matmul(a_SF, proj_weight, offs_E), h_SF)  # the matmul last
-        y_SD = _add_expert_bias(y_SD, _stack([m.bias for m in proj], dtype), expert_S)
+        y_SD = _add_expert_bias(y_SD, _stack([m.bias for m in proj], dtype), onehot_SE)
         if dead_S1 is not None:  # before the routing weight: its gradient reads y
             y_SD = y_SD.masked_fill(dead_S1, 0.0)
         return self.experts[0].dropout(y_SD)
@@ -406,9 +407,9 @@ def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
 
 
 def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch.Tensor, offs_E: torch.Tensor,
-                    expert_S: torch.Tensor) -> torch.Tensor:
+                    onehot_SE: torch.Tensor) -> torch.Tensor:
     """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E."""
-    return _add_expert_bias(_grouped_matmul(x_SI, weight_EOI, offs_E), bias_EO, expert_S)
+    return _add_expert_bias(_grouped_matmul(x_SI, weight_EOI, offs_E), bias_EO, onehot_SE)
 
 
 def _grouped_matmul(x_SI: torch.Tensor, weight_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -420,10 +421,16 @@ def _grouped_matmul(x_SI: torch.Tensor, weight_EOI: torch.Tensor, offs_E: torch.
     return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
 
 
-def _add_expert_bias(y_SO: torch.Tensor, bias_EO: torch.Tensor, expert_S: torch.Tensor) -> torch.Tensor:
-    # index_select, not bias_EO[expert_S]: advanced indexing backward accumulates with index_put_, whose CPU
-    # kernel adds in a thread-dependent order (bias gradients then differ in the last bit between runs)
-    return y_SO + bias_EO.index_select(0, expert_S)
+def _one_hot(expert_S: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[S, E] rows of 0/1 (F.one_hot checks its input's range with a host sync on CPU)."""
+    return (expert_S.unsqueeze(-1) == torch.arange(n_experts, device=expert_S.device)).to(dtype)
+
+
+def _add_expert_bias(y_SO: torch.Tensor, bias_EO: torch.Tensor, onehot_SE: torch.Tensor) -> torch.Tensor:
+    """y + b_e for each row's expert e, as y + onehot @ bias: one fused BLAS call, whose backward sums each
+    expert's rows with a matmul (deterministic and far faster on CPU than the scatter-add that the
+    backward of gathering bias rows by index does)."""
+    return torch.addmm(y_SO, onehot_SE, bias_EO)
 
 
 def _import_tutel():
@@ -652,15 +659,19 @@ class MoeChatModel(MoeChatPreTrainedModel):
 
     def _check_positions(self, position_ids_BT: torch.Tensor, known_max: Optional[int]) -> None:
         """Refuse positions past the learned table, by the largest position id (not the row length), so a
-        padding-free row of several documents is fine as long as each fits. Syncs only when the bound
-        known on the host does not already prove it."""
-        if known_max is not None and known_max < self.config.n_positions:
+        padding-free row of several documents is fine as long as each fits. No host sync when the bound
+        known on the host proves it, nor in training (an asynchronous device-side check: a training step
+        must not wait for the GPU; the packed rows were checked when they were prepared)."""
+        n = self.config.n_positions
+        if known_max is not None and known_max < n:
+            return
+        if self.training:
+            torch._assert_async(position_ids_BT.max() < n, f"a position id exceeds the model's n_positions={n}")
             return
         largest = int(position_ids_BT.max())
-        if largest >= self.config.n_positions:
-            raise ValueError(f"position id {largest} exceeds the model's n_positions={self.config.n_positions}: "
-                             f"cut the documents (or the prompt plus max_new_tokens) to {self.config.n_positions} "
-                             f"tokens")
+        if largest >= n:
+            raise ValueError(f"position id {largest} exceeds the model's n_positions={n}: cut the documents (or "
+                             f"the prompt plus max_new_tokens) to {n} tokens")
 
     @staticmethod
     def _routed_tokens(attention_mask: Any, past: int, T: int) -> Optional[torch.Tensor]:
