@@ -1,4 +1,4 @@
-"""Time to first token of `moechat chat`, full-precision export vs GPTQ 4-bit, side by side (issue 13, item 8).
+"""Time to first token of `moechat chat`, full-precision export vs GPTQ 4-bit, side by side.
 
 What a user waits for: from starting `moechat chat DIR --prompt ...` to the first character of the reply
 on stdout (a fresh process each time: Python start, imports, loading the folder, the prompt's forward

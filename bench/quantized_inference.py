@@ -1,4 +1,4 @@
-"""Chat inference, full-precision export vs GPTQ 4-bit, side by side (issue 6, item 5).
+"""Chat inference, full-precision export vs GPTQ 4-bit, side by side.
 
 Each variant runs in its own process (so peak memory is its own): load the folder the way `moechat chat`
 does, warm up, then greedy-generate `--new-tokens` tokens for each prompt through the chat template (eos

@@ -1,4 +1,4 @@
-"""Scratch MoE vs upcycled MoE vs the dense parent fine-tuned on the same tokens (issue 9, item 6).
+"""Scratch MoE vs upcycled MoE vs the dense parent fine-tuned on the same tokens.
 
 Three `dvc exp run`s of the reference pipeline (same data, schedule and seed; only `model.*` differs), then
 one table of val assistant loss and the lm-eval scores, with the GPU named:

@@ -282,8 +282,8 @@ def render(plan: MemoryPlan) -> str:
 # row, 165.2 dense TFLOPS for 128 SMs at 2.52 GHz, gives the per-SM rate).
 RTX_4060_TI_BF16_FLOPS = 34 * 2.535e9 * 512
 DEFAULT_MFU = 0.30  # an assumption for the projection, not a measurement: metrics/train.json records the real MFU
-# English OASST1 train split: ~1.4M tokens per epoch with thread_policy best (issue 9's measurement of the
-# landed prepare stage, 1.3-1.5M); `all` has 5.1x the tokens of `best` on the real 100-tree sample
+# English OASST1 train split: ~1.4M tokens per epoch with thread_policy best (what the prepare stage reports on the
+# full English OASST1, 1.3-1.5M); `all` has 5.1x the tokens of `best` on the real 100-tree sample
 # (metrics/bench_data.json: 175,467 vs 34,407 train tokens). Packed blocks are ~96% full (same file).
 OASST1_EN_BEST_TOKENS = 1.4e6
 OASST1_ALL_OVER_BEST = 5.1
