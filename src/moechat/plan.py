@@ -16,8 +16,8 @@ The estimate adds up what a training step keeps resident on one GPU, in bytes:
                block's activations during its recomputation
   logits       none held: the chunked loss (MoeChatForCausalLM.chunked_lm_loss) keeps a compute-dtype
                copy of lm_head's weight and an fp32 gradient accumulator for it: vocab x d x (a + 4) B
-  loss         one chunk of LOSS_CHUNK_TOKENS rows during the loss backward: its logits in the compute
-               dtype, their fp32 softmax and the compute-dtype gradient: chunk x vocab x (a + 4 + a) B
+  backward     the larger of the loss backward's chunk of logits and one block's gradient buffers
+               (`backward_bytes`); they never coexist
 Under DeepSpeed ZeRO-2 over W GPUs, grads and optimizer state are divided by W.
 
 Headroom: the sum above is what PyTorch's allocator hands out. A card also holds the CUDA context and
@@ -73,7 +73,7 @@ class MemoryPlan:
     casts_gb: float
     activations_gb: float
     logits_gb: float
-    loss_gb: float
+    backward_gb: float
     allocated_gb: float  # the sum of the terms above: what torch.cuda.max_memory_allocated would show
     headroom_gb: float  # CUDA context + fragmentation reserve
     total_gb: float  # allocated + headroom: what must fit the card
@@ -119,6 +119,15 @@ def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointi
     (in the compute dtype): 4d + 12E + 12k + k * (24 + a*d + a*f + 4 + a + a*d).
     Around the stack: token ids, position ids (int64), ln_f's fp32 input and the loss's fp32 hidden rows.
     """
+    per_layer = block_bytes_per_token(model, precision)
+    around = 8 + 8 + 4 * model.n_embd + 4 * model.n_embd
+    if checkpointing:  # each block's fp32 input, and one block's activations while it is recomputed
+        return around + model.n_layer * 4 * model.n_embd + max(per_layer)
+    return float(around + sum(per_layer))
+
+
+def block_bytes_per_token(model: MoeChatConfig, precision: str) -> list[float]:
+    """Saved-for-backward bytes per token of each block (see `activation_bytes_per_token`)."""
     a = compute_bytes(precision)
     d, f, k, e, h = model.n_embd, model.n_inner, model.num_experts_per_tok, model.num_experts, model.n_head
     resid = 4 * d  # fp32 residual stream at each LayerNorm input
@@ -126,11 +135,23 @@ def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointi
     ln_out = a * d if a != 4 else 4 * d
     dense_mlp = resid + ln_out + a * f
     moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (24 + a * d + a * f + 4 + a + a * d)
-    per_layer = [attn + (moe_mlp if model.is_moe_layer(i) else dense_mlp) for i in range(model.n_layer)]
-    around = 8 + 8 + 4 * d + 4 * d
+    return [float(attn + (moe_mlp if model.is_moe_layer(i) else dense_mlp)) for i in range(model.n_layer)]
+
+
+def backward_bytes(model: MoeChatConfig, precision: str, checkpointing: bool, tokens: int, vocab_size: int) -> float:
+    """What backward holds beyond the saved activations at its peak: the larger of the loss phase (one chunk
+    of LOSS_CHUNK_TOKENS logits in the compute dtype, their fp32 softmax and the compute-dtype gradient:
+    a + 4 + a bytes each) and one block's gradient buffers (the MLP's: the gradients of the GELU output and
+    input side by side and of its input, k x (2*a*f + a*d) per token in an MoE block). The loss backward
+    ends before the first block's backward starts, so they never coexist; with checkpointing the block's
+    recomputed activations (counted in `activation_bytes_per_token`) do not coexist with the loss either."""
+    a = compute_bytes(precision)
+    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * (a + 4 + a)
     if checkpointing:
-        return around + model.n_layer * resid + max(per_layer)
-    return float(around + sum(per_layer))
+        loss -= tokens * max(block_bytes_per_token(model, precision))
+    f, d = model.n_inner, model.n_embd
+    k = model.num_experts_per_tok if model.moe_layer_indices() else 1
+    return float(max(loss, tokens * k * (2 * a * f + a * d)))
 
 
 def estimate(model: MoeChatConfig, train: TrainConfig, vocab_size: int, micro_batch_size: Optional[int] = None,
@@ -154,9 +175,9 @@ def estimate(model: MoeChatConfig, train: TrainConfig, vocab_size: int, micro_ba
     casts = 0 if a == 4 else a * (p - pc.embedding)
     acts = tokens * activation_bytes_per_token(model, precision, train.gradient_checkpointing)
     head = vocab_size * model.n_embd * ((0 if a == 4 else a) + 4)
-    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * (a + 4 + a)
+    backward = backward_bytes(model, precision, train.gradient_checkpointing, tokens, vocab_size)
     parts = dict(weights_gb=4 * p, grads_gb=4 * p / shard, optimizer_gb=opt_bytes / shard, casts_gb=casts,
-                 activations_gb=acts, logits_gb=head, loss_gb=loss)
+                 activations_gb=acts, logits_gb=head, backward_gb=backward)
     gb = {k: v / GIB for k, v in parts.items()}
     allocated = sum(gb.values())
     headroom = FRAGMENTATION * allocated + CUDA_CONTEXT_GB
@@ -264,7 +285,7 @@ def vocab_size_for(params_tokenizer_source: str, tokenizer_vocab: int, tokenizer
 def render(plan: MemoryPlan) -> str:
     rows = [("weights", plan.weights_gb), ("grads", plan.grads_gb), (f"optimizer ({plan.optimizer})", plan.optimizer_gb),
             ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb),
-            ("lm_head cast + grad", plan.logits_gb), ("loss (one chunk)", plan.loss_gb),
+            ("lm_head cast + grad", plan.logits_gb), ("backward working set", plan.backward_gb),
             ("allocated", plan.allocated_gb), ("CUDA context + fragm.", plan.headroom_gb)]
     lines = [f"{plan.params / 1e6:.1f}M params, micro-batch {plan.micro_batch_size} x seq {plan.seq_len}, "
              f"{plan.precision}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}"]
