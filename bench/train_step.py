@@ -1,6 +1,6 @@
 """Full training-step benchmark: tokens/s, MFU (named peak), peak memory and the planner's estimate side by side.
 
-GPU (the reference config, seq 1024, bf16 autocast, bnb 8-bit AdamW): micro-batch 1/2/4/8 x gradient
+GPU (the reference config, seq 1024, bf16 autocast, bnb 8-bit AdamW): micro-batch 1/2/4/8/16 x gradient
 checkpointing off/on, once uncapped and once capped at 16 GiB with
 `torch.cuda.set_per_process_memory_fraction`; then the seed's recipe (every example padded to 1024, fp16 with
 loss scaling, torch AdamW, micro-batch 1) converted to real-data tokens/s with the padding efficiencies that
@@ -131,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     seq = base.seq_len if args.tiny else 1024
     steps = args.steps or (10 if cuda else 3)
     vocab = VOCAB if cuda else 515
-    micro_batches = (1, 2, 4, 8) if cuda else (1, 2, 4)
+    micro_batches = (1, 2, 4, 8, 16) if cuda else (1, 2, 4)
     caps = (None, 16.0) if cuda else (None,)
     rows = []
     for cap in caps:
