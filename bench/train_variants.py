@@ -1,15 +1,17 @@
-"""Training step before/after, side by side: full-logits loss vs chunked loss, and train.compile.
+"""Training step before/after, side by side: full-logits loss vs chunked loss, GELUs saved vs recomputed,
+and train.compile.
 
 Every variant runs `moechat.train.train_step` (the loop's own step) on the same synthetic packed batches,
 in a fresh subprocess so that its peak memory is its own:
   full_logits   the previous loss: lm_head over every position, then cross-entropy on the full logits
-  chunked       MoeChatForCausalLM's chunked loss (the default now): logits never held whole
+  gelu_saved    the chunked loss, with every MLP keeping its GELU output for backward (the previous MLP)
+  chunked       the model as it is: chunked loss, GELUs recomputed in backward (modeling_moechat.gelu_then)
   chunked+compile  the same with train.compile (each block torch.compile'd; compile time is in warmup)
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on CPU the growth of the process's peak RSS over
 its RSS after setup (model, optimizer, batches built), a coarser figure that includes allocator slack.
 
     python bench/train_variants.py                 # CPU: a scaled config (d 128, vocab 50260), fp32
-    python bench/train_variants.py --device cuda   # GPU: the reference config, bf16, 8 x 1024
+    python bench/train_variants.py --device cuda   # GPU: the reference config, bf16, 16 x 1024
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import device_name  # noqa: E402
 
-VARIANTS = ("full_logits", "chunked", "chunked+compile")
+VARIANTS = ("full_logits", "gelu_saved", "chunked", "chunked+compile")
 
 
 class FullLogitsLoss(torch.nn.Module):
@@ -61,13 +63,17 @@ def run_variant(variant: str, device: str, steps: int, warmup: int) -> dict[str,
     cuda = device == "cuda"
     if cuda:
         dims = dict(n_embd=1024, n_layer=8, n_head=16, n_inner=4096, num_experts=10)
-        mb, seq, precision, optimizer = 8, 1024, "bf16", "adamw_8bit"
+        mb, seq, precision, optimizer = 16, 1024, "bf16", "adamw_8bit"
     else:
         dims = dict(n_embd=128, n_layer=2, n_head=4, n_inner=512, num_experts=4)
         mb, seq, precision, optimizer = 8, 256, "fp32", "adamw"
     vocab = 50260
     cfg = dataclasses.replace(load_params("params.yaml").train, seq_len=seq, micro_batch_size=mb, grad_accum=1, optimizer=optimizer,
                               precision=precision, gradient_checkpointing=False, compile=variant.endswith("compile"))
+    if variant == "gelu_saved":
+        import moechat.modeling_moechat as modeling
+
+        modeling.gelu_then = lambda linear, h: linear(torch.nn.functional.gelu(h, approximate="tanh"))
     torch.manual_seed(0)
     model = MoeChatForCausalLM(MoeChatConfig(vocab_size=vocab, n_positions=seq, num_experts_per_tok=2, moe_every=2,
                                              pad_token_id=0, eos_token_id=2, **dims))
@@ -140,6 +146,12 @@ def main() -> None:
             by["chunked"]["tokens_per_s"] / by["full_logits"]["tokens_per_s"], 3)
         if by["full_logits"][mem_key]:
             ratios["chunked_over_full_step_memory"] = round(by["chunked"][mem_key] / by["full_logits"][mem_key], 3)
+    if "gelu_saved" in by and "chunked" in by:
+        ratios["gelu_recomputed_over_saved_tokens_per_s"] = round(
+            by["chunked"]["tokens_per_s"] / by["gelu_saved"]["tokens_per_s"], 3)
+        if by["gelu_saved"][mem_key]:
+            ratios["gelu_recomputed_over_saved_step_memory"] = round(
+                by["chunked"][mem_key] / by["gelu_saved"][mem_key], 3)
     if "chunked" in by and "chunked+compile" in by:
         ratios["compile_over_eager_tokens_per_s"] = round(
             by["chunked+compile"]["tokens_per_s"] / by["chunked"]["tokens_per_s"], 3)
