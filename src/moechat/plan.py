@@ -114,9 +114,10 @@ def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointi
     logsumexp (4 per head) and the output projection's input: 7*a*d + 4*h. Dense MLP: ln_2 output (cast)
     and c_fc output (backward recomputes the GELU from it: modeling_moechat.gelu_then): a*d + a*f. MoE MLP:
     the router's fp32 input and two [E] fp32 rows of router probabilities/logits (three [E] fp32 rows), the
-    top-k ids (int64) and weights, and per assignment (k per token) three int64 indices, the expert input
-    (cast), c_fc output, its routing weight (fp32, and cast for the combining matmul) and the expert output
-    (in the compute dtype): 4d + 12E + 12k + k * (24 + a*d + a*f + 4 + a + a*d).
+    top-k ids (int64) and weights, and per assignment (k per token) two int64 indices (the gather and the
+    inverse permutation), its expert one-hot row (the bias matmul's), the expert input (cast), c_fc output,
+    its routing weight (fp32, and cast for the combining matmul) and the expert output (in the compute
+    dtype): 4d + 12E + 12k + k * (16 + a*E + a*d + a*f + 4 + a + a*d).
     Around the stack: token ids, position ids (int64), ln_f's fp32 input and the loss's fp32 hidden rows.
     """
     per_layer = block_bytes_per_token(model, precision)
@@ -134,7 +135,7 @@ def block_bytes_per_token(model: MoeChatConfig, precision: str) -> list[float]:
     attn = resid + 7 * a * d + 4 * h
     ln_out = a * d if a != 4 else 4 * d
     dense_mlp = resid + ln_out + a * f
-    moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (24 + a * d + a * f + 4 + a + a * d)
+    moe_mlp = resid + 4 * d + 12 * e + 12 * k + k * (16 + a * e + a * d + a * f + 4 + a + a * d)
     return [float(attn + (moe_mlp if model.is_moe_layer(i) else dense_mlp)) for i in range(model.n_layer)]
 
 
