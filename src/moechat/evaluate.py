@@ -20,9 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.chat import leaves_room_for_a_prompt
 from moechat.config import ConfigError, EvalConfig, MoechatError
+from moechat.labels import target_mask
 from moechat.router_tally import RouterTally
-
-IGNORE = -100
 
 
 class EvalDataError(MoechatError, ValueError):
@@ -99,7 +98,7 @@ def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor)
     """Add one batch's summed NLL and correct predictions (labels shifted: t predicts t+1)."""
     logits = logits_BTV[:, :-1].float()
     targets = labels_BT[:, 1:]
-    keep = targets != IGNORE
+    keep = target_mask(labels_BT)
     tally.nll_sum += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
     tally.correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
     tally.targets += int(keep.sum())

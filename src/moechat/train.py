@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
+from moechat.labels import target_mask
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.router_tally import RouterTally
@@ -326,8 +327,8 @@ def micro_batches(blocks: dict[str, torch.Tensor], rows: torch.Tensor, micro_bat
 
 
 def count_targets(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss after the model's shift (labels[:, 1:] != -100)."""
-    return int((labels[:, 1:] != -100).sum())
+    """Tokens that carry a loss after the model's shift."""
+    return int(target_mask(labels).sum())
 
 
 # ----------------------------------------------------------------------------------------------------
