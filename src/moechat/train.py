@@ -1,4 +1,4 @@
-"""The training loop: `train -> train_step -> evaluate`, one loop for every engine.
+"""The training loop: `train -> train_step -> validate`, one loop for every engine.
 
 accelerate is the one seam for the engine: device placement, autocast (bf16/fp16 with a GradScaler),
 gradient accumulation, DDP (NCCL, or gloo on CPU) and DeepSpeed ZeRO-2 all come from `Accelerator`, so
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import resource
@@ -38,6 +37,7 @@ from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.router_tally import RouterTally
 from moechat.schedule import Schedule, build_schedule, lr_multiplier, steps_per_epoch
+from moechat.val_loss import count_batches, val_sums
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 # Dense 16-bit tensor-core peaks (no sparsity: half the datasheets' "with sparsity" figures) from NVIDIA's
@@ -332,7 +332,7 @@ def count_targets(labels: torch.Tensor) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step, evaluation
+# Step, validation
 
 
 @dataclass
@@ -385,25 +385,21 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
+def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
              max_batches: int) -> dict[str, float]:
     """Token-weighted LM loss over the first `max_batches` val micro-batches (fixed rows, shared over
-    processes) plus the mean router losses."""
+    processes) plus the mean router losses. The loss is chunked (`val_sums` without accuracy): a validation
+    pass never holds the [B, T, V] logits."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    n_batches = count_batches(val["input_ids"].shape[0], micro_batch, max_batches)
+    batches = ({c: val[c][b * micro_batch:(b + 1) * micro_batch] for c in COLUMNS}
+               for b in range(rank, n_batches, world))
     model.eval()
-    n_batches = min(max_batches, math.ceil(val["input_ids"].shape[0] / micro_batch))
-    sums = torch.zeros(4, device=accelerator.device)  # lm token sum, targets, aux, z
-    for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
-        batch = {c: val[c][b * micro_batch:(b + 1) * micro_batch].to(accelerator.device) for c in COLUMNS}
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                    num_items_in_batch=1, use_cache=False, logits_to_keep=1)  # the loss alone: no full logits
-        sums += torch.stack([out.lm_loss.float(), torch.tensor(float(count_targets(batch["labels"])),
-                                                               device=sums.device),
-                             out.aux_loss.float(), out.z_loss.float()])
-    sums = accelerator.reduce(sums, reduction="sum")
+    sums = val_sums(model, batches, accelerator.device).reduced(lambda t: accelerator.reduce(t, reduction="sum"))
     model.train()
-    lm_sum, targets, aux, z = sums.tolist()
-    return {"lm_loss": lm_sum / max(targets, 1), "aux_loss": aux / max(n_batches, 1), "z_loss": z / max(n_batches, 1)}
+    s = sums.values()
+    return {"lm_loss": s["nll"] / max(s["targets"], 1), "aux_loss": s["aux_loss"] / max(s["batches"], 1),
+            "z_loss": s["z_loss"] / max(s["batches"], 1)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -742,7 +738,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         if run.live is not None:
             run.live.end()
     # a checkpoint from before val losses were kept in it has none
-    val = run.state.last_val or evaluate(run.model, run.accelerator, run.val_blocks, run.cfg.micro_batch_size,
+    val = run.state.last_val or validate(run.model, run.accelerator, run.val_blocks, run.cfg.micro_batch_size,
                                          run.cfg.eval_batches)
     save_final(run.model, run.accelerator, init_dir, out_dir)
     return summary(run, val, start_step, time.perf_counter() - wall_start)
@@ -765,7 +761,7 @@ def one_line_errors(run: Run) -> Iterator[None]:
 
 
 def train_loop(run: Run) -> None:
-    """Optimizer steps from `run.state.step` to the schedule's end: log, evaluate and checkpoint on schedule.
+    """Optimizer steps from `run.state.step` to the schedule's end: log, validate and checkpoint on schedule.
     `run.state` is advanced after every step, so an error names the step it happened in."""
     cfg, acc, live = run.cfg, run.accelerator, run.live
     rank, world, total_steps = acc.process_index, acc.num_processes, run.schedule.total_steps
@@ -796,7 +792,7 @@ def train_loop(run: Run) -> None:
                 log_step(live, step, stats, lr, stats.tokens / dt)
                 log_expert_shares(run.live_dir, step, stats.router)
             if step % cfg.eval_every == 0 or step == total_steps:
-                val = evaluate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
+                val = validate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 run.state = dataclasses.replace(run.state, last_val={**val, "step": step})
                 if live is not None:
                     log_val(live, step, val)
@@ -852,5 +848,5 @@ def log_step(live: Any, step: int, s: StepStats, lr: float, tokens_per_s: float)
         live.log_metric(f"moe/layer{r['layer']}/dropped_share", r["dropped_share"])
 
 
-__all__ = ["train", "train_step", "evaluate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
+__all__ = ["train", "train_step", "validate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
            "resolve_precision", "param_groups", "lr_multiplier", "BatchStream"]
