@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
 from moechat.data.chat import load_packed
 from moechat.chat import resolve_device
-from moechat.evaluate import evaluate, load_model, share_rows
+from moechat.evaluate import evaluate, share_rows
 from moechat.harness import run_lm_eval, task_manager
 from moechat.io import write_json
 from moechat.metrics import write_stage_report
+from moechat.model_folder import load_model, load_tokenizer
 
 
 # What `dvc metrics` compares, plus router.* (the per-layer averages) when the model has MoE blocks; the
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     manager = task_manager(params.eval)  # lm-eval tasks checked before the val pass
-    model, tokenizer = load_model(args.model, device)
+    # fp32: exact, and cheap on a GPU; this project's CPUs run 16-bit matmuls ~100x slower
+    model, tokenizer = load_model(args.model, device, torch.float32), load_tokenizer(args.model)
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
     if params.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(model, tokenizer, params.eval, params.seed, manager)

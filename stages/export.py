@@ -13,7 +13,7 @@ import torch
 
 from moechat.stage import run_stage  # first: it filters third-party import-time chatter
 from moechat.config import load_params
-from moechat.evaluate import load_model
+from moechat.model_folder import load_model, load_tokenizer
 from moechat.export import export_model, read_metrics
 
 
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    model, tokenizer = load_model(args.model, torch.device("cpu"))  # export only copies weights
+    # export only copies the weights: on the CPU, in the fp32 train saved
+    model, tokenizer = load_model(args.model, torch.device("cpu"), torch.float32), load_tokenizer(args.model)
     summary = export_model(model, tokenizer, params, read_metrics(args.metrics_dir), args.out, args.max_shard_size)
     print(f"export: {args.out}: {len(summary['shards'])} safetensors shard(s), {summary['weight_bytes']:,} bytes, "
           f"{summary['params']['total']:,} params ({summary['params']['active']:,} active per token)")

@@ -9,7 +9,6 @@ exact top-k assignments it made.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -186,19 +185,3 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, val: An
     metrics["dead_expert_threshold"] = cfg.dead_expert_threshold
     samples = generate_samples(model, tokenizer, cfg, seed)
     return metrics, samples
-
-
-def load_model(model_dir: str | Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A moechat save_pretrained folder (weights + tokenizer) in fp32 on `device` (fp32 because this
-    project's CPUs run bf16/fp16 matmuls ~100x slower; on a GPU fp32 evaluation is exact and cheap)."""
-    import moechat.modeling  # noqa: F401  (registers MoeChatConfig / MoeChatForCausalLM)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; run the stage that writes it (dvc repro)")
-    # the installed moechat classes, never the folder's code files; safetensors only, never a pickle
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    return model.eval(), tokenizer

@@ -33,6 +33,7 @@ from moechat import checkpoint as ckpt
 from moechat import plan
 from moechat.io import atomic_dir
 from moechat.labels import target_mask
+from moechat.model_folder import load_model
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.router_tally import RouterTally
@@ -472,13 +473,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / plan.GIB, "host max RSS (CPU run)"
 
 
-def load_model(init_dir: Path) -> torch.nn.Module:
-    import moechat.modeling  # noqa: F401  (registers the moechat Auto classes)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
-
-
 def agree_on_resume(accelerator: Accelerator, resume: Optional[Path], folder: Path) -> None:
     """Every process resumes from the same step. A file damaged for one rank only (its RNG state or optimizer
     shard) makes that rank fall back alone; continuing would mix two checkpoints, so this refuses instead."""
@@ -631,7 +625,7 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     world = accelerator.num_processes
     set_seed(seed)
 
-    model = load_model(init_dir)
+    model = load_model(init_dir, torch.device("cpu"), torch.float32)  # fp32 master weights; accelerate places them
     model_cfg, vocab = model.config, model.config.vocab_size
     plan.preflight(model_cfg, cfg, vocab, world, *device_memory(accelerator.device))
     if cfg.gradient_checkpointing:
