@@ -48,14 +48,14 @@ def count_batches(n_rows: int, batch_size: int, max_batches: Optional[int] = Non
 @torch.no_grad()
 def val_sums(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
              accuracy: bool = False, router: Optional[RouterTally] = None) -> ValSums:
-    """Run `model` (in eval mode) over `batches` of packed rows (`input_ids`, `labels`, `position_ids`, each
-    [B, T]) and sum what `ValSums` holds on `device`.
+    """Run `model` over `batches` of packed rows (`input_ids`, `labels`, `position_ids`, each [B, T]) and sum
+    what `ValSums` holds on `device`. The caller puts the model in eval mode (a DeepSpeed engine does not
+    report it, so it is not checked here).
 
     Without `accuracy` the model computes the loss chunked (`logits_to_keep=1`): the [B, T, V] logits are
     never held, which a validation loop inside training needs. With it the full logits are kept for the
     top-1 predictions, and the loss comes from them. With `router` (a RouterTally) each batch's routing is
     added to it."""
-    assert not model.training, "val_sums runs the model in eval mode (train mode returns no logits)"
     totals = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
     zero, one = totals.new_zeros(()), totals.new_ones(())
     for batch in batches:
