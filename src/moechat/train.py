@@ -30,7 +30,7 @@ from accelerate.utils.operations import ConvertOutputsToFp32
 from tqdm.auto import tqdm
 
 from moechat import checkpoint as ckpt
-from moechat import plan
+from moechat import curves, plan
 from moechat.io import atomic_dir
 from moechat.labels import target_mask
 from moechat.model_folder import load_model
@@ -51,8 +51,6 @@ PEAK_FLOPS_16BIT = (
     ("GH200", 989e12), ("A100", 312e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("V100 PCIe", 112e12), ("V100", 125e12), ("T4", 65e12),
 )
-LIVE_METRICS_SUBDIR = Path("plots") / "metrics"
-EXPERT_SHARES_SUBDIR = Path("plots") / "expert_shares"
 
 
 class NonFiniteLossError(MoechatError, RuntimeError):
@@ -347,6 +345,9 @@ class StepStats:
     targets: int  # positions with a loss, every process
     router: list[dict[str, Any]]  # per MoE layer: layer, expert_share (list), dropped_share
 
+    def losses(self) -> dict[str, float]:
+        return {"loss": self.loss, "lm_loss": self.lm_loss, "aux_loss": self.aux_loss, "z_loss": self.z_loss}
+
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
                batches: list[dict[str, torch.Tensor]], n_targets_global: int, grad_clip: float,
@@ -404,25 +405,7 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, to
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging, accounting
-
-
-def log_expert_shares(live_dir: Path, step: int, router: list[dict[str, Any]]) -> None:
-    """Append this step's routing to one long-format TSV per MoE layer,
-    `<live>/plots/expert_shares/layer{i}.tsv` (`step, series, share`; series `expert0..N-1` and
-    `dropped`), so one chart per layer draws every expert (dvc_templates/expert_shares.json). Each call
-    opens, appends and closes, like DVCLive's own rows, so the checkpoint's copy of the live folder is
-    consistent."""
-    folder = Path(live_dir) / EXPERT_SHARES_SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
-    for r in router:
-        path = folder / f"layer{r['layer']}.tsv"
-        rows = [f"{step}\texpert{e}\t{share}\n" for e, share in enumerate(r["expert_share"])]
-        rows.append(f"{step}\tdropped\t{r['dropped_share']}\n")
-        with open(path, "a", encoding="utf-8", newline="") as f:
-            if f.tell() == 0:
-                f.write("step\tseries\tshare\n")
-            f.write("".join(rows))
+# Accounting (throughput, memory, what to lower on OOM), resume agreement, the final model
 
 
 def match_peak_flops(device_name: str) -> Optional[tuple[str, float]]:
@@ -497,79 +480,6 @@ def save_final(model: torch.nn.Module, accelerator: Accelerator, init_dir: Path,
             if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" \
                     and not f.name.endswith(".index.json"):
                 shutil.copy2(f, tmp / f.name)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The DVCLive curves: they belong to the checkpoint lineage, so a copy travels inside every checkpoint
-
-LIVE_COPY = "live"  # inside a checkpoint: the DVCLive curves of its lineage up to its step
-LIVE_ITEMS = ("plots", "metrics.json")  # what of a DVCLive folder a checkpoint keeps and restores
-
-
-def snapshot_live(live_dir: Path, checkpoint: Path) -> None:
-    """Copy the DVCLive items (`plots/`, `metrics.json`) that exist in `live_dir` into `checkpoint/live`
-    (called on the unpublished checkpoint folder, after this step's rows are flushed)."""
-    dst = Path(checkpoint) / LIVE_COPY
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in LIVE_ITEMS:
-        item = Path(live_dir) / name
-        if item.is_dir():
-            shutil.copytree(item, dst / name)
-        elif item.is_file():
-            shutil.copy2(item, dst / name)
-
-
-def reset_live(live_dir: Path) -> None:
-    """Empty the DVCLive items of `live_dir`: a fresh experiment must not inherit curves (or extra
-    per-expert series) that another experiment left in the workspace."""
-    for name in LIVE_ITEMS:
-        item = Path(live_dir) / name
-        if item.is_dir():
-            shutil.rmtree(item)
-        elif item.exists():
-            item.unlink()
-
-
-def restore_live(checkpoint: Path, live_dir: Path, step: int) -> bool:
-    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint` (of `step`).
-
-    Whatever the workspace holds (another experiment's curves, rows a crashed run wrote past this step,
-    a row torn by kill -9, or nothing because DVC removed a non-persistent out) is discarded: the copy was
-    taken after the step's rows were flushed, so it is consistent. A crash during the restore is harmless,
-    the next run restores again from the same copy. A checkpoint written before curves were saved with it
-    has no copy: then the workspace curves are kept up to `step` (rows past it and torn rows are cut),
-    since they are the only record of the steps before it, and False is returned."""
-    saved = Path(checkpoint) / LIVE_COPY
-    if not saved.is_dir():
-        trim_live(live_dir, step)
-        return False
-    reset_live(live_dir)
-    shutil.copytree(saved, live_dir, dirs_exist_ok=True)
-    return True
-
-
-def trim_live(live_dir: Path, step: int) -> None:
-    """Cut every curve TSV under `live_dir/plots` to its rows of steps <= `step`; torn rows go too."""
-    plots = Path(live_dir) / "plots"
-    for path in sorted(plots.rglob("*.tsv")) if plots.is_dir() else []:
-        lines = path.read_text(encoding="utf-8").split("\n")
-        header = lines[0].split("\t")
-        if "step" not in header:
-            continue
-        column = header.index("step")
-        kept = [line for line in lines[1:] if _row_step(line, len(header), column) is not None
-                and _row_step(line, len(header), column) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("\n".join([lines[0], *kept]) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _row_step(line: str, n_fields: int, column: int) -> Optional[int]:
-    """The step of one TSV row, or None for a torn (short or non-numeric) row."""
-    fields = line.split("\t")
-    if len(fields) != n_fields or not fields[column].isdigit():
-        return None
-    return int(fields[column])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -683,26 +593,10 @@ def resume(run: Run) -> Optional[Path]:
     return path
 
 
-def open_live(run: Run, resumed_from: Optional[Path]) -> None:
-    """The DVCLive logger (main process), its curves those of the checkpoint lineage: restored from the
-    checkpoint when resuming (whatever another experiment or a crashed run left in the workspace), empty
-    on a fresh start."""
-    if not run.accelerator.is_main_process:
-        return
-    from dvclive import Live
-
-    if resumed_from is None:
-        reset_live(run.live_dir)
-    elif not restore_live(resumed_from, run.live_dir, run.state.step):
-        run.accelerator.print(f"{resumed_from} holds no copy of the DVCLive curves (written by an older moechat); "
-                              f"kept the curves in {run.live_dir} up to step {run.state.step}")
-    run.live = Live(str(run.live_dir), resume=resumed_from is not None, save_dvc_exp=False, dvcyaml=None)
-
-
 def save(run: Run) -> Path:
     """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included."""
     acc = run.accelerator
-    snapshot = (lambda folder: snapshot_live(run.live_dir, folder)) if run.live is not None else None
+    snapshot = (lambda folder: curves.snapshot_live(run.live_dir, folder)) if run.live is not None else None
     return ckpt.save_checkpoint(
         run.checkpoint_dir, run.state, run.raw_model, run.inner_optimizer.state_dict(), run.scheduler.state_dict(),
         run.cfg.keep_checkpoints, rank=acc.process_index, world_size=acc.num_processes,
@@ -719,7 +613,8 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     wall_start = time.perf_counter()
     run = setup(cfg, seed, data_dir, init_dir, checkpoint_dir, live_dir)
     resumed_from = resume(run)
-    open_live(run, resumed_from)
+    if run.accelerator.is_main_process:
+        run.live = curves.open_live(run.live_dir, resumed_from, run.state.step, run.accelerator.print)
     start_step = run.state.step
     if resumed_from is not None:
         ckpt.restore_rank_rng(resumed_from, run.accelerator.process_index)  # last: the loop continues bit-exact
@@ -780,16 +675,16 @@ def train_loop(run: Run) -> None:
             run.state = dataclasses.replace(
                 state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
                 target_tokens_seen=state.target_tokens_seen + stats.targets, train_seconds=state.train_seconds + dt,
-                last_losses={"loss": stats.loss, "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss,
-                             "z_loss": stats.z_loss})
+                last_losses=stats.losses())
             if live is not None:
-                log_step(live, step, stats, lr, stats.tokens / dt)
-                log_expert_shares(run.live_dir, step, stats.router)
+                curves.log_train_step(live, step, {**stats.losses(), "lr": lr, "tokens_per_s": stats.tokens / dt,
+                                                   "grad_norm": stats.grad_norm}, stats.router)
+                curves.log_expert_shares(run.live_dir, step, stats.router)
             if step % cfg.eval_every == 0 or step == total_steps:
                 val = validate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 run.state = dataclasses.replace(run.state, last_val={**val, "step": step})
                 if live is not None:
-                    log_val(live, step, val)
+                    curves.log_val(live, step, val)
             if live is not None:
                 live.next_step()
             if step % cfg.save_every == 0 or step == total_steps:
@@ -821,25 +716,6 @@ def summary(run: Run, val: dict[str, float], start_step: int, wall_seconds: floa
         "precision": cfg.precision, "optimizer": "deepspeed_cpu_adam" if run.offload else cfg.optimizer,
         "deepspeed": cfg.deepspeed, "parameters": run.raw_model.parameter_counts(),
     }
-
-
-def log_val(live: Any, step: int, val: dict[str, float]) -> None:
-    live.step = step
-    live.log_metric("val/lm_loss", val["lm_loss"])
-    live.log_metric("val/aux_loss", val["aux_loss"])
-
-
-def log_step(live: Any, step: int, s: StepStats, lr: float, tokens_per_s: float) -> None:
-    live.step = step
-    for name, value in (("loss", s.loss), ("lm_loss", s.lm_loss), ("aux_loss", s.aux_loss), ("z_loss", s.z_loss),
-                        ("lr", lr), ("tokens_per_s", tokens_per_s)):
-        live.log_metric(f"train/{name}", value)
-    if s.grad_norm is not None:
-        live.log_metric("train/grad_norm", s.grad_norm)
-    for r in s.router:
-        for e, share in enumerate(r["expert_share"]):
-            live.log_metric(f"moe/layer{r['layer']}/expert{e}_share", share)
-        live.log_metric(f"moe/layer{r['layer']}/dropped_share", r["dropped_share"])
 
 
 __all__ = ["train", "train_step", "validate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
