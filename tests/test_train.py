@@ -260,6 +260,16 @@ def test_a_warmup_longer_than_the_data_allows_is_refused_before_step_0(workspace
     assert not (workspace / "long_warmup/checkpoints").exists() and not (workspace / "long_warmup/live").exists()
 
 
+def test_a_global_batch_larger_than_the_train_split_is_one_params_error_before_step_0(workspace):
+    """One check (build_schedule's), with the params.yaml keys; BatchStream relies on it."""
+    with pytest.raises(ConfigError) as err:
+        run_inprocess(workspace, "big_batch", tiny_cfg(micro_batch_size=4, grad_accum=17))
+    assert str(err.value) == (
+        "params.yaml: the train split has 64 blocks, fewer than one global batch of 68 (train.micro_batch_size=4 "
+        "x train.grad_accum=17 x 1 processes); lower train.grad_accum or prepare more data")
+    assert not (workspace / "big_batch/checkpoints").exists() and not (workspace / "big_batch/live").exists()
+
+
 def test_warmup_ratio_is_sized_from_the_blocks(workspace):
     m = run_inprocess(workspace, "ratio", tiny_cfg(max_steps=None, epochs=1, warmup_steps=None, warmup_ratio=0.25,
                                                    eval_every=16, save_every=16))

@@ -283,13 +283,10 @@ def load_blocks(data_dir: Path, split: str, seq_len: int) -> dict[str, torch.Ten
 class BatchStream:
     """Seeded, resumable order over the train blocks: epoch e visits rows in `randperm(seed + e)` order,
     one global batch (micro_batch x grad_accum x world) per optimizer step; a tail shorter than a global
-    batch is skipped (every step sees the same number of rows)."""
+    batch is skipped (every step sees the same number of rows). At least one global batch of rows is
+    `build_schedule`'s check, which runs first."""
 
     def __init__(self, n_rows: int, global_batch: int, seed: int):
-        if n_rows < global_batch:
-            raise ConfigError(f"the train split has {n_rows} blocks, fewer than one global batch of {global_batch} "
-                              f"(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
-                              f"train.grad_accum, or prepare more data")
         self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -544,8 +541,10 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         compile_blocks(model)
     train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
     val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
-    stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
-    schedule = build_schedule(cfg, stream.n_rows, world)  # refuses a warmup that covers the run, before step 0
+    n_rows = train_blocks["input_ids"].shape[0]
+    # before step 0: refuses fewer rows than one global batch, and a warmup that covers the run
+    schedule = build_schedule(cfg, n_rows, world)
+    stream = BatchStream(n_rows, cfg.micro_batch_size * cfg.grad_accum * world, seed)
 
     optimizer = build_optimizer(model, cfg, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, schedule))
