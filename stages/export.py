@@ -9,12 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.model_folder import load_model, load_tokenizer
-from moechat.export import export_model, read_metrics
+from moechat.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB or 2GB")
     args = parser.parse_args(argv)
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    import torch
+
+    from moechat.config import load_params
+    from moechat.export import export_model, read_metrics
+    from moechat.model_folder import load_model, load_tokenizer
 
     params = load_params(args.params)
     # export only copies the weights: on the CPU, in the fp32 train saved

@@ -119,7 +119,7 @@ def quiet_loaders(verbose: bool) -> None:
     transformers' first import: the torchao filters must be in place when that import logs its warnings."""
     if verbose:
         return
-    from moechat.stage import quiet_third_party
+    from moechat.quiet import quiet_third_party
 
     quiet_third_party()
     from transformers.utils import logging as hf_logging
