@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from moechat.config import load_params
-from moechat.export import export_model, model_card, read_metrics
+from moechat.export import ExportError, export_model, model_card, read_metrics
 from tests._release_tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +152,10 @@ def test_card_datasets_come_from_data_source(exported, tmp_path):
     card = model_card(model, tok, params, {})
     assert _front_matter(card)["datasets"] == ["my_chats.jsonl"]
     assert f"| seed | {params.seed:,} |" in card
+
+
+def test_a_missing_metrics_file_is_one_line_naming_its_stage(tmp_path):
+    (tmp_path / "prepare.json").write_text("{}")
+    with pytest.raises(ExportError) as err:
+        read_metrics(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'train.json'}: not found; the model card needs it: run `dvc repro train`"

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
 import moechat.quantize
+from moechat.gptq import QuantizeError
 from moechat.model_folder import load_model, load_tokenizer
 from moechat.quantize import (GPTQMODEL_LOG, calibration_set, dequantize_gptq, library_output, qmodel_class,
                               quantize_stage, quantized_tensor_names, read_conversations, router_token_counts,
@@ -268,3 +269,10 @@ def test_calibration_windows_are_cut_to_the_models_length():
     assert calib == calibration_set(convs, tok, 8, 16, seed=1)  # the same windows as calib_max_tokens: 16
     counts = router_token_counts(model, calib)  # runs: every window fits the model
     assert sum(counts[1]) == sum(len(ids) for ids in calib) * model.config.num_experts_per_tok
+
+
+def test_missing_calibration_conversations_are_one_line(tmp_path):
+    with pytest.raises(QuantizeError) as err:
+        read_conversations(tmp_path / "conversations_train.jsonl")
+    assert str(err.value) == (f"{tmp_path / 'conversations_train.jsonl'}: not found; run `dvc repro prepare` "
+                              f"(it writes conversations_train.jsonl)")

@@ -51,6 +51,20 @@ def test_unknown_device_is_one_line_before_any_work(tmp_path, stage, args):
     assert done.stderr.strip().splitlines()[-1] == f"{stage}: error: --device tpu: expected auto, cpu, cuda or cuda:N"
 
 
+@pytest.mark.parametrize("stage, args, line", [
+    ("export", ["--model", "m", "--metrics-dir", "metrics", "--out", "e"],
+     "export: error: m: no such folder; run the stage that writes it (dvc repro)"),
+    ("quantize", ["--model", "m", "--data", "d", "--out", "q", "--metrics", "q.json", "--experts", "e.json",
+                  "--device", "cpu"],
+     "quantize: error: d/val: no packed split 'val'; run the prepare stage (dvc repro prepare)"),
+], ids=["export-model", "quantize-split"])
+def test_a_missing_model_folder_or_prepared_split_is_one_line(tmp_path, stage, args, line):
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args, "--params",
+                           str(ROOT / "params.yaml")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == line
+
+
 def test_third_party_warnings_are_dropped_and_errors_kept(monkeypatch, caplog):
     monkeypatch.delenv("MOECHAT_VERBOSE", raising=False)
     quiet_third_party()

@@ -24,7 +24,7 @@ import yaml
 from datasets import Dataset
 
 from moechat import checkpoint as ckpt
-from moechat.config import ConfigError, TrainConfig, load_params
+from moechat.config import ConfigError, MoechatError, TrainConfig, load_params
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat import plan
 from moechat.schedule import Schedule
@@ -268,6 +268,21 @@ def test_a_global_batch_larger_than_the_train_split_is_one_params_error_before_s
         "params.yaml: the train split has 64 blocks, fewer than one global batch of 68 (train.micro_batch_size=4 "
         "x train.grad_accum=17 x 1 processes); lower train.grad_accum or prepare more data")
     assert not (workspace / "big_batch/checkpoints").exists() and not (workspace / "big_batch/live").exists()
+
+
+@pytest.mark.parametrize("missing, line", [
+    ("models/init", "{ws}/none/models/init: no such folder; run the stage that writes it (dvc repro)"),
+    ("data/prepared", "{ws}/none/data/prepared/train: no packed split 'train'; run the prepare stage "
+                      "(dvc repro prepare)"),
+])
+def test_a_missing_input_folder_is_one_line_before_any_work(workspace, missing, line):
+    folders = {"models/init": workspace / "models/init", "data/prepared": workspace / "data/prepared",
+               missing: workspace / "none" / missing}
+    with pytest.raises(MoechatError) as err:
+        train(tiny_cfg(), 7, folders["data/prepared"], folders["models/init"], workspace / "none/checkpoints",
+              workspace / "none/final", workspace / "none/live")
+    assert str(err.value) == line.format(ws=workspace)
+    assert not (workspace / "none/checkpoints").exists() and not (workspace / "none/live").exists()
 
 
 def test_warmup_ratio_is_sized_from_the_blocks(workspace):

@@ -135,7 +135,7 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     """The `messages` lists of a conversations_*.jsonl file written by the prepare stage."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run `dvc repro prepare` (it writes conversations_train.jsonl)")
+        raise QuantizeError(f"{path}: not found; run `dvc repro prepare` (it writes conversations_train.jsonl)")
     out = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
