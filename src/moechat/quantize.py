@@ -6,9 +6,9 @@ standard on-disk format (`qweight`, `qzeros`, `scales`, `g_idx` per Linear, `qua
 `quant_method: gptq`) that vLLM / SGLang / transformers read, and knows MoE experts: each expert's
 Hessian is built from the calibration tokens the router actually sends it.
 
-What is quantized (`moechat.gptq.MOECHAT_MODULE_TREE`): per block `attn.c_attn`, `attn.c_proj`, and either the dense
-`mlp.c_fc` / `mlp.c_proj` or every expert's `c_fc` / `c_proj`. The router, embeddings, LayerNorms and
-lm_head stay in full precision.
+What is quantized (`moechat.gptq.MOECHAT_MODULE_TREE`): per block `attn.c_attn`, `attn.c_proj`, and
+either the dense `mlp.c_fc` / `mlp.c_proj` or every expert's `c_fc` / `c_proj`. The router, embeddings,
+LayerNorms and lm_head stay in full precision.
 
 Fallback rule: an expert (any quantized Linear, in fact) whose calibration inputs number fewer than
 `quantize.min_expert_tokens` tokens is quantized with RTN (round-to-nearest, same bits / group size /
