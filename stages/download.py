@@ -9,11 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.metrics import write_stage_report
-from moechat.data.oasst import download
-
+from moechat.stage import run_stage
 
 # What `dvc metrics` compares; the source, revision, per-value counts and content hash go to --run-facts.
 METRICS = ("rows", "trees")
@@ -27,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-facts", type=Path, default=None,
                         help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     args = parser.parse_args(argv)
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    from moechat.config import load_params
+    from moechat.data.oasst import download
+    from moechat.metrics import write_stage_report
 
     params = load_params(args.params)
     metrics = download(params.data, args.out)

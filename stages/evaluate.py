@@ -10,15 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.data.chat import load_packed
-from moechat.chat import resolve_device
-from moechat.evaluate import evaluate, load_model, share_rows
-from moechat.harness import run_lm_eval, task_manager
-from moechat.io import write_json
-from moechat.metrics import write_stage_report
-
+from moechat.stage import run_stage
 
 # What `dvc metrics` compares, plus router.* (the per-layer averages) when the model has MoE blocks; the
 # per-layer detail and batch count go to --run-facts.
@@ -37,11 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)  # a bad --device is one line, before any work
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    import torch
 
+    from moechat.chat import resolve_device
+    from moechat.config import load_params
+    from moechat.data.chat import load_packed
+    from moechat.evaluate import evaluate, share_rows
+    from moechat.harness import run_lm_eval, task_manager
+    from moechat.io import write_json
+    from moechat.metrics import write_stage_report
+    from moechat.model_folder import load_model, load_tokenizer
+
+    device = resolve_device(args.device)  # a bad --device is one line, before any work
     params = load_params(args.params)
     manager = task_manager(params.eval)  # lm-eval tasks checked before the val pass
-    model, tokenizer = load_model(args.model, device)
+    # fp32: exact, and cheap on a GPU; this project's CPUs run 16-bit matmuls ~100x slower
+    model, tokenizer = load_model(args.model, device, torch.float32), load_tokenizer(args.model)
     metrics, samples = evaluate(model, tokenizer, load_packed(args.data, "val"), params.eval, params.seed)
     if params.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(model, tokenizer, params.eval, params.seed, manager)

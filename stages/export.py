@@ -9,12 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.evaluate import load_model
-from moechat.export import export_model, read_metrics
+from moechat.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB or 2GB")
     args = parser.parse_args(argv)
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    import torch
+
+    from moechat.config import load_params
+    from moechat.export import export_model, read_metrics
+    from moechat.model_folder import load_model, load_tokenizer
 
     params = load_params(args.params)
-    model, tokenizer = load_model(args.model, torch.device("cpu"))  # export only copies weights
+    # export only copies the weights: on the CPU, in the fp32 train saved
+    model, tokenizer = load_model(args.model, torch.device("cpu"), torch.float32), load_tokenizer(args.model)
     summary = export_model(model, tokenizer, params, read_metrics(args.metrics_dir), args.out, args.max_shard_size)
     print(f"export: {args.out}: {len(summary['shards'])} safetensors shard(s), {summary['weight_bytes']:,} bytes, "
           f"{summary['params']['total']:,} params ({summary['params']['active']:,} active per token)")

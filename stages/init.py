@@ -9,11 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.init import initialize
-from moechat.metrics import write_stage_report
-
+from moechat.stage import run_stage
 
 # The parameter counts live here once (train does not repeat them); FLOPs per token, the block layout,
 # non-embedding counts and the echoed params go to --run-facts.
@@ -29,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    from moechat.config import load_params
+    from moechat.init import initialize
+    from moechat.metrics import write_stage_report
 
     params = load_params(args.params)
     report = initialize(params.model, params.seed, params.train.seq_len, args.tokenizer, args.out)

@@ -10,12 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.io import write_json
-from moechat.metrics import write_stage_report
-from moechat.data.prepare import EmptySplitError, prepare
-
+from moechat.stage import run_stage
 
 # What `dvc metrics` compares; filters, length percentiles, truncations and drops go to --run-facts.
 METRICS = ("messages", "messages_kept", "threads", "packing_efficiency", "naive_padding_efficiency",
@@ -33,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-facts", type=Path, default=None,
                         help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     args = parser.parse_args(argv)
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    from moechat.config import load_params
+    from moechat.data.prepare import EmptySplitError, prepare
+    from moechat.io import write_json
+    from moechat.metrics import write_stage_report
 
     params = load_params(args.params)
     try:

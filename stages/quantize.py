@@ -11,14 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.data.chat import load_packed
-from moechat.chat import resolve_device
-from moechat.io import write_json
-from moechat.metrics import write_stage_report
-from moechat.quantize import quantize_stage
-
+from moechat.stage import run_stage
 
 PACK_KERNEL = "gptqmodel_pack_block_cpu"  # GPTQModel's C++ packing op, compiled with g++ on first use
 
@@ -62,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="val batch size for the perplexity runs")
     parser.add_argument("--max-batches", type=int, default=None, help="cap the val batches (default: all)")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)  # a bad --device is one line, before any work
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    from moechat.chat import resolve_device
+    from moechat.config import load_params
+    from moechat.data.chat import load_packed
+    from moechat.io import write_json
+    from moechat.metrics import write_stage_report
+    from moechat.quantize import quantize_stage
 
+    device = resolve_device(args.device)  # a bad --device is one line, before any work
     params = load_params(args.params)
     q = params.quantize
     notice = pack_kernel_notice(pack_kernel_cache())

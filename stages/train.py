@@ -10,11 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from moechat.stage import run_stage  # first: it filters third-party import-time chatter
-from moechat.config import load_params
-from moechat.metrics import write_stage_report
-from moechat.train import train
-
+from moechat.stage import run_stage
 
 # What `dvc metrics` compares; the total loss and z-loss (its other terms), fingerprint, seconds, device,
 # resume point and token counts go to --run-facts.
@@ -31,9 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
     parser.add_argument("--run-facts", type=Path, default=None,
-                    help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
+                        help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     args = parser.parse_args(argv)
+    # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
+    from moechat.config import load_params
+    from moechat.metrics import write_stage_report
+    from moechat.train import train
 
     params = load_params(args.params)
     m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)

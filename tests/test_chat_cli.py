@@ -121,7 +121,8 @@ def test_history_follows_the_template_and_is_trimmed_to_fit(exported):
 def test_chat_with_the_quantized_model_on_cpu_prints_only_the_reply(exported):
     tmp, _, tok = exported
     from moechat.evaluate import generate_reply
-    from moechat.quantize import load_quantized, quantize_stage
+    from moechat.model_folder import load_model, load_tokenizer
+    from moechat.quantize import quantize_stage
 
     prepared = write_prepared(tok, tmp / "prepared")
     quantize_stage(tmp / "export", prepared / "conversations_train.jsonl", load_packed(prepared, "val"),
@@ -129,7 +130,7 @@ def test_chat_with_the_quantized_model_on_cpu_prints_only_the_reply(exported):
                    seed=0, out_dir=tmp / "quantized")
     quiet = _run(str(tmp / "quantized"), "--prompt", "Hi", "--temperature", "0", "--device", "cpu")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
-    qmodel, qtok = load_quantized(tmp / "quantized", device="cpu")
+    qmodel, qtok = load_model(tmp / "quantized", torch.device("cpu"), torch.float32), load_tokenizer(tmp / "quantized")
     expected = generate_reply(qmodel, qtok, [{"role": "user", "content": "Hi"}], 64)  # the default for 128 positions
     assert quiet.stdout.rstrip("\n") == expected.rstrip("\n")  # the reply and nothing else
     assert len(quiet.stderr.splitlines()) <= 3, quiet.stderr  # was ~50 lines of GPTQModel / torchao output

@@ -71,7 +71,7 @@ def _chat(folder: Path, *flags: str) -> subprocess.CompletedProcess:
 
 
 def test_quantize_stage_loaders_do_not_run_folder_code(folders):
-    """quantize_stage loads the folder with evaluate.load_model and hands it to GPTQModel (run_gptq)."""
+    """quantize_stage loads the folder with model_folder.load_model and hands it to GPTQModel (run_gptq)."""
     assert folders["stage_ran"] == []
 
 
@@ -89,12 +89,14 @@ def test_chat_never_runs_folder_code_without_the_flag(folders, clean, hostile):
     assert ran(marker) == [f"ran.{name}" for name in CODE_FILES]  # the flag means what it says
 
 
-def test_evaluate_load_model_uses_the_installed_classes(folders):
-    from moechat.evaluate import load_model
+@pytest.mark.parametrize("folder", ["hostile", "hostile_q"])
+def test_the_one_loader_uses_the_installed_classes(folders, folder):
+    """model_folder.load_model (train, evaluate, export, quantize, chat): full precision and quantized alike."""
+    from moechat.model_folder import load_model
     from moechat.modeling_moechat import MoeChatForCausalLM
 
     clear(folders["marker"])
-    model, _ = load_model(folders["hostile"], torch.device("cpu"))
+    model = load_model(folders[folder], torch.device("cpu"), torch.float32)
     assert type(model) is MoeChatForCausalLM and ran(folders["marker"]) == []
 
 

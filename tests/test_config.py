@@ -198,11 +198,3 @@ def test_duplicate_section_is_named_not_reported_as_missing_keys(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"key 'quantize' appears twice"):
         load_params(tmp_path / "params.yaml")
-
-
-def test_global_batch_larger_than_the_train_split_names_the_keys():
-    from moechat.train import BatchStream
-
-    with pytest.raises(ConfigError, match=r"the train split has 3 blocks, fewer than one global batch of 8 .*"
-                                          r"lower train.micro_batch_size or train.grad_accum"):
-        BatchStream(3, 8, seed=0)

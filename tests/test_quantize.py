@@ -22,9 +22,11 @@ from safetensors import safe_open
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
 import moechat.quantize
-from moechat.quantize import (GPTQMODEL_LOG, calibration_set, dequantize_gptq, library_output, load_quantized,
-                              qmodel_class, quantize_stage, quantized_tensor_names, read_conversations,
-                              router_token_counts, run_gptq)
+from moechat.gptq import QuantizeError
+from moechat.model_folder import load_model, load_tokenizer
+from moechat.quantize import (GPTQMODEL_LOG, calibration_set, dequantize_gptq, library_output, qmodel_class,
+                              quantize_stage, quantized_tensor_names, read_conversations, router_token_counts,
+                              run_gptq)
 from tests._release_tiny import save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,8 +179,10 @@ def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
             assert torch.allclose(ours, theirs, atol=1e-3), name
             checked += 1
     assert checked == 14
-    # The CPU inference path: load, then generate through the chat template.
-    qmodel, qtok = load_quantized(qdir, device="cpu")
+    # The CPU inference path: load (the one loader hands a quantized folder to GPTQModel), then generate
+    # through the chat template.
+    qmodel, qtok = load_model(qdir, torch.device("cpu"), torch.float32), load_tokenizer(qdir)
+    assert type(qmodel.transformer.h[0].attn.c_attn) is not torch.nn.Linear  # a GPTQModel kernel module
     enc = qtok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = qmodel.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=qtok.pad_token_id)
@@ -265,3 +269,10 @@ def test_calibration_windows_are_cut_to_the_models_length():
     assert calib == calibration_set(convs, tok, 8, 16, seed=1)  # the same windows as calib_max_tokens: 16
     counts = router_token_counts(model, calib)  # runs: every window fits the model
     assert sum(counts[1]) == sum(len(ids) for ids in calib) * model.config.num_experts_per_tok
+
+
+def test_missing_calibration_conversations_are_one_line(tmp_path):
+    with pytest.raises(QuantizeError) as err:
+        read_conversations(tmp_path / "conversations_train.jsonl")
+    assert str(err.value) == (f"{tmp_path / 'conversations_train.jsonl'}: not found; run `dvc repro prepare` "
+                              f"(it writes conversations_train.jsonl)")

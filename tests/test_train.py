@@ -24,13 +24,13 @@ import yaml
 from datasets import Dataset
 
 from moechat import checkpoint as ckpt
-from moechat.config import ConfigError, TrainConfig, load_params
+from moechat.config import ConfigError, MoechatError, TrainConfig, load_params
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 from moechat import plan
 from moechat.schedule import Schedule
 from moechat.train import (BatchStream, NonFiniteLossError, TrainOOMError, build_accelerator, build_optimizer,
                            deepspeed_config, lr_multiplier, match_peak_flops, micro_batches, param_groups,
-                           reset_live, resolve_precision, restore_live, single_process_env, snapshot_live, train)
+                           resolve_precision, single_process_env, train)
 from tests._release_tiny import save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,64 +243,6 @@ def test_curves_belong_to_the_resumed_experiment_not_to_the_last_one_run(workspa
     assert [s for s, _ in logged(live)] == [1, 2]
 
 
-def tiny_linear() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Linear(4, 2)
-
-
-def test_dvclive_curves_travel_with_the_checkpoint(tmp_path):
-    """The live folder's plots and summary are copied into the checkpoint; restoring replaces whatever the
-    workspace holds (another experiment's files, rows past the step, a torn row) with exactly that copy."""
-    live = tmp_path / "live"
-    (live / "plots/metrics/train").mkdir(parents=True)
-    (live / "plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t6.0\n2\t5.5\n")
-    (live / "metrics.json").write_text('{"step": 2, "train": {"loss": 5.5}}')
-    (live / "report.html").write_text("not a curve")  # outside plots/ and the summary: not copied
-    state = ckpt.TrainState(step=2, fingerprint="abc123abc123")
-    net = tiny_linear()
-    path = ckpt.save_checkpoint(tmp_path / "ckpts", state, net, torch.optim.SGD(net.parameters(), lr=0.1)
-                                .state_dict(), {}, keep=1,
-                                extra_files=lambda folder: snapshot_live(live, folder))
-    assert sorted(p.relative_to(path / "live").as_posix() for p in (path / "live").rglob("*") if p.is_file()) \
-        == ["metrics.json", "plots/metrics/train/loss.tsv"]
-    # the workspace moves on: another experiment's curves, an extra series, a torn row of a killed run
-    (live / "plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t9.0\n2\t8.0\n3\t7.")
-    (live / "plots/metrics/moe").mkdir()
-    (live / "plots/metrics/moe/expert7_share.tsv").write_text("step\texpert7_share\n1\t0.1\n")
-    (live / "metrics.json").write_text('{"step": 3, "tra')
-    assert restore_live(path, live, 2)
-    assert (live / "plots/metrics/train/loss.tsv").read_text() == "step\tloss\n1\t6.0\n2\t5.5\n"
-    assert not (live / "plots/metrics/moe").exists()
-    assert json.loads((live / "metrics.json").read_text()) == {"step": 2, "train": {"loss": 5.5}}
-    # a fresh start empties the curves; a checkpoint without a copy restores nothing and says so
-    reset_live(live)
-    assert not (live / "plots").exists() and not (live / "metrics.json").exists()
-    assert (live / "report.html").exists()
-    bare = ckpt.save_checkpoint(tmp_path / "ckpts", dataclasses.replace(state, step=3), net,
-                                torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
-    (live / "plots").mkdir()
-    assert not restore_live(bare, live, 3) and (live / "plots").is_dir()
-    assert ckpt.latest_checkpoint(tmp_path / "ckpts", "abc123abc123") == bare  # the copy is optional
-
-
-def test_checkpoint_without_curve_copy_keeps_the_workspace_curves_up_to_its_step(tmp_path):
-    """An older checkpoint has no live/ copy: the workspace rows up to its step are the only record of the
-    curve before it and must stay; rows past it (a crashed run's) and a torn row go."""
-    live = tmp_path / "live"
-    (live / "plots/metrics/train").mkdir(parents=True)
-    (live / "plots/expert_shares").mkdir(parents=True)
-    (live / "plots/metrics/train/loss.tsv").write_text(
-        "timestamp\tstep\tloss\n10\t1\t6.0\n11\t2\t5.5\n12\t3\t5.1\n13\t4\t4.")
-    (live / "plots/expert_shares/layer1.tsv").write_text(
-        "step\tseries\tshare\n2\texpert0\t0.5\n3\texpert0\t0.4\n")
-    net = tiny_linear()
-    bare = ckpt.save_checkpoint(tmp_path / "ckpts", ckpt.TrainState(step=2, fingerprint="abc123abc123"), net,
-                                torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
-    assert not restore_live(bare, live, 2)
-    assert (live / "plots/metrics/train/loss.tsv").read_text() == "timestamp\tstep\tloss\n10\t1\t6.0\n11\t2\t5.5\n"
-    assert (live / "plots/expert_shares/layer1.tsv").read_text() == "step\tseries\tshare\n2\texpert0\t0.5\n"
-
-
 def test_scheduler_holds_when_the_optimizer_step_was_skipped(workspace, monkeypatch):
     """fp16: a step the GradScaler skipped must not advance the LR schedule (simulated: every step skipped)."""
     from accelerate import Accelerator
@@ -316,6 +258,31 @@ def test_a_warmup_longer_than_the_data_allows_is_refused_before_step_0(workspace
     with pytest.raises(ConfigError, match=r"train.warmup_steps=16 >= the run's 16 optimizer steps.*warmup_ratio"):
         run_inprocess(workspace, "long_warmup", tiny_cfg(max_steps=None, epochs=1, warmup_steps=16))
     assert not (workspace / "long_warmup/checkpoints").exists() and not (workspace / "long_warmup/live").exists()
+
+
+def test_a_global_batch_larger_than_the_train_split_is_one_params_error_before_step_0(workspace):
+    """One check (build_schedule's), with the params.yaml keys; BatchStream relies on it."""
+    with pytest.raises(ConfigError) as err:
+        run_inprocess(workspace, "big_batch", tiny_cfg(micro_batch_size=4, grad_accum=17))
+    assert str(err.value) == (
+        "params.yaml: the train split has 64 blocks, fewer than one global batch of 68 (train.micro_batch_size=4 "
+        "x train.grad_accum=17 x 1 processes); lower train.grad_accum or prepare more data")
+    assert not (workspace / "big_batch/checkpoints").exists() and not (workspace / "big_batch/live").exists()
+
+
+@pytest.mark.parametrize("missing, line", [
+    ("models/init", "{ws}/none/models/init: no such folder; run the stage that writes it (dvc repro)"),
+    ("data/prepared", "{ws}/none/data/prepared/train: no packed split 'train'; run the prepare stage "
+                      "(dvc repro prepare)"),
+])
+def test_a_missing_input_folder_is_one_line_before_any_work(workspace, missing, line):
+    folders = {"models/init": workspace / "models/init", "data/prepared": workspace / "data/prepared",
+               missing: workspace / "none" / missing}
+    with pytest.raises(MoechatError) as err:
+        train(tiny_cfg(), 7, folders["data/prepared"], folders["models/init"], workspace / "none/checkpoints",
+              workspace / "none/final", workspace / "none/live")
+    assert str(err.value) == line.format(ws=workspace)
+    assert not (workspace / "none/checkpoints").exists() and not (workspace / "none/live").exists()
 
 
 def test_warmup_ratio_is_sized_from_the_blocks(workspace):

@@ -20,7 +20,7 @@ import re
 import sys
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Optional, TextIO
+from typing import IO, TYPE_CHECKING, Any, Iterator, Optional, TextIO
 
 from moechat.config import EvalConfig, MoechatError
 from moechat.model_folder import TRUST_FLAG, read_config
@@ -34,6 +34,7 @@ BOT = "bot> "
 MAX_NEW_TOKENS = 256  # the reply cap when --max-new-tokens is not given, for models with n_positions >= 512
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 INTERRUPTED = 130  # the shell's exit status for a Ctrl-C
+FOLDERS = "pass models/export or models/quantized (built by `dvc repro`)"  # the fix for a missing or empty folder
 
 
 class ChatError(MoechatError, ValueError):
@@ -84,29 +85,33 @@ def resolve_device(name: str) -> torch.device:
 # ------------------------------------------------------------------------------------------ loading
 def load_for_chat(model_dir: Path, device: torch.device, trust_remote_code: bool = False, verbose: bool = False
                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A quantized folder through GPTQModel's kernels, anything else with transformers; both with the
-    installed moechat classes unless `trust_remote_code`. GPTQModel (imported only for a quantized folder)
-    prints ~50 lines while loading: discarded (shown on stderr if the load fails), or with `verbose` on stderr."""
-    from moechat.quantize import is_quantized_dir
-
-    if is_quantized_dir(model_dir):
-        from moechat.quantize import library_output, load_quantized
-
-        if verbose:
-            with contextlib.redirect_stdout(sys.stderr):
-                return load_quantized(model_dir, str(device), trust_remote_code)
-        with io.StringIO() as log, library_output(log, "GPTQModel's output"):
-            return load_quantized(model_dir, str(device), trust_remote_code)
+    """The model and tokenizer through the one loader (`moechat.model_folder.load_model`), in chat's dtype:
+    fp32 on the CPU (16-bit matmuls are ~100x slower there), bf16 on a GPU, fp16 for a quantized folder
+    there (the GPTQ kernels' dtype). GPTQModel (imported only for a quantized folder) prints ~50 lines while
+    loading: discarded (shown on stderr if the load fails), or with `verbose` on stderr."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
-        import moechat.modeling  # noqa: F401
+    from moechat.model_folder import is_quantized_dir, load_model, load_tokenizer
 
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, dtype=dtype,
-                                                 use_safetensors=True).to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    quantized = is_quantized_dir(model_dir)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16 if quantized else torch.bfloat16
+    with gptqmodel_output(verbose) if quantized else contextlib.nullcontext():
+        model = load_model(model_dir, device, dtype, trust_remote_code)
+    return model, load_tokenizer(model_dir, trust_remote_code)
+
+
+@contextlib.contextmanager
+def gptqmodel_output(verbose: bool) -> Iterator[None]:
+    """GPTQModel's console output while loading: on stderr with `verbose`, else captured and dropped
+    (its last lines shown on stderr if the load fails)."""
+    if verbose:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    from moechat.quantize import library_output
+
+    with io.StringIO() as log, library_output(log, "GPTQModel's output"):
+        yield
 
 
 def quiet_loaders(verbose: bool) -> None:
@@ -114,7 +119,7 @@ def quiet_loaders(verbose: bool) -> None:
     transformers' first import: the torchao filters must be in place when that import logs its warnings."""
     if verbose:
         return
-    from moechat.stage import quiet_third_party
+    from moechat.quiet import quiet_third_party
 
     quiet_third_party()
     from transformers.utils import logging as hf_logging
@@ -308,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ChatError(f"--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]")
     prompt = None if args.prompt is None else check_text(args.prompt, "--prompt")
-    config = read_config(args.model_dir, args.trust_remote_code)
+    config = read_config(args.model_dir, args.trust_remote_code, fix=FOLDERS)
     max_new_tokens = resolve_max_new_tokens(args.max_new_tokens, config.get("n_positions"))
     device = resolve_device(args.device)  # torch only: before transformers and GPTQModel
     quiet_loaders(args.verbose)

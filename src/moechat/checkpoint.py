@@ -7,7 +7,7 @@ Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
   rng_rank<R>.safetensors           torch CPU (and CUDA) generator states of rank R; Python's and NumPy's
                                     as JSON in the header metadata
   ...                               whatever the caller's `extra_files` adds (train: the DVCLive curves
-                                    as of this step, see moechat.train.snapshot_live)
+                                    as of this step, see moechat.curves.snapshot_live)
   state.json                        step, data cursor, scheduler, GradScaler, last losses, counters;
                                     written last: it marks the checkpoint complete
 

@@ -9,48 +9,32 @@ exact top-k assignments it made.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.chat import leaves_room_for_a_prompt
 from moechat.config import ConfigError, EvalConfig, MoechatError
 from moechat.router_tally import RouterTally
-
-IGNORE = -100
+from moechat.val_loss import count_batches, val_sums
 
 
 class EvalDataError(MoechatError, ValueError):
     """The prepared val split cannot be evaluated; the message says which stage to rerun."""
 
 
-@dataclass
-class _Tally:
-    nll_sum: float = 0.0
-    targets: int = 0
-    correct: int = 0
-    batches: int = 0
-
-
 def iter_batches(dataset: Any, batch_size: int, max_batches: Optional[int]) -> Iterable[dict[str, torch.Tensor]]:
     """Consecutive rows of a torch-formatted packed Dataset, `max_batches` at most (None = all)."""
-    n_rows = len(dataset)
-    n_batches = math.ceil(n_rows / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
+    for b in range(count_batches(len(dataset), batch_size, max_batches)):
         yield dataset[b * batch_size:(b + 1) * batch_size]
 
 
-@torch.no_grad()
 def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batches: Optional[int] = None,
                 dead_expert_threshold: float = 0.01, desc: str = "eval") -> dict[str, Any]:
-    """Loss over assistant tokens (labels != -100), perplexity, next-token accuracy and router statistics.
+    """Loss over assistant tokens (the targets of `moechat.labels`), perplexity, next-token accuracy and
+    router statistics, from one `val_sums` pass.
 
     `dataset` rows hold `input_ids`, `labels`, `position_ids` (packed blocks; position ids restarting at
     0 keep attention inside each conversation). Returns a JSON-ready dict; `layers` has one entry per
@@ -61,49 +45,35 @@ def evaluate_lm(model: PreTrainedModel, dataset: Any, batch_size: int, max_batch
                             "data that leaves data.val_fraction of the trees for validation")
     model.eval()
     device = next(model.parameters()).device
-    tally, router = _Tally(), RouterTally.for_model(model.config, device)
-    n_batches = math.ceil(len(dataset) / batch_size) if max_batches is None else min(
-        max_batches, math.ceil(len(dataset) / batch_size))
-    for batch in tqdm(iter_batches(dataset, batch_size, max_batches), total=n_batches, desc=desc, disable=None):
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        # labels mark the pad tail of packed rows, which the model then leaves unrouted and uncounted
-        out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=labels,
-                    use_cache=False, output_router_stats=True)
-        _add_batch(tally, out.logits, labels)
-        router.add(out)
-    if tally.targets == 0:
+    router = RouterTally.for_model(model.config, device)
+    batches = tqdm(iter_batches(dataset, batch_size, max_batches), desc=desc, disable=None,
+                   total=count_batches(len(dataset), batch_size, max_batches))
+    sums = val_sums(model, batches, device, accuracy=True, router=router).values()
+    if sums["targets"] == 0:
         raise EvalDataError("the evaluation split has no assistant tokens (every label is -100); rerun the "
                             "prepare stage (dvc repro prepare)")
-    loss = tally.nll_sum / tally.targets
+    loss = sums["nll"] / sums["targets"]
     metrics: dict[str, Any] = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "accuracy": tally.correct / tally.targets,
-        "tokens": tally.targets,
-        "batches": tally.batches,
+        "accuracy": sums["correct"] / sums["targets"],
+        "tokens": int(sums["targets"]),
+        "batches": int(sums["batches"]),
     }
+    return {**metrics, **router_metrics(router, dead_expert_threshold)}
+
+
+def router_metrics(router: RouterTally, dead_expert_threshold: float) -> dict[str, Any]:
+    """`layers` (one `layer_metrics` per MoE layer) and `router` (their averages); {} for a dense model."""
     layers = [layer_metrics(*sums, dead_expert_threshold) for sums in router.layer_sums()]
-    if layers:
-        metrics["layers"] = layers
-        metrics["router"] = {
-            "mean_cv": sum(l["cv"] for l in layers) / len(layers),
-            "dead_experts": sum(l["dead_experts"] for l in layers),
-            "dropped_share": sum(l["dropped_share"] for l in layers) / len(layers),
-            "mean_entropy": sum(l["entropy"] for l in layers) / len(layers),
-        }
-    return metrics
-
-
-def _add_batch(tally: _Tally, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> None:
-    """Add one batch's summed NLL and correct predictions (labels shifted: t predicts t+1)."""
-    logits = logits_BTV[:, :-1].float()
-    targets = labels_BT[:, 1:]
-    keep = targets != IGNORE
-    tally.nll_sum += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
-    tally.correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
-    tally.targets += int(keep.sum())
-    tally.batches += 1
+    if not layers:
+        return {}
+    return {"layers": layers, "router": {
+        "mean_cv": sum(l["cv"] for l in layers) / len(layers),
+        "dead_experts": sum(l["dead_experts"] for l in layers),
+        "dropped_share": sum(l["dropped_share"] for l in layers) / len(layers),
+        "mean_entropy": sum(l["entropy"] for l in layers) / len(layers),
+    }}
 
 
 def layer_metrics(layer: int, tokens_per_expert: Sequence[int], dropped: int, entropy_sum: float,
@@ -215,19 +185,3 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, val: An
     metrics["dead_expert_threshold"] = cfg.dead_expert_threshold
     samples = generate_samples(model, tokenizer, cfg, seed)
     return metrics, samples
-
-
-def load_model(model_dir: str | Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A moechat save_pretrained folder (weights + tokenizer) in fp32 on `device` (fp32 because this
-    project's CPUs run bf16/fp16 matmuls ~100x slower; on a GPU fp32 evaluation is exact and cheap)."""
-    import moechat.modeling  # noqa: F401  (registers MoeChatConfig / MoeChatForCausalLM)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; run the stage that writes it (dvc repro)")
-    # the installed moechat classes, never the folder's code files; safetensors only, never a pickle
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    return model.eval(), tokenizer

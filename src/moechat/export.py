@@ -28,7 +28,8 @@ METRIC_STAGES = ("prepare", "train", "eval")
 
 
 class ExportError(MoechatError, RuntimeError):
-    """The exported folder would not load elsewhere; the message says what is missing."""
+    """The export cannot be written (an input is missing, or the folder would not load elsewhere); the
+    message says what is missing and which stage makes it."""
 
 
 def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any]]:
@@ -37,7 +38,7 @@ def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any]]:
     for stage in METRIC_STAGES:
         path = Path(metrics_dir) / f"{stage}.json"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: not found; the model card needs it: run `dvc repro {stage}`")
+            raise ExportError(f"{path}: not found; the model card needs it: run `dvc repro {stage}`")
         found[stage] = json.loads(path.read_text())
     return found
 

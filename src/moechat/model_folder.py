@@ -1,4 +1,8 @@
-"""Open a model folder for inference without running the Python files it carries.
+"""Open a model folder without running the Python files it carries: the one loader of every caller.
+
+`load_model` is how train (models/init), evaluate, export, quantize and `moechat chat` open a folder: checked
+by `read_config` first (one-line errors naming the folder and the fix), weights from safetensors only, in
+the dtype the caller chose, and a quantized (GPTQ) folder through GPTQModel's kernels.
 
 A save_pretrained folder of a custom model ships `configuration_moechat.py` / `modeling_moechat.py` and an
 `auto_map` in config.json that names them; with `trust_remote_code=True`, transformers imports those files,
@@ -19,30 +23,34 @@ import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moechat.config import MoechatError
+
+if TYPE_CHECKING:  # torch and transformers load in the functions that need them, after the folder is checked
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_TYPE = "moechat"  # MoeChatConfig.model_type, read here without importing transformers
 TRUST_FLAG = "--trust-remote-code"
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+REBUILD = "run the stage that writes it (dvc repro)"  # the fix for a pipeline folder that is missing or incomplete
 
 
 class ModelFolderError(MoechatError, ValueError):
     """A model folder cannot be loaded; the message names the folder or file and what to pass instead."""
 
 
-def read_config(folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+def read_config(folder: Path, trust_remote_code: bool = False, fix: str = REBUILD) -> dict[str, Any]:
     """config.json of a model folder, checked before any slow import: it exists, is a JSON object, the folder
-    has safetensors weights, and (unless `trust_remote_code`) it is a moechat model the installed code loads."""
+    has safetensors weights, and (unless `trust_remote_code`) it is a moechat model the installed code loads.
+    `fix` ends the message of a missing folder, config.json or weights file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: not a folder; pass models/export or models/quantized (built by "
-                               f"`dvc repro`)")
+        raise ModelFolderError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; {fix}")
     path = folder / "config.json"
     if not path.is_file():
-        raise ModelFolderError(f"{folder}: no config.json; pass models/export or models/quantized (built by "
-                               f"`dvc repro`)")
+        raise ModelFolderError(f"{folder}: no config.json; {fix}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -54,7 +62,7 @@ def read_config(folder: Path, trust_remote_code: bool = False) -> dict[str, Any]
     if not isinstance(config, dict):
         raise ModelFolderError(f"{path}: expected a JSON object with the model's settings, got a "
                                f"{type(config).__name__}; re-export the folder (dvc repro export)")
-    _check_weights(folder)
+    _check_weights(folder, fix)
     if not trust_remote_code and config.get("model_type") != MODEL_TYPE:
         raise ModelFolderError(f"{path}: model_type={config.get('model_type')!r}, not {MODEL_TYPE!r}; the installed "
                                f"moechat code loads only moechat models ({TRUST_FLAG} runs the folder's own "
@@ -62,7 +70,7 @@ def read_config(folder: Path, trust_remote_code: bool = False) -> dict[str, Any]
     return config
 
 
-def _check_weights(folder: Path) -> None:
+def _check_weights(folder: Path, fix: str) -> None:
     if any(folder.glob("*.safetensors")):
         return
     pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
@@ -70,8 +78,39 @@ def _check_weights(folder: Path) -> None:
         raise ModelFolderError(f"{folder}: weights only in pickle files ({', '.join(pickled)}), which can run code "
                                f"when loaded; moechat reads safetensors only: re-save the model with "
                                f"save_pretrained(safe_serialization=True)")
-    raise ModelFolderError(f"{folder}: no weights (*.safetensors); pass models/export or models/quantized "
-                           f"(built by `dvc repro`)")
+    raise ModelFolderError(f"{folder}: no weights (*.safetensors); {fix}")
+
+
+def is_quantized_dir(folder: Path) -> bool:
+    """Whether `folder` holds a quantized (GPTQ) model, from its config.json."""
+    config = Path(folder) / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+               ) -> PreTrainedModel:
+    """The model of a folder, in eval mode, in `dtype` on `device`, built from the installed moechat classes
+    unless `trust_remote_code` (then from the folder's own code files), its weights from safetensors only.
+    A quantized folder loads through GPTQModel's kernels (`moechat.gptq.load_quantized`)."""
+    config = read_config(folder, trust_remote_code)
+    if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
+        import moechat.modeling  # noqa: F401
+    if "quantization_config" in config:
+        from moechat.gptq import load_quantized
+
+        return load_quantized(Path(folder), device, dtype, trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer (with its chat template) saved in a model folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
 
 
 @contextlib.contextmanager

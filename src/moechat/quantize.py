@@ -6,9 +6,9 @@ standard on-disk format (`qweight`, `qzeros`, `scales`, `g_idx` per Linear, `qua
 `quant_method: gptq`) that vLLM / SGLang / transformers read, and knows MoE experts: each expert's
 Hessian is built from the calibration tokens the router actually sends it.
 
-What is quantized (`MOECHAT_MODULE_TREE`): per block `attn.c_attn`, `attn.c_proj`, and either the dense
-`mlp.c_fc` / `mlp.c_proj` or every expert's `c_fc` / `c_proj`. The router, embeddings, LayerNorms and
-lm_head stay in full precision.
+What is quantized (`moechat.gptq.MOECHAT_MODULE_TREE`): per block `attn.c_attn`, `attn.c_proj`, and
+either the dense `mlp.c_fc` / `mlp.c_proj` or every expert's `c_fc` / `c_proj`. The router, embeddings,
+LayerNorms and lm_head stay in full precision.
 
 Fallback rule: an expert (any quantized Linear, in fact) whose calibration inputs number fewer than
 `quantize.min_expert_tokens` tokens is quantized with RTN (round-to-nearest, same bits / group size /
@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import json
 import logging
 import os
@@ -53,26 +51,11 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.io import atomic_dir
-from moechat.config import MoechatError, QuantizeConfig
-from moechat.model_folder import code_free_view
+from moechat.config import QuantizeConfig
+from moechat.gptq import QuantizeError, qmodel_class, require_gptqmodel
+from moechat.model_folder import code_free_view, load_model, load_tokenizer
 from moechat.router_tally import RouterTally
 
-# GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
-# modules of one block are quantized (inputs before outputs); ":!" = run but do not quantize; "mlp:moe"
-# holds either the dense MLP ("") or the router plus the experts ("experts" -> "#" = expert index).
-MOECHAT_MODULE_TREE = [
-    "transformer", "h", "#",
-    {
-        "ln_1": ("ln_1:!",),
-        "attn": ("c_attn:0", "c_proj:1"),
-        "ln_2": ("ln_2:!",),
-        "mlp:moe": {
-            "": ("c_fc:0", "c_proj:1"),
-            "router": ("router:!",),
-            "experts": {"#": ("c_fc:0", "c_proj:1")},
-        },
-    },
-]
 CALIB_MIN_TOKENS = 2  # a calibration conversation needs at least one next-token pair
 GPTQMODEL_LOG = "gptqmodel.log"  # GPTQModel's full console output, kept inside the quantized folder
 
@@ -93,20 +76,6 @@ def _error_lines(text: str) -> list[str]:
     """The ERROR / CRIT lines of captured output (logbar writes "\\r" + level label + message)."""
     lines = (_ANSI.sub("", part).strip() for line in text.split("\n") for part in line.split("\r"))
     return [line for line in lines if _ERROR_LINE.match(line)]
-
-
-class QuantizeError(MoechatError, RuntimeError):
-    """Quantization cannot run on this input; the message names the file, row or value and the fix."""
-
-
-def _require_gptqmodel():
-    try:
-        import gptqmodel  # noqa: F401
-    except ImportError as err:
-        raise QuantizeError(f"the quantize stage needs GPTQModel ({err}); install the extra: "
-                            f"pip install -e \".[gptq]\" (gptqmodel==7.6.0)") from err
-    # GPTQModel sizes its CPU worker pool from this; on a 2-core machine the default stalls.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
 
 
 @contextlib.contextmanager
@@ -161,34 +130,12 @@ def library_output(log: TextIO, where: str = "the captured output") -> Iterator[
         log.flush()
 
 
-@functools.cache
-def qmodel_class() -> type:
-    """GPTQModel's model definition for moechat (built on first use: importing gptqmodel takes seconds)."""
-    _require_gptqmodel()
-    from gptqmodel.models.base import BaseQModel
-
-    class MoeChatQModel(BaseQModel):
-        pre_lm_head_norm_module = "transformer.ln_f"
-        dynamic_expert_index = "num_experts"  # config attribute with the expert count
-        layer_modules_strict = False  # a block has either the dense MLP or the experts
-        module_tree = MOECHAT_MODULE_TREE
-
-        def prepare_layer_replay_kwargs(self, layer, layer_input, additional_inputs, target_device):
-            """GPTQModel replays each block with HF-style kwargs (attention_mask, position_ids, use_cache);
-            MoeChatBlock takes the mask it was captured with (`mask_B1TK`, `token_mask_BT`), so pass only
-            the keywords its forward accepts."""
-            accepted = set(inspect.signature(type(layer).forward).parameters)
-            return {k: v for k, v in additional_inputs.items() if k in accepted}
-
-    return MoeChatQModel
-
-
 # ---------------------------------------------------------------------------------------- calibration
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     """The `messages` lists of a conversations_*.jsonl file written by the prepare stage."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run `dvc repro prepare` (it writes conversations_train.jsonl)")
+        raise QuantizeError(f"{path}: not found; run `dvc repro prepare` (it writes conversations_train.jsonl)")
     out = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -235,7 +182,7 @@ def router_token_counts(model: PreTrainedModel, calib: list[list[int]]) -> dict[
 # ------------------------------------------------------------------------------------------- quantize
 def gptq_config(cfg: QuantizeConfig):
     """GPTQModel's QuantizeConfig from params.yaml's `quantize` section (plus the fallback rule)."""
-    _require_gptqmodel()
+    require_gptqmodel()
     from gptqmodel import QuantizeConfig as GPTQConfig
     from gptqmodel.quantization.config import Fallback, FallbackStrategy
 
@@ -391,39 +338,6 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-# ------------------------------------------------------------------------------------------ inference
-def is_quantized_dir(folder: Path) -> bool:
-    config = Path(folder) / "config.json"
-    return config.exists() and "quantization_config" in json.loads(config.read_text())
-
-
-def load_quantized(quant_dir: Path, device: str = "cpu", trust_remote_code: bool = False
-                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a quantized folder for inference through GPTQModel's kernels; returns the HF model (with
-    `generate`) and its tokenizer. CPU: fp32 activations with GPTQModel's CPU kernel (TorchInt8Linear,
-    which repacks the 4-bit weights per channel to int8 for `_weight_int8pack_mm`); GPU: fp16 with the
-    fastest kernel GPTQModel finds. The folder's own Python files run only with `trust_remote_code`;
-    otherwise GPTQModel gets a `code_free_view` and builds the installed MoeChatForCausalLM."""
-    from transformers import AutoTokenizer
-
-    if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
-        import moechat.modeling  # noqa: F401
-
-    qcls = qmodel_class()
-    from gptqmodel import BACKEND
-
-    if device == "cpu":
-        backend, dtype = BACKEND.GPTQ_TORCH_INT8, torch.float32
-    else:
-        backend, dtype = BACKEND.AUTO, torch.float16
-    with contextlib.ExitStack() as stack:
-        folder = Path(quant_dir) if trust_remote_code else stack.enter_context(code_free_view(quant_dir))
-        wrapper = qcls.from_quantized(str(folder), device=device, backend=backend, dtype=dtype,
-                                      trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    return wrapper.model.eval(), tokenizer
-
-
 # ------------------------------------------------------------------------------------------- the stage
 def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: QuantizeConfig, seed: int,
                    out_dir: Path, batch_size: int = 4, max_batches: Optional[int] = None,
@@ -431,10 +345,11 @@ def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: Qua
     """Calibrate, quantize, save, and measure, all on `device`: returns the metrics/quantize.json dict
     (totals) and the per-expert detail (`{"layer_L": {"expert_E": {calib_tokens_router,
     calib_tokens_gptq, fallback}}}`)."""
-    from moechat.evaluate import evaluate_lm, load_model
+    from moechat.evaluate import evaluate_lm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    fp_model, tokenizer = load_model(model_dir, device)
+    fp_model = load_model(model_dir, device, torch.float32)  # fp32 on every device: see run_gptq
+    tokenizer = load_tokenizer(model_dir)
     calib = calibration_set(read_conversations(conversations_path), tokenizer, cfg.calib_samples,
                             cfg.calib_max_tokens, seed, n_positions=fp_model.config.n_positions)
     fp_counts = router_token_counts(fp_model, calib)

@@ -1,4 +1,4 @@
-"""The training loop: `train -> train_step -> evaluate`, one loop for every engine.
+"""The training loop: `train -> train_step -> validate`, one loop for every engine.
 
 accelerate is the one seam for the engine: device placement, autocast (bf16/fp16 with a GradScaler),
 gradient accumulation, DDP (NCCL, or gloo on CPU) and DeepSpeed ZeRO-2 all come from `Accelerator`, so
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import resource
@@ -31,12 +30,15 @@ from accelerate.utils.operations import ConvertOutputsToFp32
 from tqdm.auto import tqdm
 
 from moechat import checkpoint as ckpt
-from moechat import plan
+from moechat import curves, plan
 from moechat.io import atomic_dir
+from moechat.labels import target_mask
+from moechat.model_folder import load_model
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.router_tally import RouterTally
 from moechat.schedule import Schedule, build_schedule, lr_multiplier, steps_per_epoch
+from moechat.val_loss import count_batches, val_sums
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 # Dense 16-bit tensor-core peaks (no sparsity: half the datasheets' "with sparsity" figures) from NVIDIA's
@@ -49,8 +51,6 @@ PEAK_FLOPS_16BIT = (
     ("GH200", 989e12), ("A100", 312e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("V100 PCIe", 112e12), ("V100", 125e12), ("T4", 65e12),
 )
-LIVE_METRICS_SUBDIR = Path("plots") / "metrics"
-EXPERT_SHARES_SUBDIR = Path("plots") / "expert_shares"
 
 
 class NonFiniteLossError(MoechatError, RuntimeError):
@@ -283,13 +283,10 @@ def load_blocks(data_dir: Path, split: str, seq_len: int) -> dict[str, torch.Ten
 class BatchStream:
     """Seeded, resumable order over the train blocks: epoch e visits rows in `randperm(seed + e)` order,
     one global batch (micro_batch x grad_accum x world) per optimizer step; a tail shorter than a global
-    batch is skipped (every step sees the same number of rows)."""
+    batch is skipped (every step sees the same number of rows). At least one global batch of rows is
+    `build_schedule`'s check, which runs first."""
 
     def __init__(self, n_rows: int, global_batch: int, seed: int):
-        if n_rows < global_batch:
-            raise ConfigError(f"the train split has {n_rows} blocks, fewer than one global batch of {global_batch} "
-                              f"(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
-                              f"train.grad_accum, or prepare more data")
         self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -326,12 +323,12 @@ def micro_batches(blocks: dict[str, torch.Tensor], rows: torch.Tensor, micro_bat
 
 
 def count_targets(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss after the model's shift (labels[:, 1:] != -100)."""
-    return int((labels[:, 1:] != -100).sum())
+    """Tokens that carry a loss after the model's shift."""
+    return int(target_mask(labels).sum())
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step, evaluation
+# Step, validation
 
 
 @dataclass
@@ -344,6 +341,9 @@ class StepStats:
     tokens: int  # all positions processed, every process
     targets: int  # positions with a loss, every process
     router: list[dict[str, Any]]  # per MoE layer: layer, expert_share (list), dropped_share
+
+    def losses(self) -> dict[str, float]:
+        return {"loss": self.loss, "lm_loss": self.lm_loss, "aux_loss": self.aux_loss, "z_loss": self.z_loss}
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
@@ -384,47 +384,25 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
+def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
              max_batches: int) -> dict[str, float]:
     """Token-weighted LM loss over the first `max_batches` val micro-batches (fixed rows, shared over
-    processes) plus the mean router losses."""
+    processes) plus the mean router losses. The loss is chunked (`val_sums` without accuracy): a validation
+    pass never holds the [B, T, V] logits."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    n_batches = count_batches(val["input_ids"].shape[0], micro_batch, max_batches)
+    batches = ({c: val[c][b * micro_batch:(b + 1) * micro_batch] for c in COLUMNS}
+               for b in range(rank, n_batches, world))
     model.eval()
-    n_batches = min(max_batches, math.ceil(val["input_ids"].shape[0] / micro_batch))
-    sums = torch.zeros(4, device=accelerator.device)  # lm token sum, targets, aux, z
-    for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
-        batch = {c: val[c][b * micro_batch:(b + 1) * micro_batch].to(accelerator.device) for c in COLUMNS}
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                    num_items_in_batch=1, use_cache=False, logits_to_keep=1)  # the loss alone: no full logits
-        sums += torch.stack([out.lm_loss.float(), torch.tensor(float(count_targets(batch["labels"])),
-                                                               device=sums.device),
-                             out.aux_loss.float(), out.z_loss.float()])
-    sums = accelerator.reduce(sums, reduction="sum")
+    sums = val_sums(model, batches, accelerator.device).reduced(lambda t: accelerator.reduce(t, reduction="sum"))
     model.train()
-    lm_sum, targets, aux, z = sums.tolist()
-    return {"lm_loss": lm_sum / max(targets, 1), "aux_loss": aux / max(n_batches, 1), "z_loss": z / max(n_batches, 1)}
+    s = sums.values()
+    return {"lm_loss": s["nll"] / max(s["targets"], 1), "aux_loss": s["aux_loss"] / max(s["batches"], 1),
+            "z_loss": s["z_loss"] / max(s["batches"], 1)}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging, accounting
-
-
-def log_expert_shares(live_dir: Path, step: int, router: list[dict[str, Any]]) -> None:
-    """Append this step's routing to one long-format TSV per MoE layer,
-    `<live>/plots/expert_shares/layer{i}.tsv` (`step, series, share`; series `expert0..N-1` and
-    `dropped`), so one chart per layer draws every expert (dvc_templates/expert_shares.json). Each call
-    opens, appends and closes, like DVCLive's own rows, so the checkpoint's copy of the live folder is
-    consistent."""
-    folder = Path(live_dir) / EXPERT_SHARES_SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
-    for r in router:
-        path = folder / f"layer{r['layer']}.tsv"
-        rows = [f"{step}\texpert{e}\t{share}\n" for e, share in enumerate(r["expert_share"])]
-        rows.append(f"{step}\tdropped\t{r['dropped_share']}\n")
-        with open(path, "a", encoding="utf-8", newline="") as f:
-            if f.tell() == 0:
-                f.write("step\tseries\tshare\n")
-            f.write("".join(rows))
+# Accounting (throughput, memory, what to lower on OOM), resume agreement, the final model
 
 
 def match_peak_flops(device_name: str) -> Optional[tuple[str, float]]:
@@ -475,13 +453,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / plan.GIB, "host max RSS (CPU run)"
 
 
-def load_model(init_dir: Path) -> torch.nn.Module:
-    import moechat.modeling  # noqa: F401  (registers the moechat Auto classes)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
-
-
 def agree_on_resume(accelerator: Accelerator, resume: Optional[Path], folder: Path) -> None:
     """Every process resumes from the same step. A file damaged for one rank only (its RNG state or optimizer
     shard) makes that rank fall back alone; continuing would mix two checkpoints, so this refuses instead."""
@@ -506,79 +477,6 @@ def save_final(model: torch.nn.Module, accelerator: Accelerator, init_dir: Path,
             if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" \
                     and not f.name.endswith(".index.json"):
                 shutil.copy2(f, tmp / f.name)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The DVCLive curves: they belong to the checkpoint lineage, so a copy travels inside every checkpoint
-
-LIVE_COPY = "live"  # inside a checkpoint: the DVCLive curves of its lineage up to its step
-LIVE_ITEMS = ("plots", "metrics.json")  # what of a DVCLive folder a checkpoint keeps and restores
-
-
-def snapshot_live(live_dir: Path, checkpoint: Path) -> None:
-    """Copy the DVCLive items (`plots/`, `metrics.json`) that exist in `live_dir` into `checkpoint/live`
-    (called on the unpublished checkpoint folder, after this step's rows are flushed)."""
-    dst = Path(checkpoint) / LIVE_COPY
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in LIVE_ITEMS:
-        item = Path(live_dir) / name
-        if item.is_dir():
-            shutil.copytree(item, dst / name)
-        elif item.is_file():
-            shutil.copy2(item, dst / name)
-
-
-def reset_live(live_dir: Path) -> None:
-    """Empty the DVCLive items of `live_dir`: a fresh experiment must not inherit curves (or extra
-    per-expert series) that another experiment left in the workspace."""
-    for name in LIVE_ITEMS:
-        item = Path(live_dir) / name
-        if item.is_dir():
-            shutil.rmtree(item)
-        elif item.exists():
-            item.unlink()
-
-
-def restore_live(checkpoint: Path, live_dir: Path, step: int) -> bool:
-    """Replace the DVCLive items of `live_dir` with the copy saved in `checkpoint` (of `step`).
-
-    Whatever the workspace holds (another experiment's curves, rows a crashed run wrote past this step,
-    a row torn by kill -9, or nothing because DVC removed a non-persistent out) is discarded: the copy was
-    taken after the step's rows were flushed, so it is consistent. A crash during the restore is harmless,
-    the next run restores again from the same copy. A checkpoint written before curves were saved with it
-    has no copy: then the workspace curves are kept up to `step` (rows past it and torn rows are cut),
-    since they are the only record of the steps before it, and False is returned."""
-    saved = Path(checkpoint) / LIVE_COPY
-    if not saved.is_dir():
-        trim_live(live_dir, step)
-        return False
-    reset_live(live_dir)
-    shutil.copytree(saved, live_dir, dirs_exist_ok=True)
-    return True
-
-
-def trim_live(live_dir: Path, step: int) -> None:
-    """Cut every curve TSV under `live_dir/plots` to its rows of steps <= `step`; torn rows go too."""
-    plots = Path(live_dir) / "plots"
-    for path in sorted(plots.rglob("*.tsv")) if plots.is_dir() else []:
-        lines = path.read_text(encoding="utf-8").split("\n")
-        header = lines[0].split("\t")
-        if "step" not in header:
-            continue
-        column = header.index("step")
-        kept = [line for line in lines[1:] if _row_step(line, len(header), column) is not None
-                and _row_step(line, len(header), column) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("\n".join([lines[0], *kept]) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _row_step(line: str, n_fields: int, column: int) -> Optional[int]:
-    """The step of one TSV row, or None for a torn (short or non-numeric) row."""
-    fields = line.split("\t")
-    if len(fields) != n_fields or not fields[column].isdigit():
-        return None
-    return int(fields[column])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -634,7 +532,7 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     world = accelerator.num_processes
     set_seed(seed)
 
-    model = load_model(init_dir)
+    model = load_model(init_dir, torch.device("cpu"), torch.float32)  # fp32 master weights; accelerate places them
     model_cfg, vocab = model.config, model.config.vocab_size
     plan.preflight(model_cfg, cfg, vocab, world, *device_memory(accelerator.device))
     if cfg.gradient_checkpointing:
@@ -643,8 +541,10 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         compile_blocks(model)
     train_blocks = load_blocks(data_dir, "train", cfg.seq_len)
     val_blocks = load_blocks(data_dir, "val", cfg.seq_len)
-    stream = BatchStream(train_blocks["input_ids"].shape[0], cfg.micro_batch_size * cfg.grad_accum * world, seed)
-    schedule = build_schedule(cfg, stream.n_rows, world)  # refuses a warmup that covers the run, before step 0
+    n_rows = train_blocks["input_ids"].shape[0]
+    # before step 0: refuses fewer rows than one global batch, and a warmup that covers the run
+    schedule = build_schedule(cfg, n_rows, world)
+    stream = BatchStream(n_rows, cfg.micro_batch_size * cfg.grad_accum * world, seed)
 
     optimizer = build_optimizer(model, cfg, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, schedule))
@@ -692,26 +592,10 @@ def resume(run: Run) -> Optional[Path]:
     return path
 
 
-def open_live(run: Run, resumed_from: Optional[Path]) -> None:
-    """The DVCLive logger (main process), its curves those of the checkpoint lineage: restored from the
-    checkpoint when resuming (whatever another experiment or a crashed run left in the workspace), empty
-    on a fresh start."""
-    if not run.accelerator.is_main_process:
-        return
-    from dvclive import Live
-
-    if resumed_from is None:
-        reset_live(run.live_dir)
-    elif not restore_live(resumed_from, run.live_dir, run.state.step):
-        run.accelerator.print(f"{resumed_from} holds no copy of the DVCLive curves (written by an older moechat); "
-                              f"kept the curves in {run.live_dir} up to step {run.state.step}")
-    run.live = Live(str(run.live_dir), resume=resumed_from is not None, save_dvc_exp=False, dvcyaml=None)
-
-
 def save(run: Run) -> Path:
     """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included."""
     acc = run.accelerator
-    snapshot = (lambda folder: snapshot_live(run.live_dir, folder)) if run.live is not None else None
+    snapshot = (lambda folder: curves.snapshot_live(run.live_dir, folder)) if run.live is not None else None
     return ckpt.save_checkpoint(
         run.checkpoint_dir, run.state, run.raw_model, run.inner_optimizer.state_dict(), run.scheduler.state_dict(),
         run.cfg.keep_checkpoints, rank=acc.process_index, world_size=acc.num_processes,
@@ -728,7 +612,8 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     wall_start = time.perf_counter()
     run = setup(cfg, seed, data_dir, init_dir, checkpoint_dir, live_dir)
     resumed_from = resume(run)
-    open_live(run, resumed_from)
+    if run.accelerator.is_main_process:
+        run.live = curves.open_live(run.live_dir, resumed_from, run.state.step, run.accelerator.print)
     start_step = run.state.step
     if resumed_from is not None:
         ckpt.restore_rank_rng(resumed_from, run.accelerator.process_index)  # last: the loop continues bit-exact
@@ -741,7 +626,7 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
         if run.live is not None:
             run.live.end()
     # a checkpoint from before val losses were kept in it has none
-    val = run.state.last_val or evaluate(run.model, run.accelerator, run.val_blocks, run.cfg.micro_batch_size,
+    val = run.state.last_val or validate(run.model, run.accelerator, run.val_blocks, run.cfg.micro_batch_size,
                                          run.cfg.eval_batches)
     save_final(run.model, run.accelerator, init_dir, out_dir)
     return summary(run, val, start_step, time.perf_counter() - wall_start)
@@ -764,7 +649,7 @@ def one_line_errors(run: Run) -> Iterator[None]:
 
 
 def train_loop(run: Run) -> None:
-    """Optimizer steps from `run.state.step` to the schedule's end: log, evaluate and checkpoint on schedule.
+    """Optimizer steps from `run.state.step` to the schedule's end: log, validate and checkpoint on schedule.
     `run.state` is advanced after every step, so an error names the step it happened in."""
     cfg, acc, live = run.cfg, run.accelerator, run.live
     rank, world, total_steps = acc.process_index, acc.num_processes, run.schedule.total_steps
@@ -789,16 +674,16 @@ def train_loop(run: Run) -> None:
             run.state = dataclasses.replace(
                 state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
                 target_tokens_seen=state.target_tokens_seen + stats.targets, train_seconds=state.train_seconds + dt,
-                last_losses={"loss": stats.loss, "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss,
-                             "z_loss": stats.z_loss})
+                last_losses=stats.losses())
             if live is not None:
-                log_step(live, step, stats, lr, stats.tokens / dt)
-                log_expert_shares(run.live_dir, step, stats.router)
+                curves.log_train_step(live, step, {**stats.losses(), "lr": lr, "tokens_per_s": stats.tokens / dt,
+                                                   "grad_norm": stats.grad_norm}, stats.router)
+                curves.log_expert_shares(run.live_dir, step, stats.router)
             if step % cfg.eval_every == 0 or step == total_steps:
-                val = evaluate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
+                val = validate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 run.state = dataclasses.replace(run.state, last_val={**val, "step": step})
                 if live is not None:
-                    log_val(live, step, val)
+                    curves.log_val(live, step, val)
             if live is not None:
                 live.next_step()
             if step % cfg.save_every == 0 or step == total_steps:
@@ -832,24 +717,5 @@ def summary(run: Run, val: dict[str, float], start_step: int, wall_seconds: floa
     }
 
 
-def log_val(live: Any, step: int, val: dict[str, float]) -> None:
-    live.step = step
-    live.log_metric("val/lm_loss", val["lm_loss"])
-    live.log_metric("val/aux_loss", val["aux_loss"])
-
-
-def log_step(live: Any, step: int, s: StepStats, lr: float, tokens_per_s: float) -> None:
-    live.step = step
-    for name, value in (("loss", s.loss), ("lm_loss", s.lm_loss), ("aux_loss", s.aux_loss), ("z_loss", s.z_loss),
-                        ("lr", lr), ("tokens_per_s", tokens_per_s)):
-        live.log_metric(f"train/{name}", value)
-    if s.grad_norm is not None:
-        live.log_metric("train/grad_norm", s.grad_norm)
-    for r in s.router:
-        for e, share in enumerate(r["expert_share"]):
-            live.log_metric(f"moe/layer{r['layer']}/expert{e}_share", share)
-        live.log_metric(f"moe/layer{r['layer']}/dropped_share", r["dropped_share"])
-
-
-__all__ = ["train", "train_step", "evaluate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
+__all__ = ["train", "train_step", "validate", "NonFiniteLossError", "TrainOOMError", "deepspeed_config",
            "resolve_precision", "param_groups", "lr_multiplier", "BatchStream"]

@@ -25,9 +25,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from moechat.io import atomic_dir
 from moechat.config import MoechatError, TokenizerConfig
 from moechat.hub import HUB_LOAD_ERRORS, require_hub_repo
+from moechat.labels import IGNORE
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
-IGNORE = -100
 
 # ChatML. Assistant content plus its <|im_end|> sits inside {% generation %}: those tokens get labels.
 CHAT_TEMPLATE = (
@@ -128,7 +128,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> N
 # ----------------------------------------------------------------------------------- tokenize, labels
 @dataclass(frozen=True)
 class Tokenized:
-    """One conversation's tokens; `labels` is -100 except on assistant content and its <|im_end|>."""
+    """One conversation's tokens; `labels` is IGNORE (-100) except on assistant content and its <|im_end|>."""
 
     input_ids: list[int]
     labels: list[int]
@@ -235,7 +235,7 @@ def pack_lengths(lengths: list[int], seq_len: int) -> list[list[int]]:
 def build_blocks(input_ids: list[list[int]], labels: list[list[int]], seq_len: int, pad_id: int,
                  seed: int) -> Dataset:
     """Pack conversations into rows of exactly `seq_len` tokens. position_ids restart at 0 at each
-    conversation (the model's only boundary signal); the unfilled tail is pad tokens with labels -100 and
+    conversation (the model's only boundary signal); the unfilled tail is pad tokens with labels IGNORE (-100) and
     its own restart. Block order is shuffled with `seed`."""
     blocks = pack_lengths([len(ids) for ids in input_ids], seq_len)
     random.Random(seed).shuffle(blocks)

@@ -161,9 +161,9 @@ def _regular_tree(b: _Builder, index: int) -> None:
             b.message(tree, "ca", closing, "assistant", answer.format(**fill))
 
 
-def _special_trees(b: _Builder) -> None:
-    # The hand-checked tree. best: P > A0 > P1 > A3 (one thread). all (assistants with no assistant
-    # below): A3, A4, A5 (under P2), A1 (its prompter reply P3 got no answer), A2 (unranked) = 5 threads.
+def _hand_checked_tree(b: _Builder) -> None:
+    """The tree the tests check by hand. best: P > A0 > P1 > A3 (one thread). all (assistants with no
+    assistant below): A3, A4, A5 (under P2), A1 (its prompter reply P3 got no answer), A2 (unranked)."""
     t = HAND_TREE
     p = b.message(t, "P", None, "prompter", "How do I reverse a list in Python?")
     a0 = b.message(t, "A0", p, "assistant", "Call numbers.reverse() to reverse it in place, or use numbers[::-1] "
@@ -177,7 +177,9 @@ def _special_trees(b: _Builder) -> None:
     b.message(t, "A5", p2, "assistant", "Slicing works on strings; reverse() exists only on lists.")
     b.message(t, "P3", a1, "prompter", "And for tuples?")
 
-    # Non-English root over English replies: root dropped by language, its replies become orphans.
+
+def _non_english_root_tree(b: _Builder) -> None:
+    """A Spanish root over English replies: the root goes by language, its replies become orphans."""
     t = "spanish-root"
     p = b.message(t, "P", None, "prompter", "¿Cómo funciona una batería?", lang="es")
     a = b.message(t, "A0", p, "assistant", "A battery turns chemical energy into electric current.", rank=0)
@@ -185,7 +187,9 @@ def _special_trees(b: _Builder) -> None:
     f = b.message(t, "F", a, "prompter", "Why does it run out?")
     b.message(t, "FA", f, "assistant", "The chemicals inside get used up.")
 
-    # Deleted best answer mid-tree: it and its subtree go, the rank-1 answer becomes the best.
+
+def _deleted_mid_tree(b: _Builder) -> None:
+    """A deleted best answer mid-tree: it and its subtree go, the rank-1 answer becomes the best."""
     t = "deleted-mid"
     s, d, e = TOPICS[3]
     p = b.message(t, "P", None, "prompter", f"Explain {s} please.")
@@ -194,7 +198,9 @@ def _special_trees(b: _Builder) -> None:
     f = b.message(t, "F", a0, "prompter", "Example?")
     b.message(t, "FA", f, "assistant", f"For example, {e}.")
 
-    # Unreviewed messages mid-tree: review_result false on a prompter, null on an assistant.
+
+def _unreviewed_mid_tree(b: _Builder) -> None:
+    """Unreviewed messages mid-tree: review_result false on a prompter, null on an assistant."""
     t = "unreviewed-mid"
     s, d, e = TOPICS[6]
     p = b.message(t, "P", None, "prompter", f"What is {s}?")
@@ -203,12 +209,16 @@ def _special_trees(b: _Builder) -> None:
     f = b.message(t, "F", a, "prompter", "Give me an example.", review_result=False, review_count=3)
     b.message(t, "FA", f, "assistant", f"For example, {e}.")
 
-    # A tree still being collected.
+
+def _growing_tree(b: _Builder) -> None:
+    """A tree still being collected (tree_state `growing`, not ready_for_export)."""
     t = "growing"
     p = b.message(t, "P", None, "prompter", "What is the tallest mountain?", tree_state="growing")
     b.message(t, "A0", p, "assistant", "Mount Everest, at 8,849 metres.", tree_state="growing")
 
-    # A synthetic tree, and a synthetic sibling inside an otherwise human tree.
+
+def _synthetic_trees(b: _Builder) -> None:
+    """A synthetic tree, and a synthetic sibling inside an otherwise human tree."""
     t = "synthetic"
     p = b.message(t, "P", None, "prompter", "How can I find the best savings plan?", synthetic=True,
                   model_name="chip20b")
@@ -221,7 +231,9 @@ def _special_trees(b: _Builder) -> None:
     b.message(t, "A1", p, "assistant", f"Generated answer: {s} is {d}.", rank=0, synthetic=True,
               model_name="oasst-sft-1")
 
-    # A reply whose parent is absent from the data (exports sometimes lose messages).
+
+def _parent_absent_tree(b: _Builder) -> None:
+    """A reply whose parent is absent from the data (exports sometimes lose messages)."""
     t = "parent-absent"
     s, d, e = TOPICS[1]
     p = b.message(t, "P", None, "prompter", f"What is {s}?")
@@ -229,7 +241,9 @@ def _special_trees(b: _Builder) -> None:
     ghost = {"message_id": str(uuid.uuid5(NAMESPACE, f"{t}/ghost")), "message_tree_id": p["message_tree_id"]}
     b.message(t, "X", ghost, "assistant", "This reply lost its parent.")
 
-    # English root with a German reply mid-tree: the German reply goes, its English answer is an orphan.
+
+def _non_english_reply_tree(b: _Builder) -> None:
+    """An English root with a German reply mid-tree: the German reply goes, its English answer is an orphan."""
     t = "german-reply"
     s, d, e = TOPICS[2]
     p = b.message(t, "P", None, "prompter", f"What is {s}?")
@@ -237,7 +251,9 @@ def _special_trees(b: _Builder) -> None:
     g = b.message(t, "G", a, "prompter", "Kannst du ein Beispiel geben?", lang="de")
     b.message(t, "GA", g, "assistant", f"For example, {e}.")
 
-    # Whole trees in other languages.
+
+def _foreign_trees(b: _Builder) -> None:
+    """Whole trees in other languages."""
     for k, lang in enumerate(["de", "de", "de", "fr", "fr", "es", "es"]):
         t = f"{lang}-{k}"
         question, answer = FOREIGN[lang]
@@ -246,8 +262,10 @@ def _special_trees(b: _Builder) -> None:
         b.message(t, "A0", p, "assistant", answer.format(s=s), lang=lang, rank=0)
         b.message(t, "A1", p, "assistant", answer.format(s=s), lang=lang, rank=1)
 
-    # Long conversations: many turns (truncated after a whole turn) and one very long first reply
-    # (cut mid-reply) at the tiny preset's seq_len.
+
+def _long_trees(b: _Builder) -> None:
+    """Long conversations at the tiny preset's seq_len: many turns (truncated after a whole turn) and one
+    very long first reply (cut mid-reply)."""
     t = "many-turns"
     parent = b.message(t, "P", None, "prompter", "Let's review some science topics, one at a time.")
     for k, (s, d, e) in enumerate(TOPICS[:6]):
@@ -259,12 +277,18 @@ def _special_trees(b: _Builder) -> None:
     b.message(t, "A0", p, "assistant", " ".join(f"{_cap(s)} is {d}; for example, {e}." for s, d, e in TOPICS))
 
 
+# One edge case each, in the order they are generated (the builder's random draws follow this order).
+SPECIAL_TREES = (_hand_checked_tree, _non_english_root_tree, _deleted_mid_tree, _unreviewed_mid_tree, _growing_tree,
+                 _synthetic_trees, _parent_absent_tree, _non_english_reply_tree, _foreign_trees, _long_trees)
+
+
 def generate(seed: int = 0, n_regular: int = 90) -> list[dict[str, Any]]:
     """All fixture rows, in a fixed order: `n_regular` templated English trees, then the special trees."""
     b = _Builder(seed)
     for index in range(n_regular):
         _regular_tree(b, index)
-    _special_trees(b)
+    for build in SPECIAL_TREES:
+        build(b)
     return b.rows
 
 

@@ -14,6 +14,7 @@ from datasets import Dataset
 from moechat.io import atomic_dir
 from moechat.config import DataConfig, TokenizerConfig
 from moechat.data import chat, oasst
+from moechat.labels import IGNORE
 
 TRUNCATIONS = ("truncated_turns", "truncated_reply")
 DROPS = ("overlong", "prompt_too_long", "no_assistant_tokens", "special_token_in_text")
@@ -107,7 +108,7 @@ def split_figures(tokens: Dataset, n_blocks: int, seq_len: int, trees: int) -> d
     kept = [i for i, o in enumerate(tokens["outcome"]) if o not in DROPS]
     lengths = np.array([len(ids) for ids in tokens.select(kept)["input_ids"]], dtype=np.int64)
     full = np.array(tokens["full_length"], dtype=np.int64)
-    labelled = sum(sum(1 for t in labels if t != chat.IGNORE) for labels in tokens.select(kept)["labels"])
+    labelled = sum(sum(1 for t in labels if t != IGNORE) for labels in tokens.select(kept)["labels"])
     n_tokens = int(lengths.sum())
     slots = n_blocks * seq_len
     return {
