@@ -183,13 +183,24 @@ def main() -> None:
     variants.update(tutel_variant(block, config, device, dtype))
     params = [p for fn in variants.values() for p in getattr(fn, "parameters", lambda: [])()]
     params += list(block.parameters()) + [p for fn in variants.values() if hasattr(fn, "hf") for p in fn.hf.parameters()]
-    for name, fn in variants.items():
-        try:
-            results[name] = time_fwd_bwd(fn, x, grad, params, warmup, repeats)
-        except (RuntimeError, NotImplementedError) as err:  # recorded, not hidden: e.g. no CPU kernel
-            results[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-        print(f"{name:>14}: " + (f"{results[name]['ms']:9.2f} ms" if "ms" in results[name]
-                                 else results[name]["error"]))
+    # Rounds with every variant once each (warmed up in the first), so a change in the machine's load during
+    # the run hits all variants alike; each variant's figure is its median over the rounds.
+    for round_ in range(repeats):
+        for name, fn in variants.items():
+            if "error" in results.get(name, {}):
+                continue
+            try:
+                timed = time_fwd_bwd(fn, x, grad, params, warmup if round_ == 0 else 0, 1)
+            except (RuntimeError, NotImplementedError) as err:  # recorded, not hidden: e.g. no CPU kernel
+                results[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                continue
+            row = results.setdefault(name, {"ms_all": []})
+            row["ms_all"] += timed["ms_all"]
+            row["ms"] = statistics.median(row["ms_all"])
+            if "peak_mem_gib" in timed:
+                row["peak_mem_gib"] = max(row.get("peak_mem_gib", 0.0), timed["peak_mem_gib"])
+    for name, row in results.items():
+        print(f"{name:>14}: " + (f"{row['ms']:9.2f} ms" if "ms" in row else row["error"]))
 
     ours = results["ours"]["ms"]
     ratios = {f"{name}_over_ours": round(r["ms"] / ours, 3) for name, r in results.items()

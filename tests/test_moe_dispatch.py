@@ -310,3 +310,15 @@ def test_backward_recomputes_the_gelu_but_no_matmul(which):
         plain(x_ref).square().sum().backward()
         for got, want in zip(grads, [x_ref.grad] + [p.grad for p in module.parameters()]):
             assert torch.equal(got, want)
+
+
+def test_fallback_experts_keep_the_gelu_rather_than_rerun_the_matmul(monkeypatch):
+    """transformers' fallback op saves its inputs after it runs, so checkpoint early stop would rerun it:
+    where the grouped matmul cannot run, the experts keep their GELU output and backward reruns nothing."""
+    import moechat.modeling_moechat as modeling
+
+    monkeypatch.setattr(modeling, "_grouped_mm_runs", lambda *args: False)
+    module = moe_block(num_experts=4, num_experts_per_tok=2).train()
+    ops, _ = _backward_ops(module, torch.randn(2, 8, 32, requires_grad=True))
+    assert ops.count("gelu") == 0 and ops.count("gelu_backward") == 1
+    assert ops.count("grouped_mm_fallback") == 0, [op for op in ops if "grouped" in op]

@@ -575,3 +575,20 @@ def test_deepspeed_single_process_without_launcher_trains_and_resumes_after_kill
     first_resumed = resumed["resumed_from_step"] + 1
     assert got[:first_resumed] == expected[:first_resumed]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-2)
+
+
+def test_prepared_positions_past_seq_len_are_one_line(tmp_path):
+    """Position ids are checked once on the host when the blocks load (the training step does not wait on
+    the device for them); a block whose ids run past train.seq_len names the split and the fix."""
+    from moechat.data.chat import PreparedDataError
+    from moechat.train import load_blocks
+
+    blocks = make_blocks(4, seed=3)
+    load_blocks_dir = tmp_path / "prepared"
+    blocks.save_to_disk(str(load_blocks_dir / "train"))
+    assert load_blocks(load_blocks_dir, "train", SEQ)["position_ids"].max() < SEQ
+    bad = blocks.map(lambda row: {"position_ids": [SEQ] + row["position_ids"][1:]})
+    bad.save_to_disk(str(load_blocks_dir / "bad"))
+    with pytest.raises(PreparedDataError, match=rf"bad: position ids reach {SEQ}, past train.seq_len={SEQ}; "
+                                                r"rerun `dvc repro prepare`"):
+        load_blocks(load_blocks_dir, "bad", SEQ)

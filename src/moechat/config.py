@@ -360,7 +360,7 @@ def _yaml11_float_fix(value: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Range checks added for issue 12: values that used to pass here and fail late (or silently misbehave)
+# Range checks: values that would otherwise pass here and fail late (or silently misbehave)
 
 SEED_MAX = 2**32 - 1  # numpy's and torch.manual_seed's range
 N_POSITIONS_MAX = 65536  # the position table and activations beyond this do not fit one 16 GB GPU

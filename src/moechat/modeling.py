@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E4
 
 from moechat.configuration_moechat import MoeChatConfig, MoeChatConfigError  # noqa: E402
 from moechat.modeling_moechat import (  # noqa: E402
-    LOSS_CHUNK_TOKENS,
     MoeChatBackendError,
     MoeChatCausalLMOutput,
     MoeChatForCausalLM,
@@ -32,4 +31,4 @@ MoeChatModel.register_for_auto_class("AutoModel")
 MoeChatForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["MoeChatConfig", "MoeChatConfigError", "MoeChatModel", "MoeChatModelOutput", "MoeChatForCausalLM",
-           "MoeChatCausalLMOutput", "MoeChatBackendError", "LOSS_CHUNK_TOKENS"]
+           "MoeChatCausalLMOutput", "MoeChatBackendError"]

@@ -270,7 +270,9 @@ class MoeChatSparseMoeBlock(nn.Module):
             y_SD = self._experts_called(x_ND.index_select(0, token_S), offs_E)
         # Back to token-major order (a permutation: no scatter-add), then each token's k outputs weighted and
         # summed by one batched matmul in the experts' dtype, so backward keeps only that output (not fp32
-        # copies of it, as an index_add of weighted rows would) and sums in a fixed order.
+        # copies of it, as an index_add of weighted rows would) and sums in a fixed order. Under autocast the
+        # routing weights enter that matmul in bf16, as in Mixtral's weighted sum; router logits, softmax and
+        # the router losses stay fp32.
         y_NkD = y_SD.index_select(0, _inverse_permutation(order_A)).view(n, k, y_SD.shape[-1])
         y_ND = torch.bmm(weights_Nk.unsqueeze(1).to(y_NkD.dtype), y_NkD).squeeze(1).to(x_ND.dtype)
         return y_ND, tokens_per_expert, dropped
@@ -316,7 +318,10 @@ class MoeChatSparseMoeBlock(nn.Module):
         if dead_S1 is not None:
             h_SF = h_SF.masked_fill(dead_S1, 0.0)
         proj_weight = _stack([m.weight for m in proj], dtype)
-        y_SD = gelu_then(lambda a_SF: _grouped_matmul(a_SF, proj_weight, offs_E), h_SF)  # the matmul last
+        if _grouped_mm_runs(h_SF, proj_weight):
+            y_SD = gelu_then(lambda a_SF: _grouped_matmul(a_SF, proj_weight, offs_E), h_SF)  # the matmul last
+        else:  # the fallback op saves its inputs after it runs: early stop would recompute it, so keep the GELU
+            y_SD = _grouped_matmul(F.gelu(h_SF, approximate="tanh"), proj_weight, offs_E)
         y_SD = _add_expert_bias(y_SD, _stack([m.bias for m in proj], dtype), onehot_SE)
         if dead_S1 is not None:  # before the routing weight: its gradient reads y
             y_SD = y_SD.masked_fill(dead_S1, 0.0)
@@ -708,9 +713,10 @@ class MoeChatModel(MoeChatPreTrainedModel):
         return out
 
 
-# Rows of logits per chunk: what Liger's fused linear cross-entropy picks for 8 x 1024 tokens at vocab/width
-# ~50 (next power of 2 of tokens / ceil(vocab / width)); 256 x 50260 is 49 MiB in fp32.
-LOSS_CHUNK_TOKENS = 256
+# Rows of logits per chunk: 1024 x 50260 is 0.2 GiB in fp32, under what one MoE block's backward holds at the
+# reference micro-batch (so smaller chunks would not lower the step's peak), and few enough chunks that the
+# head weight's fp32 gradient is updated only a handful of times per micro-batch.
+LOSS_CHUNK_TOKENS = 1024
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

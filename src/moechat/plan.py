@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Optional
 
 from moechat.config import ConfigError, DataConfig, MoechatError, Params, TrainConfig, load_params
 from moechat.presets import merged_params
-from moechat.modeling import LOSS_CHUNK_TOKENS  # the rows of logits the chunked loss holds at once
 from moechat.schedule import build_schedule
 
 if TYPE_CHECKING:
@@ -50,6 +49,7 @@ BNB_BLOCK = 256  # bitsandbytes 8-bit optimizer block size (one fp32 absmax per 
 # split blocks typically cost 5-10% of allocated memory; we reserve the high ends.
 CUDA_CONTEXT_GB = 0.75
 FRAGMENTATION = 0.10
+LOSS_CHUNK_TOKENS = 1024  # modeling_moechat.LOSS_CHUNK_TOKENS (tests/test_plan.py holds them equal)
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,13 @@ def block_bytes_per_token(model: MoeChatConfig, precision: str) -> list[float]:
 
 def backward_bytes(model: MoeChatConfig, precision: str, checkpointing: bool, tokens: int, vocab_size: int) -> float:
     """What backward holds beyond the saved activations at its peak: the larger of the loss phase (one chunk
-    of LOSS_CHUNK_TOKENS logits in the compute dtype, their fp32 softmax and the compute-dtype gradient:
-    a + 4 + a bytes each) and one block's gradient buffers (the MLP's: the gradients of the GELU output and
+    of LOSS_CHUNK_TOKENS logits in fp32 beside their fp32 softmax, 8 bytes each: the compute-dtype copies
+    come and go before and after) and one block's gradient buffers (the MLP's: the gradients of the GELU output and
     input side by side and of its input, k x (2*a*f + a*d) per token in an MoE block). The loss backward
     ends before the first block's backward starts, so they never coexist; with checkpointing the block's
     recomputed activations (counted in `activation_bytes_per_token`) do not coexist with the loss either."""
     a = compute_bytes(precision)
-    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * (a + 4 + a)
+    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * 8
     if checkpointing:
         loss -= tokens * max(block_bytes_per_token(model, precision))
     f, d = model.n_inner, model.n_embd

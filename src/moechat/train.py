@@ -277,6 +277,10 @@ def load_blocks(data_dir: Path, split: str, seq_len: int) -> dict[str, torch.Ten
     if blocks["input_ids"].ndim != 2 or blocks["input_ids"].shape[1] != seq_len:
         raise PreparedDataError(f"{path}: blocks have shape {tuple(blocks['input_ids'].shape)}, expected [rows, "
                                 f"train.seq_len={seq_len}]; rerun `dvc repro prepare` after changing train.seq_len")
+    largest = int(blocks["position_ids"].max()) if blocks["position_ids"].numel() else 0
+    if largest >= seq_len:  # checked here, on the host, so the training step never waits for the device
+        raise PreparedDataError(f"{path}: position ids reach {largest}, past train.seq_len={seq_len}; rerun "
+                                f"`dvc repro prepare`")
     return blocks
 
 
@@ -287,6 +291,7 @@ class BatchStream:
     `build_schedule`'s check, which runs first."""
 
     def __init__(self, n_rows: int, global_batch: int, seed: int):
+        assert n_rows >= global_batch, "build_schedule refuses fewer rows than one global batch"
         self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
