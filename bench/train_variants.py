@@ -40,10 +40,11 @@ class FullLogitsLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.config = model.config  # train_step reads the router layout from it
 
     def forward(self, labels: torch.Tensor, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         out = self.model(**kwargs)
-        out.lm_loss = self.model.lm_loss(out.logits, labels, num_items_in_batch)
+        out.lm_loss = self.model.lm_loss(out.logits[:, :-1], labels[:, 1:], num_items_in_batch)  # t predicts t+1
         c = self.model.config
         out.loss = out.lm_loss + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
         return out
