@@ -1,5 +1,5 @@
 """BPE training time on one message without whitespace: the trainer as it was (the whole message is one
-pre-token) against `moechat.data.chat.train_bpe` (each run cut into BPE_MAX_RUN_CHARS slices), side by side.
+pre-token) against `moechat.data.chat_format.train_bpe` (each run cut into BPE_MAX_RUN_CHARS slices), side by side.
 
 The uncapped trainer is timed up to 50k characters (its time grows with the square of the run); the capped
 one on the same lengths and on 2 MB.
@@ -17,7 +17,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import device_name  # noqa: E402
-from moechat.data.chat import IM_END, IM_START, PAD, train_bpe  # noqa: E402
+from moechat.data.chat_format import IM_END, IM_START, PAD, train_bpe# noqa: E402
 
 VOCAB = 300
 UNCAPPED_LENGTHS = (12_500, 25_000, 50_000)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchlib import device_name
-from moechat.io import write_json
+from moechat.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What is a mixture-of-experts model?"
@@ -52,10 +52,10 @@ def import_seconds(module: str) -> float:
 def tiny_folders(scratch: Path) -> tuple[Path, Path]:
     """The tests' tiny model exported and quantized (random weights: latency does not depend on them)."""
     sys.path.insert(0, str(ROOT))
-    from moechat.config import QuantizeConfig, load_params
-    from moechat.data.chat import load_packed
-    from moechat.export import export_model
-    from moechat.quantize import quantize_stage
+    from moechat.config.params import QuantizeConfig, load_params
+    from moechat.data.chat_format import load_packed
+    from moechat.release.export import export_model
+    from moechat.release.quantize import quantize_stage
     from tests._release_tiny import tiny_model, tiny_tokenizer, write_prepared
 
     tok = tiny_tokenizer()

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from moechat.config import Params, load_params
+from moechat.config.params import Params, load_params
 from moechat.data.fixture import gpt2_tokenizer_dir
 from moechat.data.oasst import download
 from moechat.data.prepare import prepare
-from moechat.io import write_json
+from moechat.atomic import write_json
 from benchlib import device_name
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ from typing import Optional
 
 import yaml
 
-from moechat.config import load_params
-from moechat.io import write_json
-from moechat.train import train
+from moechat.config.params import load_params
+from moechat.atomic import write_json
+from moechat.train.loop import train
 
 
 def main(argv: Optional[list[str]] = None) -> int:

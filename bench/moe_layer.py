@@ -32,10 +32,10 @@ from typing import Callable
 
 import torch
 
-from moechat.modeling import MoeChatConfig
-from moechat.modeling_moechat import MoeChatMLP, MoeChatSparseMoeBlock
+from moechat.model.auto import MoeChatConfig
+from moechat.model.modeling_moechat import MoeChatMLP, MoeChatSparseMoeBlock
 from benchlib import device_name
-from moechat.io import write_json
+from moechat.atomic import write_json
 
 
 def sync(device: torch.device) -> None:

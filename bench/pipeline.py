@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchlib import device_name
-from moechat.demo import demo_env, make_demo_repo, project_root
+from moechat.cli.demo import demo_env, make_demo_repo, project_root
 
 STAGES = ("download", "prepare", "init", "train", "evaluate", "export", "quantize")
 

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 from benchlib import device_name
-from moechat.io import write_json
+from moechat.atomic import write_json
 
 PROMPTS = ["What is a mixture-of-experts model?", "Write a haiku about autumn.", "How do I reverse a list in Python?"]
 
 
 def measure(model_dir: Path, device: str, new_tokens: int) -> dict:
     """One variant in this process: load, warm up, time greedy decoding."""
-    from moechat.chat import load_for_chat
+    from moechat.cli.chat import load_for_chat
 
     dev = torch.device(device)
     start = time.perf_counter()

@@ -4,7 +4,7 @@ GPU (the reference config, seq 1024, bf16 autocast, bnb 8-bit AdamW): micro-batc
 checkpointing off/on, once uncapped and once capped at 16 GiB with
 `torch.cuda.set_per_process_memory_fraction`; then the seed's recipe (every example padded to 1024, fp16 with
 loss scaling, torch AdamW, micro-batch 1) converted to real-data tokens/s with the padding efficiencies that
-the prepare stage measured (metrics/prepare.json). Every row runs `moechat.train.train_step`, the loop's own
+the prepare stage measured (metrics/prepare.json). Every row runs `moechat.train.step.train_step`, the loop's own
 step.
 
     python bench/train_step.py                    # on a CUDA GPU; writes metrics/bench_train.json
@@ -25,11 +25,14 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from moechat import plan
-from moechat.config import TrainConfig, load_params
-from moechat.io import write_json
-from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
-from moechat.train import build_accelerator, build_optimizer, device_peak_flops, train_step
+from moechat.train import plan
+from moechat.config.params import TrainConfig, load_params
+from moechat.atomic import write_json
+from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
+from moechat.train.engine import build_accelerator
+from moechat.train.optim import build_optimizer
+from moechat.train.hardware import device_peak_flops
+from moechat.train.step import train_step
 
 VOCAB = 50260  # GPT-2's 50257 ids + the three chat tokens
 

@@ -1,7 +1,7 @@
 """Training step before/after, side by side: full-logits loss vs chunked loss, GELUs saved vs recomputed,
 and train.compile.
 
-Every variant runs `moechat.train.train_step` (the loop's own step) on the same synthetic packed batches,
+Every variant runs `moechat.train.step.train_step` (the loop's own step) on the same synthetic packed batches,
 in a fresh subprocess so that its peak memory is its own:
   full_logits   the previous loss: lm_head over every position, then cross-entropy on the full logits
   gelu_saved    the chunked loss, with every MLP keeping its GELU output for backward (the previous MLP)
@@ -57,9 +57,11 @@ def rss_bytes() -> int:
 def run_variant(variant: str, device: str, steps: int, warmup: int) -> dict[str, Any]:
     import dataclasses
 
-    from moechat.config import load_params
-    from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
-    from moechat.train import build_accelerator, build_optimizer, compile_blocks, drop_fp32_output_copy, train_step
+    from moechat.config.params import load_params
+    from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
+    from moechat.train.engine import build_accelerator, compile_blocks, drop_fp32_output_copy
+    from moechat.train.optim import build_optimizer
+    from moechat.train.step import train_step
 
     cuda = device == "cuda"
     if cuda:
@@ -72,7 +74,7 @@ def run_variant(variant: str, device: str, steps: int, warmup: int) -> dict[str,
     cfg = dataclasses.replace(load_params("params.yaml").train, seq_len=seq, micro_batch_size=mb, grad_accum=1, optimizer=optimizer,
                               precision=precision, gradient_checkpointing=False, compile=variant.endswith("compile"))
     if variant == "gelu_saved":
-        import moechat.modeling_moechat as modeling
+        import moechat.model.modeling_moechat as modeling
 
         modeling.gelu_then = lambda linear, h: linear(torch.nn.functional.gelu(h, approximate="tanh"))
     torch.manual_seed(0)

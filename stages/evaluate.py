@@ -32,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
     import torch
 
-    from moechat.chat import resolve_device
-    from moechat.config import load_params
-    from moechat.data.chat import load_packed
-    from moechat.evaluate import evaluate, share_rows
-    from moechat.harness import run_lm_eval, task_manager
-    from moechat.io import write_json
+    from moechat.device import resolve_device
+    from moechat.config.params import load_params
+    from moechat.data.chat_format import load_packed
+    from moechat.eval.evaluate import evaluate, share_rows
+    from moechat.eval.harness import run_lm_eval, task_manager
+    from moechat.atomic import write_json
     from moechat.metrics import write_stage_report
-    from moechat.model_folder import load_model, load_tokenizer
+    from moechat.model.folder import load_model, load_tokenizer
 
     device = resolve_device(args.device)  # a bad --device is one line, before any work
     params = load_params(args.params)

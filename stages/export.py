@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
     import torch
 
-    from moechat.config import load_params
-    from moechat.export import export_model, read_metrics
-    from moechat.model_folder import load_model, load_tokenizer
+    from moechat.config.params import load_params
+    from moechat.release.export import export_model, read_metrics
+    from moechat.model.folder import load_model, load_tokenizer
 
     params = load_params(args.params)
     # export only copies the weights: on the CPU, in the fp32 train saved

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
-    from moechat.config import load_params
-    from moechat.init import initialize
+    from moechat.config.params import load_params
+    from moechat.model.upcycle import initialize
     from moechat.metrics import write_stage_report
 
     params = load_params(args.params)

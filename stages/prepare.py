@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
     args = parser.parse_args(argv)
     # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
-    from moechat.config import load_params
+    from moechat.config.params import load_params
     from moechat.data.prepare import EmptySplitError, prepare
-    from moechat.io import write_json
+    from moechat.atomic import write_json
     from moechat.metrics import write_stage_report
 
     params = load_params(args.params)

@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=None, help="cap the val batches (default: all)")
     args = parser.parse_args(argv)
     # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
-    from moechat.chat import resolve_device
-    from moechat.config import load_params
-    from moechat.data.chat import load_packed
-    from moechat.io import write_json
+    from moechat.device import resolve_device
+    from moechat.config.params import load_params
+    from moechat.data.chat_format import load_packed
+    from moechat.atomic import write_json
     from moechat.metrics import write_stage_report
-    from moechat.quantize import quantize_stage
+    from moechat.release.quantize import quantize_stage
 
     device = resolve_device(args.device)  # a bad --device is one line, before any work
     params = load_params(args.params)

@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     args = parser.parse_args(argv)
     # the libraries import here, after run_stage quieted their import-time output (moechat.stage)
-    from moechat.config import load_params
+    from moechat.config.params import load_params
     from moechat.metrics import write_stage_report
-    from moechat.train import train
+    from moechat.train.loop import train
 
     params = load_params(args.params)
     m = train(params.train, params.seed, args.data, args.init, args.checkpoints, args.out, args.live)

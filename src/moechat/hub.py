@@ -18,7 +18,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
-from moechat.config import MoechatError
+from moechat.errors import MoechatError
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 TIMEOUT_S = 10.0

@@ -13,7 +13,7 @@ import copy
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from moechat.io import write_json
+from moechat.atomic import write_json
 
 
 def split_report(report: dict[str, Any], metric_keys: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
-from moechat.config import MoechatError
+from moechat.errors import MoechatError
 from moechat.quiet import quiet_third_party
 
 

@@ -23,7 +23,8 @@ from typing import Any, Iterable, Iterator, Literal
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
-from moechat.config import DataConfig, MoechatError
+from moechat.config.params import DataConfig
+from moechat.errors import MoechatError
 from moechat.hub import HUB_LOAD_ERRORS, looks_like_path, require_hub_repo
 
 DETOXIFY_KEYS = ("toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat",

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from moechat.io import atomic_dir
-from moechat.config import DataConfig, TokenizerConfig
-from moechat.data import chat, oasst
-from moechat.labels import IGNORE
+from moechat.atomic import atomic_dir
+from moechat.config.params import DataConfig, TokenizerConfig
+from moechat.data import chat_format, oasst
+from moechat.data.labels import IGNORE
 
 TRUNCATIONS = ("truncated_turns", "truncated_reply")
 DROPS = ("overlong", "prompt_too_long", "no_assistant_tokens", "special_token_in_text")
@@ -59,19 +59,19 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
     }
     # The role headers go in too, so `user`/`assistant` become single tokens of a trained vocabulary.
     train_texts = (f"{m['role']}\n{m['content']}" for c in splits["train"] for m in c["messages"])
-    tokenizer = chat.load_or_train_tokenizer(tokenizer_cfg, train_texts)
-    pad_id = tokenizer.convert_tokens_to_ids(chat.PAD)
+    tokenizer = chat_format.load_or_train_tokenizer(tokenizer_cfg, train_texts)
+    pad_id = tokenizer.convert_tokens_to_ids(chat_format.PAD)
     metrics["trees"] = {"train": len(train_trees), "val": len(val_trees)}
     metrics["tokenizer"] = {"source": tokenizer_cfg.source, "size": len(tokenizer), "pad_id": pad_id,
                             "eos": tokenizer.eos_token, "eos_id": tokenizer.eos_token_id}
 
     with atomic_dir(out_dir) as tmp:
         for split, conversations in splits.items():
-            tokens = chat.tokenize_conversations(conversations, tokenizer, seq_len, data.overlong, data.num_proc,
+            tokens = chat_format.tokenize_conversations(conversations, tokenizer, seq_len, data.overlong, data.num_proc,
                                                  split)
             keep = [i for i, outcome in enumerate(tokens["outcome"]) if outcome not in DROPS]
             kept_tokens = tokens.select(keep)
-            blocks = chat.build_blocks(kept_tokens["input_ids"], kept_tokens["labels"], seq_len, pad_id, seed)
+            blocks = chat_format.build_blocks(kept_tokens["input_ids"], kept_tokens["labels"], seq_len, pad_id, seed)
             blocks.save_to_disk(str(tmp / split))
             _write_jsonl(tmp / f"conversations_{split}.jsonl", [conversations[i] for i in keep])
             metrics[split] = split_figures(tokens, len(blocks), seq_len,
@@ -79,7 +79,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
         empty = [split for split in splits if metrics[split]["conversations"] == 0]
         if empty:  # raised inside atomic_dir: the previous prepared folder stays as it was
             raise EmptySplitError(empty_split_message(empty[0], metrics[empty[0]], seq_len), metrics)
-    chat.save_tokenizer(tokenizer, tokenizer_dir)
+    chat_format.save_tokenizer(tokenizer, tokenizer_dir)
     return {**metrics, "packing_efficiency": metrics["train"]["packing_efficiency"],
             "naive_padding_efficiency": metrics["train"]["naive_padding_efficiency"]}
 

@@ -1,0 +1,7 @@
+"""`python -m moechat.cli`: the same as the `moechat` command."""
+
+import sys
+
+from moechat.cli.main import main
+
+sys.exit(main())
