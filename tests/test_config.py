@@ -361,3 +361,13 @@ def test_deepspeed_json_is_read_and_checked_at_load(tmp_path, content, expected)
     assert str(err.value) == f"params.yaml: train.deepspeed={path}: {expected}"
     path.write_text('{"zero_optimization": {"stage": 2}}')
     assert params_from_dict(with_change("train", "deepspeed", str(path))).train.deepspeed == str(path)
+
+
+def test_a_preset_is_read_with_the_same_refusals(tmp_path):
+    from moechat.presets import merged_params
+
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(_alias_bomb())
+    with pytest.raises(ConfigError) as err:
+        merged_params(ROOT / "params.yaml", str(preset), ROOT / "presets")
+    assert str(err.value) == f"{preset}:1: YAML anchor &l0: params files take no anchors or aliases; write the value out"
