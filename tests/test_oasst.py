@@ -414,3 +414,92 @@ def test_whitespace_only_messages_are_filtered_and_counted(rows):
     for policy in ("best", "all"):
         threads = oasst.build_threads(filtered.kept, policy).conversations
         assert all(m["content"] for c in threads for m in c["messages"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 21: values Arrow cannot store, malformed trees and entries that are not files, each one line
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("rank", 3_000_000_000, "outside int32 (-2147483648..2147483647)"),
+    ("review_count", 10**30, "outside int32 (-2147483648..2147483647)"),
+    ("text", "caf\ud800", "not valid Unicode (a lone UTF-16 surrogate, as from a JSON \\ud800 escape)"),
+    ("message_id", "\ud800", "not valid Unicode (a lone UTF-16 surrogate, as from a JSON \\ud800 escape)"),
+])
+def test_values_arrow_cannot_store_name_field_row_and_value(tmp_path, rows, field, value, what):
+    bad = copy.deepcopy(rows[:6])
+    bad[2][field] = value
+    path = _write_rows(tmp_path / "bad.jsonl", bad)  # json.dumps writes the surrogate as the escape \ud800
+    assert "\\ud800" in Path(path).read_text() or field in ("rank", "review_count")
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(path)
+    assert str(err.value) == (f"data.source={path!r}: field {field!r}={value!r:.60} is {what} in 1 of 6 rows "
+                              f"(first: message_id={bad[2]['message_id']!r} at {path}:3); fix the export")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("emojis", {"+1": 2**32}, "emojis count of '+1' 4294967296 is outside int32 (-2147483648..2147483647)"),
+    ("emojis", {"name": ["+1"], "count": [-2**40]}, "emojis count -1099511627776 is outside int32"),
+    ("labels", {"spam": {"value": 0.5, "count": 2**31}}, "labels count of 'spam' 2147483648 is outside int32"),
+    ("labels", {"spam": {"value": 10**400, "count": 1}}, "labels value of 'spam' 1000000000000000000000000000000000000"
+                                                         "000 does not fit a float64"),
+    ("emojis", {"\ud800": 1}, "emojis name '\\ud800' is not a valid Unicode string"),
+])
+def test_nested_values_arrow_cannot_store_name_file_line_and_message(tmp_path, rows, field, value, expected):
+    bad = copy.deepcopy(rows[:6])
+    bad[3][field] = value
+    path = _write_rows(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(path)
+    assert str(err.value).startswith(f"{path}:4: message {bad[3]['message_id']!r}: {expected}")
+    assert str(err.value).endswith("; fix the row or drop the field")
+
+
+@pytest.mark.parametrize("replies, shown", [(5, "int 5"), ({"a": {"text": "hi"}}, "dict {'a': {'text': 'hi'}}")])
+def test_trees_export_replies_that_are_not_a_list_are_named(tmp_path, replies, shown):
+    prompt = {k: v for k, v in _chain(1)[0].items() if k not in ("parent_id", "message_tree_id", "tree_state")}
+    path = tmp_path / "x.trees.jsonl"
+    ok = {"message_tree_id": "deep", "tree_state": "ready_for_export", "prompt": prompt}
+    path.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "prompt": {**prompt, "replies": replies}}) + "\n")
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(str(path))
+    assert str(err.value) == (f"{path}:2: message 'deep-0' has \"replies\" = {shown}; it must be a list of message "
+                              f"objects (or absent): fix the export")
+
+
+def test_dangling_links_and_devices_in_a_data_folder_are_refused_hidden_ones_listed(tmp_path, rows):
+    folder = tmp_path / "oasst"
+    folder.mkdir()
+    _write_rows(folder / "a.jsonl", rows)
+    (folder / ".old.jsonl").symlink_to(tmp_path / "gone.jsonl")  # hidden: skipped and listed, as other hidden files
+    _, info = oasst.load_messages(str(folder))
+    assert info["skipped"] == [str(folder / ".old.jsonl")]
+    (folder / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (folder / "c.jsonl").symlink_to("/dev/null")
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(str(folder))
+    assert str(err.value) == (f"data.source={str(folder)!r}: 2 entries are not readable files (b.jsonl: a dangling "
+                              f"symlink to {tmp_path / 'gone.jsonl'}; c.jsonl: a character device (via a symlink to "
+                              f"/dev/null)); remove them or point the links at the export's files")
+    with pytest.raises(oasst.DataError, match=r"c.jsonl': a character device \(via a symlink to /dev/null\), not a "
+                                              r"file of rows; point data.source at the export itself$"):
+        oasst.load_messages(str(folder / "c.jsonl"))
+
+
+def test_download_stage_prints_the_row_error_as_one_line(tmp_path, rows):
+    import subprocess
+    import sys
+
+    bad = copy.deepcopy(rows[:6])
+    bad[4]["rank"] = 3_000_000_000
+    source = _write_rows(tmp_path / "rows.jsonl", bad)
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text().replace("source: OpenAssistant/oasst1", f"source: {source}", 1))
+    done = subprocess.run([sys.executable, str(PARAMS.parent / "stages" / "download.py"), "--params", str(params),
+                           "--out", str(tmp_path / "raw"), "--metrics", str(tmp_path / "download.json")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"download: error: data.source={source!r}: field 'rank'=3000000000 is outside int32 "
+                           f"(-2147483648..2147483647) in 1 of 6 rows (first: message_id={bad[4]['message_id']!r} at "
+                           f"{source}:5); fix the export\n")
+    assert not (tmp_path / "raw").exists()
