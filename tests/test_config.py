@@ -283,10 +283,12 @@ def test_non_utf8_params_and_a_folder_are_named(tmp_path):
     path.write_bytes(text.replace("  lr: 1.0e-4", "  lr: 1.0e-4  # caf\udce9", 1).encode("utf-8", "surrogateescape"))
     with pytest.raises(ConfigError) as err:
         load_params(path)
-    assert str(err.value) == f"{path}:{_line_of(text, '  lr: 1.0e-4')}: not valid UTF-8 (byte 0xe9); save the file as UTF-8"
+    line = _line_of(text, "  lr: 1.0e-4")
+    assert str(err.value) == f"{path}:{line}: not valid UTF-8 (byte 0xe9); save the file as UTF-8"
     with pytest.raises(ConfigError) as err:
         load_params(tmp_path)
-    assert str(err.value) == f"{tmp_path}: is a folder, not a params file; pass the YAML file (e.g. --params params.yaml)"
+    assert str(err.value) == (f"{tmp_path}: is a folder, not a params file; pass the YAML file "
+                              f"(e.g. --params params.yaml)")
 
 
 @pytest.mark.parametrize("section, key, value, expected", [
@@ -370,4 +372,5 @@ def test_a_preset_is_read_with_the_same_refusals(tmp_path):
     preset.write_text(_alias_bomb())
     with pytest.raises(ConfigError) as err:
         merged_params(ROOT / "params.yaml", str(preset), ROOT / "presets")
-    assert str(err.value) == f"{preset}:1: YAML anchor &l0: params files take no anchors or aliases; write the value out"
+    assert str(err.value) == (f"{preset}:1: YAML anchor &l0: params files take no anchors or aliases; "
+                              f"write the value out")

@@ -36,7 +36,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
     when fewer than 2 trees have a conversation or a split loses every conversation to seq_len."""
     rows = oasst.read_raw(raw_dir).to_list()
     filtered = oasst.filter_messages(rows, data)
-    threads = oasst.build_threads(filtered.kept, data.thread_policy)
+    threads = oasst.build_threads(filtered.kept, data.thread_policy, oasst.max_messages_for(seq_len), data.overlong)
     metrics: dict[str, Any] = {
         "messages": len(rows),
         "messages_kept": len(filtered.kept),
@@ -45,6 +45,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
         "thread_policy": data.thread_policy,
         "threads": len(threads.conversations),
         "threads_skipped": threads.skipped,
+        "threads_cut": threads.cut,  # paths longer than any seq_len can hold, cut (and merged) before tokenizing
         "seq_len": seq_len,
         "overlong": data.overlong,
     }
