@@ -503,3 +503,70 @@ def test_download_stage_prints_the_row_error_as_one_line(tmp_path, rows):
                            f"(-2147483648..2147483647) in 1 of 6 rows (first: message_id={bad[4]['message_id']!r} at "
                            f"{source}:5); fix the export\n")
     assert not (tmp_path / "raw").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 21: a comb-shaped tree (a deep chain with an assistant leaf on every user turn)
+
+
+def comb(depth: int, tree: str = "comb") -> list[dict]:
+    """A chain of `depth` alternating messages from a user prompt, with one more assistant reply, a leaf, on
+    every user turn: with thread_policy all, leaf k ends a thread 2k + 2 messages long."""
+    chain = _chain(depth, tree)
+    leaves = [dict(row, message_id=f"{tree}-leaf-{i}", parent_id=row["message_id"], role="assistant", rank=1,
+                   text=f"leaf {i}")
+              for i, row in enumerate(chain) if row["role"] == "prompter"]
+    return chain + leaves
+
+
+def test_comb_paths_grow_quadratically_without_the_bound_and_not_with_it():
+    for depth in (400, 800):
+        kept = oasst.filter_messages(comb(depth), DataConfig()).kept
+        whole = oasst.build_threads(kept, "all")
+        # one thread per leaf (2k + 2 messages) and the chain's own end: the work is ~depth^2 / 4
+        assert sum(len(c["messages"]) for c in whole.conversations) == sum(2 * k + 2 for k in range(depth // 2)) \
+            + depth
+        bounded = oasst.build_threads(kept, "all", max_messages=oasst.max_messages_for(256))
+        cap = oasst.max_messages_for(256)  # 130
+        assert cap == 130 and max(len(c["messages"]) for c in bounded.conversations) <= cap
+        # the leaves above the cap, then one thread for everything cut (every cut path ends on the same reply)
+        assert len(bounded.conversations) == cap // 2 + 1
+        assert sum(len(c["messages"]) for c in bounded.conversations) == sum(2 * k + 2 for k in range(cap // 2)) \
+            + cap
+        assert bounded.cut == {"max_messages": cap, "paths_cut": depth // 2 + 1 - cap // 2,
+                               "paths_merged": depth // 2 - cap // 2}
+        dropped = oasst.build_threads(kept, "all", max_messages=cap, overlong="drop")
+        assert dropped.conversations == bounded.conversations[:-1]
+        assert dropped.skipped == {"overlong": depth // 2 + 1 - cap // 2}
+
+
+def test_cutting_at_max_messages_keeps_exactly_the_tokens_the_whole_paths_kept():
+    """The cut is exact: the overlong rule keeps the same tokens from a cut path as from the whole one, and
+    the whole paths' kept conversations collapse to the cut ones (duplicates merged)."""
+    from moechat.data import chat
+
+    kept = oasst.filter_messages(comb(80) + comb(7, "short"), DataConfig()).kept
+    texts = [f"{r['role']}\n{r['text']}" for r in kept.values()]
+    tokenizer = chat.load_or_train_tokenizer(chat.TokenizerConfig(source="train", vocab_size=300), texts)
+    im_start = tokenizer.convert_tokens_to_ids(chat.IM_START)
+    tokenized: dict[str, chat.Tokenized] = {}
+
+    def fitted(threads):
+        out = []
+        for c in threads.conversations:
+            key = json.dumps(c["messages"])
+            if key not in tokenized:
+                tokenized[key] = chat.tokenize_conversation(tokenizer, c["messages"])
+            tokens, _ = chat.fit_to_length(tokenized[key], seq_len, im_start, overlong)
+            if tokens is not None and (tokens.input_ids, tokens.labels) not in out:
+                out.append((tokens.input_ids, tokens.labels))
+        return out
+
+    whole = oasst.build_threads(kept, "all")
+    for seq_len in (24, 40, 64):
+        for overlong in ("truncate", "drop"):
+            cut = oasst.build_threads(kept, "all", oasst.max_messages_for(seq_len), overlong)
+            assert cut.cut["paths_cut"] > 0 or overlong == "drop"
+            assert fitted(cut) == fitted(whole), (seq_len, overlong)
+            best = oasst.build_threads(kept, "best", oasst.max_messages_for(seq_len), overlong)
+            assert fitted(best) == fitted(oasst.build_threads(kept, "best"))
