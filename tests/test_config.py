@@ -303,6 +303,7 @@ def test_non_utf8_params_and_a_folder_are_named(tmp_path):
                                        "published vocabularies hold ~256k tokens), e.g. 50257"),
     ("eval", "prompts", ["hi", 3], "eval.prompts=['hi', 3] must be a list of strings, e.g. [\"Write a haiku about "
                                    "autumn.\"]"),
+    ("train", "lr", [1, 2], "train.lr=[1, 2] must be of type float, got list"),
     ("eval", "lm_eval_tasks", "piqa", "eval.lm_eval_tasks='piqa' must be a list of strings, e.g. [arc_easy, piqa]"),
 ])
 def test_values_that_crashed_later_are_refused_at_load_with_one_line(section, key, value, expected):

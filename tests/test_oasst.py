@@ -480,28 +480,37 @@ def test_dangling_links_and_devices_in_a_data_folder_are_refused_hidden_ones_lis
         oasst.load_messages(str(folder))
     assert str(err.value) == (f"data.source={str(folder)!r}: 2 entries are not readable files (b.jsonl: a dangling "
                               f"symlink to {tmp_path / 'gone.jsonl'}; c.jsonl: a character device (via a symlink to "
-                              f"/dev/null)); remove them or point the links at the export's files")
+                              f"/dev/null)); remove such entries or point the links at the export's files")
     with pytest.raises(oasst.DataError, match=r"c.jsonl': a character device \(via a symlink to /dev/null\), not a "
                                               r"file of rows; point data.source at the export itself$"):
         oasst.load_messages(str(folder / "c.jsonl"))
 
 
-def test_download_stage_prints_the_row_error_as_one_line(tmp_path, rows):
+@pytest.mark.parametrize("case", ["rank beyond int32", "a .jsonl linked to /dev/null"])
+def test_download_stage_prints_the_data_error_as_one_line(tmp_path, rows, case):
     import subprocess
     import sys
 
     bad = copy.deepcopy(rows[:6])
     bad[4]["rank"] = 3_000_000_000
-    source = _write_rows(tmp_path / "rows.jsonl", bad)
+    if case == "rank beyond int32":
+        source = _write_rows(tmp_path / "rows.jsonl", bad)
+        expected = (f"data.source={source!r}: field 'rank'=3000000000 is outside int32 (-2147483648..2147483647) "
+                    f"in 1 of 6 rows (first: message_id={bad[4]['message_id']!r} at {source}:5); fix the export")
+    else:
+        (tmp_path / "oasst").mkdir()
+        source = _write_rows(tmp_path / "oasst" / "a.jsonl", rows)
+        source = str(tmp_path / "oasst")
+        (tmp_path / "oasst" / "b.jsonl").symlink_to("/dev/null")
+        expected = (f"data.source={source!r}: 1 entry is not a readable file (b.jsonl: a character device (via a "
+                    f"symlink to /dev/null)); remove such entries or point the links at the export's files")
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.read_text().replace("source: OpenAssistant/oasst1", f"source: {source}", 1))
     done = subprocess.run([sys.executable, str(PARAMS.parent / "stages" / "download.py"), "--params", str(params),
                            "--out", str(tmp_path / "raw"), "--metrics", str(tmp_path / "download.json")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert (done.returncode, done.stdout) == (1, "")
-    assert done.stderr == (f"download: error: data.source={source!r}: field 'rank'=3000000000 is outside int32 "
-                           f"(-2147483648..2147483647) in 1 of 6 rows (first: message_id={bad[4]['message_id']!r} at "
-                           f"{source}:5); fix the export\n")
+    assert done.stderr == f"download: error: {expected}\n"
     assert not (tmp_path / "raw").exists()
 
 
