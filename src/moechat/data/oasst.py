@@ -155,8 +155,8 @@ def data_files(path: Path) -> tuple[list[Path], list[Path]]:
     if not_files:  # a link whose rows would be lost without a word, or a device or pipe that reads forever
         entries = "1 entry is not a readable file" if len(not_files) == 1 else \
             f"{len(not_files)} entries are not readable files"
-        raise DataError(f"data.source={str(path)!r}: {entries} ({'; '.join(not_files[:5])}); remove such entries or point "
-                        f"the links at the export's files")
+        raise DataError(f"data.source={str(path)!r}: {entries} ({'; '.join(not_files[:5])}); remove such entries "
+                        f"or point the links at the export's files")
     if unknown:
         raise DataError(f"data.source={str(path)!r}: {len(unknown)} file(s) of a type moechat does not read "
                         f"({', '.join(str(f.relative_to(path)) for f in unknown[:5])}); the folder may hold only "
