@@ -330,9 +330,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent, yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent):
             event = self.peek_event()
-            if isinstance(index, yaml.ScalarNode) and index.value == "<<" and index.tag == MERGE_TAG:
-                self._refuse(index.start_mark, "the YAML merge key `<<` is not supported in params files; write "
-                                               "the keys out in the section")
             if isinstance(event, yaml.AliasEvent):
                 self._refuse(event.start_mark, f"YAML alias *{event.anchor}: params files take no anchors or "
                                                f"aliases; write the value out")
