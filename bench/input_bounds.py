@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import device_name  # noqa: E402
 from moechat.config import ConfigError, DataConfig, load_params  # noqa: E402
-from moechat.data import oasst  # noqa: E402
+from moechat.data import fixture, oasst  # noqa: E402
 from moechat.io import write_json  # noqa: E402
 
 
@@ -88,17 +88,8 @@ def moechat_on_bomb() -> dict:
         return {"seconds": round(time.perf_counter() - t0, 4), "error": refused}
 
 
-def comb(depth: int) -> list[dict]:
-    chain = [{"message_id": f"c-{i}", "parent_id": f"c-{i - 1}" if i else None, "message_tree_id": "c",
-              "text": f"message {i}", "role": ("prompter", "assistant")[i % 2], "lang": "en", "deleted": False,
-              "synthetic": False, "review_result": True, "rank": 0, "tree_state": "ready_for_export"}
-             for i in range(depth)]
-    return chain + [dict(r, message_id=f"c-leaf-{i}", parent_id=r["message_id"], role="assistant", rank=1)
-                    for i, r in enumerate(chain) if r["role"] == "prompter"]
-
-
 def threads_on_comb(depth: int, seq_len: int) -> dict:
-    kept = oasst.filter_messages(comb(depth), DataConfig()).kept
+    kept = oasst.filter_messages(fixture.comb_tree(depth), DataConfig()).kept
     out = {"rows": len(kept), "depth": depth, "seq_len": seq_len}
     for name, cap in (("cut", oasst.max_messages_for(seq_len)), ("whole", None)):  # cut first: no GC debt
         t0 = time.perf_counter()

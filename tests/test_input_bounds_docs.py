@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from moechat.config import DataConfig
-from moechat.data import oasst
+from moechat.data import fixture, oasst
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +25,7 @@ def test_troubleshooting_quotes_the_bench_file_and_the_comb_counts_are_current()
             f"threads holding {comb['cut']['messages']:,} messages ({comb['cut']['seconds']:.2f} s)") in doc
     depth, cap = comb["depth"], oasst.max_messages_for(comb["seq_len"])
     assert comb["whole"]["messages"] == sum(2 * k + 2 for k in range(depth // 2)) + depth
-    chain = [{"message_id": f"c-{i}", "parent_id": f"c-{i - 1}" if i else None, "message_tree_id": "c",
-              "text": f"message {i}", "role": ("prompter", "assistant")[i % 2], "lang": "en", "deleted": False,
-              "synthetic": False, "review_result": True, "rank": 0, "tree_state": "ready_for_export"}
-             for i in range(depth)]
-    rows = chain + [dict(r, message_id=f"c-leaf-{i}", parent_id=r["message_id"], role="assistant", rank=1)
-                    for i, r in enumerate(chain) if r["role"] == "prompter"]
+    rows = fixture.comb_tree(depth, "c")
     threads = oasst.build_threads(oasst.filter_messages(rows, DataConfig()).kept, "all", cap)
     assert (len(threads.conversations), sum(len(c["messages"]) for c in threads.conversations)) == \
         (comb["cut"]["threads"], comb["cut"]["messages"])

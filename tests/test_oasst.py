@@ -518,19 +518,9 @@ def test_download_stage_prints_the_data_error_as_one_line(tmp_path, rows, case):
 # Issue 21: a comb-shaped tree (a deep chain with an assistant leaf on every user turn)
 
 
-def comb(depth: int, tree: str = "comb") -> list[dict]:
-    """A chain of `depth` alternating messages from a user prompt, with one more assistant reply, a leaf, on
-    every user turn: with thread_policy all, leaf k ends a thread 2k + 2 messages long."""
-    chain = _chain(depth, tree)
-    leaves = [dict(row, message_id=f"{tree}-leaf-{i}", parent_id=row["message_id"], role="assistant", rank=1,
-                   text=f"leaf {i}")
-              for i, row in enumerate(chain) if row["role"] == "prompter"]
-    return chain + leaves
-
-
 def test_comb_paths_grow_quadratically_without_the_bound_and_not_with_it():
     for depth in (400, 800):
-        kept = oasst.filter_messages(comb(depth), DataConfig()).kept
+        kept = oasst.filter_messages(fixture.comb_tree(depth), DataConfig()).kept
         whole = oasst.build_threads(kept, "all")
         # one thread per leaf (2k + 2 messages) and the chain's own end: the work is ~depth^2 / 4
         assert sum(len(c["messages"]) for c in whole.conversations) == sum(2 * k + 2 for k in range(depth // 2)) \
@@ -554,7 +544,7 @@ def test_cutting_at_max_messages_keeps_exactly_the_tokens_the_whole_paths_kept()
     the whole paths' kept conversations collapse to the cut ones (duplicates merged)."""
     from moechat.data import chat
 
-    kept = oasst.filter_messages(comb(80) + comb(7, "short"), DataConfig()).kept
+    kept = oasst.filter_messages(fixture.comb_tree(80) + fixture.comb_tree(7, "short"), DataConfig()).kept
     texts = [f"{r['role']}\n{r['text']}" for r in kept.values()]
     tokenizer = chat.load_or_train_tokenizer(chat.TokenizerConfig(source="train", vocab_size=300), texts)
     im_start = tokenizer.convert_tokens_to_ids(chat.IM_START)

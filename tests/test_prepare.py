@@ -14,7 +14,7 @@ import yaml
 from datasets import Dataset
 
 from moechat.config import DataConfig, TokenizerConfig
-from moechat.data import chat, oasst
+from moechat.data import chat, fixture, oasst
 from moechat.data.prepare import EmptySplitError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +98,7 @@ def test_a_2mb_message_without_whitespace_does_not_hang_bpe_training():
 
 
 def comb_rows(depth: int, tree: str) -> list[dict]:
-    """A chain of `depth` alternating messages with an assistant leaf on every user turn (canonical rows)."""
-    chain = [{"message_id": f"{tree}-{i}", "parent_id": f"{tree}-{i - 1}" if i else None, "message_tree_id": tree,
-              "text": f"message {i}", "role": ("prompter", "assistant")[i % 2], "lang": "en", "deleted": False,
-              "synthetic": False, "review_result": True, "rank": 0, "tree_state": "ready_for_export"}
-             for i in range(depth)]
-    leaves = [dict(row, message_id=f"{tree}-leaf-{i}", parent_id=row["message_id"], role="assistant", rank=1)
-              for i, row in enumerate(chain) if row["role"] == "prompter"]
-    return [oasst.canonical_row(row) for row in chain + leaves]
+    return [oasst.canonical_row(row) for row in fixture.comb_tree(depth, tree)]
 
 
 def test_a_6000_deep_comb_prepares_quickly_and_reports_what_was_cut(tmp_path):
