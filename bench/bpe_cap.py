@@ -17,7 +17,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import device_name  # noqa: E402
-from moechat.data.chat_format import IM_END, IM_START, PAD, train_bpe# noqa: E402
+from moechat.data.chat_format import IM_END, IM_START, PAD, train_bpe  # noqa: E402
 
 VOCAB = 300
 UNCAPPED_LENGTHS = (12_500, 25_000, 50_000)

@@ -13,7 +13,8 @@ from pathlib import Path
 from moechat.stage import run_stage
 
 # What `dvc metrics` compares; filters, length percentiles, truncations and drops go to --run-facts.
-METRICS = ("messages", "messages_kept", "threads", "packing_efficiency", "naive_padding_efficiency",
+METRICS = ("messages", "messages_kept", "threads", "threads_cut.paths_cut", "threads_cut.paths_merged",
+           "packing_efficiency", "naive_padding_efficiency",
            "train.conversations", "train.tokens", "train.assistant_token_share", "train.blocks",
            "val.conversations", "val.tokens", "val.blocks")
 
@@ -42,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.metrics, err.metrics)  # the counts say what dropped everything
         raise
     write_stage_report(metrics, METRICS, args.metrics, args.run_facts)
-    train, val = metrics["train"], metrics["val"]
-    print(f"prepare: {metrics['threads']} threads ({metrics['thread_policy']}) from {metrics['messages_kept']}/"
-          f"{metrics['messages']} messages; train {train['conversations']} conv {train['tokens']} tok "
+    train, val, cut = metrics["train"], metrics["val"], metrics["threads_cut"]
+    cut_note = (f" ({cut['paths_cut']} paths longer than {cut['max_messages']} messages cut there, "
+                f"{cut['paths_merged']} of them merged as the same conversation)" if cut["paths_cut"] else "")
+    print(f"prepare: {metrics['threads']} threads ({metrics['thread_policy']}){cut_note} from "
+          f"{metrics['messages_kept']}/{metrics['messages']} messages; train {train['conversations']} conv "
+          f"{train['tokens']} tok "
           f"{train['blocks']} blocks, val {val['conversations']} conv {val['tokens']} tok; packing "
           f"{metrics['packing_efficiency']:.1%} vs naive {metrics['naive_padding_efficiency']:.1%}")
     return 0

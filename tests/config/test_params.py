@@ -55,7 +55,7 @@ def test_sections_are_frozen():
         ("model", "n_layer", True, "model.n_layer=True must be of type int, got bool"),
         ("data", "langs", "en", "data.langs='en' must be a list of strings"),
         ("train", "optimizer", "sgd", "train.optimizer='sgd' is not one of adamw_8bit | adamw"),
-        ("quantize", "bits", 5, "quantize.bits=5 must be one of 2, 3, 4, 8"),
+        ("quantize", "bits", 5, "quantize.bits=5 must be one of 2, 4, 8"),
         ("model", "z_loss_coef", -0.1, "model.z_loss_coef=-0.1 must be >= 0"),
         ("eval", "max_new_tokens", 0, "eval.max_new_tokens=0 must be >= 1"),
         ("quantize", "calib_samples", 0, "quantize.calib_samples=0 must be >= 1"),
@@ -194,3 +194,180 @@ def test_duplicate_section_is_named_not_reported_as_missing_keys(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"key 'quantize' appears twice"):
         load_params(tmp_path / "params.yaml")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 21: hostile params files and values that passed validation and crashed later
+
+
+def _params_file(tmp_path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def _line_of(text: str, fragment: str) -> int:
+    return text[:text.index(fragment)].count("\n") + 1
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A billion-laughs file: 9 aliases per level, 9^levels strings once expanded, in ~1 KB."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_at_its_first_anchor(tmp_path):
+    text = _alias_bomb() + (ROOT / "params.yaml").read_text()
+    assert len(text.encode()) < 8000 and 9**9 > 3 * 10**8  # ~1 KB of bomb, 387M strings expanded
+    path = _params_file(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}:1: YAML anchor &l0: params files take no anchors or aliases; write the value out"
+
+
+def test_alias_bomb_through_a_stage_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    path = _params_file(tmp_path, (ROOT / "params.yaml").read_text().replace(
+        "  lr: 1.0e-4", "  lr: *l8") + _alias_bomb())
+    line = _line_of(path.read_text(), "*l8")
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py"), "--params", str(path), "--out",
+                           str(tmp_path / "raw"), "--metrics", str(tmp_path / "m.json")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == (f"download: error: {path}:{line}: YAML alias *l8: params files take no anchors or "
+                           f"aliases; write the value out\n")
+
+
+@pytest.mark.parametrize("old, new, fragment, expected", [
+    ("quantize:\n", "quantize:\n  <<: {sym: true}\n", "<<",
+     "the YAML merge key `<<` is not supported in params files; write the keys out in the section"),
+    ("data:\n", "data:\n  1: x\n  foo: y\n", "1: x",
+     "key '1' is not a name; params keys are names such as lr (quote it if it must be text)"),
+    ("data:\n", "data:\n  ~: x\n", "~: x",
+     "key '~' is not a name; params keys are names such as lr (quote it if it must be text)"),
+    ("  lr: 1.0e-4", "  ? [a, b]\n  : 1\n  lr: 1.0e-4", "[a, b]",
+     "a sequence key is not a name; params keys are names such as lr (quote it if it must be text)"),
+    ("seed: 1337", "seed: " + "9" * 5000, "seed:",
+     "an integer of 5000 digits; no params value needs more than 30 (seed < 2^32, sizes far below); fix the value"),
+])
+def test_yaml_that_params_never_need_is_named_with_its_line(tmp_path, old, new, fragment, expected):
+    text = (ROOT / "params.yaml").read_text().replace(old, new, 1)
+    path = _params_file(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}:{_line_of(text, fragment)}: {expected}"
+
+
+def test_quoted_keys_that_look_like_numbers_reach_the_unknown_key_check(tmp_path):
+    # '1' and foo side by side used to end in "'<' not supported between str and int"
+    path = _params_file(tmp_path, (ROOT / "params.yaml").read_text().replace("data:\n", "data:\n  '1': x\n  foo: y\n"))
+    with pytest.raises(ConfigError, match=r"unknown key data\.1; known keys in data: source"):
+        load_params(path)
+    raw = with_change("data", 1, "x")  # an int key from a preset or an overrides dict
+    raw["data"]["foo"] = "y"
+    with pytest.raises(ConfigError, match=r"unknown key data\.1; known keys"):
+        params_from_dict(raw)
+
+
+def test_non_utf8_params_and_a_folder_are_named(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text.replace("  lr: 1.0e-4", "  lr: 1.0e-4  # caf\udce9", 1).encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    line = _line_of(text, "  lr: 1.0e-4")
+    assert str(err.value) == f"{path}:{line}: not valid UTF-8 (byte 0xe9); save the file as UTF-8"
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path)
+    assert str(err.value) == (f"{tmp_path}: is a folder, not a params file; pass the YAML file "
+                              f"(e.g. --params params.yaml)")
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("model", "capacity_factor", 1.0e308,
+     "model.capacity_factor=1e+308 must be <= model.num_experts / model.num_experts_per_tok = 5 (there every "
+     "expert can take every token, so no token is dropped); use 0 for dropless routing"),
+    ("quantize", "bits", 3, "quantize.bits=3 must be one of 2, 4, 8 (GPTQ packs 32/bits weights per int32; 3-bit "
+                            "rows straddle words)"),
+    ("quantize", "group_size", 7, "quantize.group_size=7 must be one of -1, 16, 32, 64, 128, 256, 512, 1024 (-1 = "
+                                  "one group per column; the sizes GPTQModel's kernels take), e.g. 128"),
+    ("tokenizer", "vocab_size", 10**9, "tokenizer.vocab_size=1000000000 must be <= 1048576 (2^20; the largest "
+                                       "published vocabularies hold ~256k tokens), e.g. 50257"),
+    ("eval", "prompts", ["hi", 3], "eval.prompts=['hi', 3] must be a list of strings, e.g. [\"Write a haiku about "
+                                   "autumn.\"]"),
+    ("train", "lr", [1, 2], "train.lr=[1, 2] must be of type float, got list"),
+    ("eval", "lm_eval_tasks", "piqa", "eval.lm_eval_tasks='piqa' must be a list of strings, e.g. [arc_easy, piqa]"),
+])
+def test_values_that_crashed_later_are_refused_at_load_with_one_line(section, key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(with_change(section, key, value))
+    assert str(err.value) == f"params.yaml: {expected}"
+
+
+def test_capacity_factor_at_the_no_drop_bound_is_accepted():
+    assert params_from_dict(with_change("model", "capacity_factor", 5.0)).model.architecture.capacity_factor == 5.0
+
+
+@pytest.mark.parametrize("key, value", [("n_embd", 1048576), ("n_inner", 10**10)])
+def test_a_model_whose_weights_cannot_fit_this_machine_is_refused_before_allocating(key, value):
+    from moechat.config import params as config
+    from moechat.train.plan import count_params
+
+    raw = with_change("model", key, value)
+    shape = {k: v for k, v in raw["model"].items() if k in MoeChatConfig.hyperparameters()}
+    count = count_params(MoeChatConfig(**shape), 50257).total  # the planner's count, independent of config.py
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    m = dict(reference()["model"], **{key: value})
+    assert str(err.value) == (
+        f"params.yaml: model sizes n_layer={m['n_layer']}, n_embd={m['n_embd']}, n_inner={m['n_inner']}, "
+        f"num_experts={m['num_experts']} (vocabulary 50257) give {count:.3g} parameters, {4 * count / 2**30:,.1f} "
+        f"GiB of fp32 weights, more than this machine's {config.physical_memory_bytes() / 2**30:,.1f} GiB of "
+        f"memory; lower them (`moechat plan` sizes a model for a GPU)")
+
+
+def test_the_weights_bound_is_the_planners_count_against_this_machines_memory(monkeypatch):
+    from moechat.config import params as config
+    from moechat.train.plan import count_params
+
+    for overrides in ({}, yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())):
+        params = load_params(ROOT / "params.yaml", overrides=overrides)
+        arch, vocab = params.model.architecture, params.tokenizer.vocab_size
+        assert config.weight_count(arch, vocab) == count_params(arch, vocab).total
+    reference_bytes = 4 * config.weight_count(load_params(ROOT / "params.yaml").model.architecture, 50257)
+    monkeypatch.setattr(config, "physical_memory_bytes", lambda: reference_bytes)
+    load_params(ROOT / "params.yaml")  # exactly fits
+    monkeypatch.setattr(config, "physical_memory_bytes", lambda: reference_bytes - 1)
+    with pytest.raises(ConfigError, match=r"give 5.07e\+08 parameters, 1.9 GiB of fp32 weights, more than this"):
+        load_params(ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"[1, 2]", "holds a JSON list, not an object of DeepSpeed keys such as {\"zero_optimization\": {\"stage\": 2}}"),
+    (b'{"zero_optimization": "\xff"}', "not valid UTF-8 (invalid start byte at byte 23); save the DeepSpeed config "
+                                       "as UTF-8 JSON"),
+    (b'{"zero_optimization": ', "not valid JSON (Expecting value: line 1 column 23 (char 22)); fix the file"),
+])
+def test_deepspeed_json_is_read_and_checked_at_load(tmp_path, content, expected):
+    path = tmp_path / "ds.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(with_change("train", "deepspeed", str(path)))
+    assert str(err.value) == f"params.yaml: train.deepspeed={path}: {expected}"
+    path.write_text('{"zero_optimization": {"stage": 2}}')
+    assert params_from_dict(with_change("train", "deepspeed", str(path))).train.deepspeed == str(path)
+
+
+def test_a_preset_is_read_with_the_same_refusals(tmp_path):
+    from moechat.config.presets import merged_params
+
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(_alias_bomb())
+    with pytest.raises(ConfigError) as err:
+        merged_params(ROOT / "params.yaml", str(preset), ROOT / "presets")
+    assert str(err.value) == (f"{preset}:1: YAML anchor &l0: params files take no anchors or aliases; "
+                              f"write the value out")

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from moechat.config.params import DataConfig, TokenizerConfig
 from moechat.errors import MoechatError
 from moechat.data import chat_format, oasst
+from moechat.data.threads import build_threads
 from moechat.data.fixture import gpt2_tokenizer_dir
 from moechat.data.prepare import prepare
 
@@ -186,7 +187,7 @@ def test_pack_lengths_places_every_conversation_once_within_seq_len():
 def test_overlong_drop_counts_and_workers_agree(raw_dir, tmp_path):
     rows = oasst.read_raw(raw_dir).to_list()
     kept = oasst.filter_messages(rows, DataConfig()).kept
-    conversations = oasst.build_threads(kept, "all").conversations[:24]
+    conversations = build_threads(kept, "all").conversations[:24]
     tok = chat_format.load_or_train_tokenizer(TokenizerConfig(source="train", vocab_size=300),
                                        (m["content"] for c in conversations for m in c["messages"]))
     one = chat_format.tokenize_conversations(conversations, tok, 64, "drop", num_proc=1, desc="t")
@@ -249,7 +250,7 @@ def test_special_token_drops_are_counted_in_prepare_metrics(raw_dir, tmp_path):
     cfg = DataConfig(source=str(FIXTURE), revision=None, num_proc=1, val_fraction=0.1, thread_policy="all")
     metrics = prepare(planted, tmp_path / "prepared", tmp_path / "tokenizer", cfg,
                       TokenizerConfig(source="train", vocab_size=300), seq_len=128, seed=3)
-    threads = oasst.build_threads(oasst.filter_messages(rows, cfg).kept, "all").conversations
+    threads = build_threads(oasst.filter_messages(rows, cfg).kept, "all").conversations
     expected = sum(any(chat_format.IM_END in m["content"] for m in c["messages"]) for c in threads)
     assert expected >= 1
     assert metrics["train"]["dropped"]["special_token_in_text"] + metrics["val"]["dropped"]["special_token_in_text"] \

@@ -13,6 +13,7 @@ import pytest
 from moechat.errors import ConfigError
 from moechat.config.params import DataConfig, load_params
 from moechat.data import fixture, oasst
+from moechat.data.threads import _sibling_key, build_threads, max_messages_for
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "oasst1_fixture.jsonl"
 PARAMS = Path(__file__).parents[2] / "params.yaml"
@@ -85,7 +86,7 @@ def test_filters_follow_params(rows):
 def _hand_tree_threads(rows, policy):
     kept = oasst.filter_messages(rows, DataConfig()).kept
     hand = {mid: r for mid, r in kept.items() if r["message_tree_id"] == fixture.tree_id(fixture.HAND_TREE)}
-    return oasst.build_threads(hand, policy).conversations
+    return build_threads(hand, policy).conversations
 
 
 def test_best_thread_follows_rank_zero_at_each_branch(rows):
@@ -115,16 +116,16 @@ def test_all_threads_end_at_every_assistant_without_assistant_below(rows):
 def test_unranked_sibling_comes_after_ranked_and_deleted_best_is_skipped(rows):
     kept = oasst.filter_messages(rows, DataConfig()).kept
     siblings = [kept[mid] for mid in kept if kept[mid]["parent_id"] == fixture.tree_id(fixture.HAND_TREE)]
-    ordered = sorted(siblings, key=oasst._sibling_key)
+    ordered = sorted(siblings, key=_sibling_key)
     assert [r["rank"] for r in ordered] == [0, 1, None]
     deleted_tree = {m: r for m, r in kept.items() if r["message_tree_id"] == fixture.tree_id("deleted-mid")}
-    (thread,) = oasst.build_threads(deleted_tree, "best").conversations
+    (thread,) = build_threads(deleted_tree, "best").conversations
     assert thread["messages"][1]["content"].startswith("It is a function")  # the rank-1 answer
 
 
 def test_split_is_disjoint_by_tree_and_deterministic(rows):
     kept = oasst.filter_messages(rows, DataConfig()).kept
-    threads = oasst.build_threads(kept, "all").conversations
+    threads = build_threads(kept, "all").conversations
     tree_ids = [t["message_tree_id"] for t in threads]
     train, val = oasst.split_trees(tree_ids, 0.1, seed=7)
     assert train.isdisjoint(val) and train | val == set(tree_ids)
@@ -391,16 +392,16 @@ def test_a_5000_deep_trees_export_loads(tmp_path):
 def test_a_3000_deep_reply_chain_gives_its_threads():
     rows = _chain(3000)
     kept = oasst.filter_messages(rows, DataConfig(thread_policy="all")).kept
-    threads = oasst.build_threads(kept, "all")
+    threads = build_threads(kept, "all")
     assert len(threads.conversations) == 1 and len(threads.conversations[0]["messages"]) == 3000
-    assert oasst.build_threads(kept, "best").conversations == threads.conversations
+    assert build_threads(kept, "best").conversations == threads.conversations
     # below the first reply, 2,998 user messages without an answer: the walk that looks for an assistant
     # below each reply must not recurse 3,000 deep
     for row in rows[2:]:
         row["role"] = "prompter"
     kept = oasst.filter_messages(rows, DataConfig(thread_policy="all")).kept
     for policy in ("all", "best"):
-        (thread,) = oasst.build_threads(kept, policy).conversations
+        (thread,) = build_threads(kept, policy).conversations
         assert [m["content"] for m in thread["messages"]] == ["message 0", "message 1"]
 
 
@@ -413,5 +414,160 @@ def test_whitespace_only_messages_are_filtered_and_counted(rows):
     filtered = oasst.filter_messages(rows, DataConfig())
     assert filtered.dropped["empty_text"] == 1 and leaf["message_id"] not in filtered.kept
     for policy in ("best", "all"):
-        threads = oasst.build_threads(filtered.kept, policy).conversations
+        threads = build_threads(filtered.kept, policy).conversations
         assert all(m["content"] for c in threads for m in c["messages"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 21: values Arrow cannot store, malformed trees and entries that are not files, each one line
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("rank", 3_000_000_000, "outside int32 (-2147483648..2147483647)"),
+    ("review_count", 10**30, "outside int32 (-2147483648..2147483647)"),
+    ("text", "caf\ud800", "not valid Unicode (a lone UTF-16 surrogate, as from a JSON \\ud800 escape)"),
+    ("message_id", "\ud800", "not valid Unicode (a lone UTF-16 surrogate, as from a JSON \\ud800 escape)"),
+])
+def test_values_arrow_cannot_store_name_field_row_and_value(tmp_path, rows, field, value, what):
+    bad = copy.deepcopy(rows[:6])
+    bad[2][field] = value
+    path = _write_rows(tmp_path / "bad.jsonl", bad)  # json.dumps writes the surrogate as the escape \ud800
+    assert "\\ud800" in Path(path).read_text() or field in ("rank", "review_count")
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(path)
+    assert str(err.value) == (f"data.source={path!r}: field {field!r}={value!r:.60} is {what} in 1 of 6 rows "
+                              f"(first: message_id={bad[2]['message_id']!r} at {path}:3); fix the export")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("emojis", {"+1": 2**32}, "emojis count of '+1' 4294967296 is outside int32 (-2147483648..2147483647)"),
+    ("emojis", {"name": ["+1"], "count": [-2**40]}, "emojis count -1099511627776 is outside int32"),
+    ("labels", {"spam": {"value": 0.5, "count": 2**31}}, "labels count of 'spam' 2147483648 is outside int32"),
+    ("labels", {"spam": {"value": 10**400, "count": 1}}, "labels value of 'spam' 1000000000000000000000000000000000000"
+                                                         "000 does not fit a float64"),
+    ("emojis", {"\ud800": 1}, "emojis name '\\ud800' is not a valid Unicode string"),
+])
+def test_nested_values_arrow_cannot_store_name_file_line_and_message(tmp_path, rows, field, value, expected):
+    bad = copy.deepcopy(rows[:6])
+    bad[3][field] = value
+    path = _write_rows(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(path)
+    assert str(err.value).startswith(f"{path}:4: message {bad[3]['message_id']!r}: {expected}")
+    assert str(err.value).endswith("; fix the row or drop the field")
+
+
+@pytest.mark.parametrize("replies, shown", [(5, "int 5"), ({"a": {"text": "hi"}}, "dict {'a': {'text': 'hi'}}")])
+def test_trees_export_replies_that_are_not_a_list_are_named(tmp_path, replies, shown):
+    prompt = {k: v for k, v in _chain(1)[0].items() if k not in ("parent_id", "message_tree_id", "tree_state")}
+    path = tmp_path / "x.trees.jsonl"
+    ok = {"message_tree_id": "deep", "tree_state": "ready_for_export", "prompt": prompt}
+    path.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "prompt": {**prompt, "replies": replies}}) + "\n")
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(str(path))
+    assert str(err.value) == (f"{path}:2: message 'deep-0' has \"replies\" = {shown}; it must be a list of message "
+                              f"objects (or absent): fix the export")
+
+
+def test_dangling_links_and_devices_in_a_data_folder_are_refused_hidden_ones_listed(tmp_path, rows):
+    folder = tmp_path / "oasst"
+    folder.mkdir()
+    _write_rows(folder / "a.jsonl", rows)
+    (folder / ".old.jsonl").symlink_to(tmp_path / "gone.jsonl")  # hidden: skipped and listed, as other hidden files
+    _, info = oasst.load_messages(str(folder))
+    assert info["skipped"] == [str(folder / ".old.jsonl")]
+    (folder / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (folder / "c.jsonl").symlink_to("/dev/null")
+    with pytest.raises(oasst.DataError) as err:
+        oasst.load_messages(str(folder))
+    assert str(err.value) == (f"data.source={str(folder)!r}: 2 entries are not readable files (b.jsonl: a dangling "
+                              f"symlink to {tmp_path / 'gone.jsonl'}; c.jsonl: a character device (via a symlink to "
+                              f"/dev/null)); remove such entries or point the links at the export's files")
+    with pytest.raises(oasst.DataError, match=r"c.jsonl': a character device \(via a symlink to /dev/null\), not a "
+                                              r"file of rows; point data.source at the export itself$"):
+        oasst.load_messages(str(folder / "c.jsonl"))
+
+
+@pytest.mark.parametrize("case", ["rank beyond int32", "a .jsonl linked to /dev/null"])
+def test_download_stage_prints_the_data_error_as_one_line(tmp_path, rows, case):
+    import subprocess
+    import sys
+
+    bad = copy.deepcopy(rows[:6])
+    bad[4]["rank"] = 3_000_000_000
+    if case == "rank beyond int32":
+        source = _write_rows(tmp_path / "rows.jsonl", bad)
+        expected = (f"data.source={source!r}: field 'rank'=3000000000 is outside int32 (-2147483648..2147483647) "
+                    f"in 1 of 6 rows (first: message_id={bad[4]['message_id']!r} at {source}:5); fix the export")
+    else:
+        (tmp_path / "oasst").mkdir()
+        source = _write_rows(tmp_path / "oasst" / "a.jsonl", rows)
+        source = str(tmp_path / "oasst")
+        (tmp_path / "oasst" / "b.jsonl").symlink_to("/dev/null")
+        expected = (f"data.source={source!r}: 1 entry is not a readable file (b.jsonl: a character device (via a "
+                    f"symlink to /dev/null)); remove such entries or point the links at the export's files")
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text().replace("source: OpenAssistant/oasst1", f"source: {source}", 1))
+    done = subprocess.run([sys.executable, str(PARAMS.parent / "stages" / "download.py"), "--params", str(params),
+                           "--out", str(tmp_path / "raw"), "--metrics", str(tmp_path / "download.json")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"download: error: {expected}\n"
+    assert not (tmp_path / "raw").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 21: a comb-shaped tree (a deep chain with an assistant leaf on every user turn)
+
+
+def test_comb_paths_grow_quadratically_without_the_bound_and_not_with_it():
+    for depth in (400, 800):
+        kept = oasst.filter_messages(fixture.comb_tree(depth), DataConfig()).kept
+        whole = build_threads(kept, "all")
+        # one thread per leaf (2k + 2 messages) and the chain's own end: the work is ~depth^2 / 4
+        assert sum(len(c["messages"]) for c in whole.conversations) == sum(2 * k + 2 for k in range(depth // 2)) \
+            + depth
+        bounded = build_threads(kept, "all", max_messages=max_messages_for(256))
+        cap = max_messages_for(256)  # 130
+        assert cap == 130 and max(len(c["messages"]) for c in bounded.conversations) <= cap
+        # the leaves above the cap, then one thread for everything cut (every cut path ends on the same reply)
+        assert len(bounded.conversations) == cap // 2 + 1
+        assert sum(len(c["messages"]) for c in bounded.conversations) == sum(2 * k + 2 for k in range(cap // 2)) \
+            + cap
+        assert bounded.cut == {"max_messages": cap, "paths_cut": depth // 2 + 1 - cap // 2,
+                               "paths_merged": depth // 2 - cap // 2}
+        dropped = build_threads(kept, "all", max_messages=cap, overlong="drop")
+        assert dropped.conversations == bounded.conversations[:-1]
+        assert dropped.skipped == {"overlong": depth // 2 + 1 - cap // 2}
+
+
+def test_cutting_at_max_messages_keeps_exactly_the_tokens_the_whole_paths_kept():
+    """The cut is exact: the overlong rule keeps the same tokens from a cut path as from the whole one, and
+    the whole paths' kept conversations collapse to the cut ones (duplicates merged)."""
+    from moechat.data import chat_format
+
+    kept = oasst.filter_messages(fixture.comb_tree(80) + fixture.comb_tree(7, "short"), DataConfig()).kept
+    texts = [f"{r['role']}\n{r['text']}" for r in kept.values()]
+    tokenizer = chat_format.load_or_train_tokenizer(chat_format.TokenizerConfig(source="train", vocab_size=300), texts)
+    im_start = tokenizer.convert_tokens_to_ids(chat_format.IM_START)
+    tokenized: dict[str, chat_format.Tokenized] = {}
+
+    def fitted(threads):
+        out = []
+        for c in threads.conversations:
+            key = json.dumps(c["messages"])
+            if key not in tokenized:
+                tokenized[key] = chat_format.tokenize_conversation(tokenizer, c["messages"])
+            tokens, _ = chat_format.fit_to_length(tokenized[key], seq_len, im_start, overlong)
+            if tokens is not None and (tokens.input_ids, tokens.labels) not in out:
+                out.append((tokens.input_ids, tokens.labels))
+        return out
+
+    whole = build_threads(kept, "all")
+    for seq_len in (24, 40, 64):
+        for overlong in ("truncate", "drop"):
+            cut = build_threads(kept, "all", max_messages_for(seq_len), overlong)
+            assert cut.cut["paths_cut"] > 0 or overlong == "drop"
+            assert fitted(cut) == fitted(whole), (seq_len, overlong)
+            best = build_threads(kept, "best", max_messages_for(seq_len), overlong)
+            assert fitted(best) == fitted(build_threads(kept, "best"))

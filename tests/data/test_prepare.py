@@ -14,7 +14,8 @@ import yaml
 from datasets import Dataset
 
 from moechat.config.params import DataConfig, TokenizerConfig
-from moechat.data import chat_format, oasst
+from moechat.data import chat_format, fixture, oasst
+from moechat.data.threads import max_messages_for
 from moechat.data.prepare import EmptySplitError, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +96,32 @@ def test_a_2mb_message_without_whitespace_does_not_hang_bpe_training():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "hello world"
+
+
+def comb_rows(depth: int, tree: str) -> list[dict]:
+    return [oasst.canonical_row(row) for row in fixture.comb_tree(depth, tree)]
+
+
+def test_a_6000_deep_comb_prepares_quickly_and_reports_what_was_cut(tmp_path):
+    """The issue's shape: a 6,000-deep chain, every user turn with an assistant leaf (9,000 rows), with
+    thread_policy all ran > 400 s at 3.6 GB; the paths are now cut at what seq_len can hold."""
+    rows = comb_rows(6000, "comb") + comb_rows(40, "small")
+    raw = write_raw(tmp_path / "raw", rows)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()).items():
+        params[section].update(values)
+    params["data"]["val_fraction"] = 0.5
+    assert params["data"]["thread_policy"] == "all" and params["train"]["seq_len"] == 256
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, str(ROOT / "stages/prepare.py"), "--params", str(tmp_path / "params.yaml"),
+                           "--raw", str(raw), "--out", str(tmp_path / "prepared"), "--tokenizer-out",
+                           str(tmp_path / "tok"), "--metrics", str(tmp_path / "prepare.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cap = max_messages_for(256)  # 130 messages: the leaves of the first 65 user turns, then one cut thread
+    metrics = json.loads((tmp_path / "prepare.json").read_text())
+    assert metrics["threads_cut"] == {"paths_cut": 3001 - cap // 2, "paths_merged": 3000 - cap // 2}
+    assert metrics["threads"] == cap // 2 + 1 + 21
+    assert done.stdout.startswith(f"prepare: {cap // 2 + 22} threads (all) ({3001 - cap // 2} paths longer than "
+                                  f"{cap} messages cut there, {3000 - cap // 2} of them merged as the same "
+                                  f"conversation) from {len(rows)}/{len(rows)} messages;")

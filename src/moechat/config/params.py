@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
+import os
 import re
 import types
 import typing
@@ -104,6 +106,14 @@ class EvalConfig:
     lm_eval_include_path: Optional[str] = None  # folder of local lm-eval task YAMLs (offline tasks)
 
 
+# An example for each list-of-strings key, for the message when it is not one.
+LIST_EXAMPLES = {"data.langs": "[en]", "eval.prompts": '["Write a haiku about autumn."]',
+                 "eval.lm_eval_tasks": "[arc_easy, piqa]"}
+# quantize.bits our GPTQ dequantization unpacks (moechat.release.quantize.dequantize_gptq: 32/bits rows per int32)
+QUANTIZE_BITS = (2, 4, 8)
+QUANTIZE_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel 7.6's torch kernel SUPPORTS_GROUP_SIZE
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     bits: int = 4
@@ -180,7 +190,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 def _check_keys(raw: dict[str, Any], known: list[str], source: str, prefix: str) -> None:
     """Every key of a section is known and set: a typo or a forgotten key fails here, by name."""
     where = prefix.rstrip(".") or "top level"
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
         raise ConfigError(
             f"{source}: unknown key {prefix}{unknown[0]}; known keys in {where}: {', '.join(known)}"
@@ -237,7 +247,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if origin is tuple:
         item = args[0]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            kind, example = ("strings", "[en]") if item is str else ("integers", "[0, 3, 7]")
+            kind, example = ("strings", LIST_EXAMPLES.get(key, "[a, b]")) if item is str else ("integers", "[0, 3, 7]")
             raise ConfigError(f"{source}: {key}={value!r} must be a list of {kind}, e.g. {example}")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -293,9 +303,11 @@ def _check(p: Params, source: str) -> None:
     _require(0.0 < e.top_p <= 1.0, f"eval.top_p={e.top_p} must be in (0, 1]", source)
     _require(e.lm_eval_limit is None or e.lm_eval_limit >= 1,
              f"eval.lm_eval_limit={e.lm_eval_limit} must be null (whole tasks) or >= 1", source)
-    _require(q.bits in (2, 3, 4, 8), f"quantize.bits={q.bits} must be one of 2, 3, 4, 8 (GPTQ)", source)
-    _require(q.group_size == -1 or q.group_size >= 1,
-             f"quantize.group_size={q.group_size} must be -1 (per column) or >= 1", source)
+    _require(q.bits in QUANTIZE_BITS, f"quantize.bits={q.bits} must be one of {', '.join(map(str, QUANTIZE_BITS))} "
+                                      f"(GPTQ packs 32/bits weights per int32; 3-bit rows straddle words)", source)
+    _require(q.group_size in QUANTIZE_GROUP_SIZES,
+             f"quantize.group_size={q.group_size} must be one of {', '.join(map(str, QUANTIZE_GROUP_SIZES))} "
+             f"(-1 = one group per column; the sizes GPTQModel's kernels take), e.g. 128", source)
     for key in ("calib_samples", "calib_max_tokens"):
         _require(getattr(q, key) >= 1, f"quantize.{key}={getattr(q, key)} must be >= 1", source)
     _require(q.min_expert_tokens >= 0,
@@ -307,24 +319,68 @@ def _check(p: Params, source: str) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key repeated in one mapping (plain PyYAML keeps the last silently, so
-    `lr` set twice, or a section pasted twice, would drop values without a word)."""
+    """A SafeLoader for params files. It refuses what a params file never needs and PyYAML would take:
+    a key repeated in one mapping (plain PyYAML keeps the last silently, so `lr` set twice would drop a
+    value without a word); anchors and aliases (no params key needs one, and a 2 KB file of nested aliases
+    expands to gigabytes: refusing them all is simpler and safer than bounding the expansion); the merge
+    key `<<`; keys that are not names (`1:`, `~:`, `[a, b]:`); integers longer than any params value."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent, yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                self._refuse(event.start_mark, f"YAML alias *{event.anchor}: params files take no anchors or "
+                                               f"aliases; write the value out")
+            if getattr(event, "anchor", None) is not None:
+                self._refuse(event.start_mark, f"YAML anchor &{event.anchor}: params files take no anchors or "
+                                               f"aliases; write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if key_node.tag == MERGE_TAG:
+                self._refuse(key_node.start_mark, "the YAML merge key `<<` is not supported in params files; "
+                                                  "write the keys out in the section")
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != STR_TAG:
+                shown = f"key {key_node.value!r}" if isinstance(key_node, yaml.ScalarNode) else f"a {key_node.id} key"
+                self._refuse(key_node.start_mark, f"{shown} is not a name; params keys are names such as lr "
+                                                  f"(quote it if it must be text)")
+            key = key_node.value
             if key in seen:
                 raise ConfigError(f"{key_node.start_mark.name}:{line}: key {key!r} appears twice in one mapping "
                                   f"(first at line {seen[key]}); keep one of them")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = sum(c.isdigit() for c in node.value)
+        if digits > INT_DIGITS_MAX:
+            self._refuse(node.start_mark, f"an integer of {digits} digits; no params value needs more than "
+                                          f"{INT_DIGITS_MAX} (seed < 2^32, sizes far below); fix the value")
+        return super().construct_yaml_int(node)
+
+    def _refuse(self, mark: yaml.Mark, message: str) -> None:
+        raise ConfigError(f"{mark.name}:{mark.line + 1}: {message}")
+
+
+MERGE_TAG, STR_TAG = "tag:yaml.org,2002:merge", "tag:yaml.org,2002:str"
+INT_DIGITS_MAX = 30
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
 
 def read_yaml(path: Path) -> Any:
-    """Parse a params file with duplicate keys refused; a syntax error names the file and line."""
-    text = path.read_text(encoding="utf-8")
+    """Parse a params file with the refusals of _UniqueKeyLoader; a syntax error names the file and line."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a params file; pass the YAML file (e.g. --params params.yaml)")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); save the file as "
+                          f"UTF-8") from None
     try:
         return yaml.load(text, Loader=_loader_for(path)) or {}
     except yaml.MarkedYAMLError as err:
@@ -382,9 +438,67 @@ def _check_ranges(p: Params, source: str) -> None:
     _require(len(e.prompts) >= 1 and all(prompt.strip() for prompt in e.prompts),
              "eval.prompts must list at least one non-empty prompt (the evaluate stage samples a reply to "
              "each)", source)
+    _require(m.capacity_factor <= m.num_experts / m.num_experts_per_tok,
+             f"model.capacity_factor={m.capacity_factor} must be <= model.num_experts / model.num_experts_per_tok = "
+             f"{m.num_experts / m.num_experts_per_tok:g} (there every expert can take every token, so no token is "
+             f"dropped); use 0 for dropless routing", source)
+    _require(p.tokenizer.vocab_size <= VOCAB_SIZE_MAX,
+             f"tokenizer.vocab_size={p.tokenizer.vocab_size} must be <= {VOCAB_SIZE_MAX} (2^20; the largest "
+             f"published vocabularies hold ~256k tokens), e.g. 50257", source)
+    _check_weights_fit(m, p.tokenizer.vocab_size, source)
+    _check_deepspeed_file(t.deepspeed, source)
     _require(m.moe_backend != "tutel" or importlib.util.find_spec("tutel") is not None,
              "model.moe_backend=tutel but tutel is not installed; tutel is not on PyPI: `pip install "
              "git+https://github.com/microsoft/tutel@main`, or set model.moe_backend: torch (same results)", source)
+
+
+VOCAB_SIZE_MAX = 2**20  # the BPE trainer allocates per entry: 1e9 panics in Rust (exit 134)
+
+
+def weight_count(m: MoeChatConfig, vocab_size: int) -> int:
+    """Parameters of MoeChatForCausalLM from its sizes alone (GPT-2 layout, biases on every Linear but the
+    router and lm_head); equal to moechat.cli.plan.count_params, which this floor cannot import."""
+    d, f, e = m.n_embd, m.n_inner, m.num_experts
+    attn, mlp, norms = 4 * d * d + 4 * d, 2 * d * f + f + d, 4 * d
+    n_moe = len(m.moe_layer_indices())
+    blocks = (m.n_layer - n_moe) * (attn + mlp + norms) + n_moe * (attn + norms + d * e + e * mlp)
+    heads = vocab_size * d * (1 if m.tie_word_embeddings else 2)
+    return heads + m.n_positions * d + blocks + 2 * d
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM (the init stage builds the fp32 model there, whatever device trains it)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_weights_fit(m: MoeChatConfig, vocab_size: int, source: str) -> None:
+    """Refuse, before anything is allocated, a model whose fp32 weights alone exceed this machine's memory
+    (n_embd: 1048576 would otherwise fail in the allocator after minutes, or hang in swap)."""
+    count = weight_count(m, vocab_size)
+    ram = physical_memory_bytes()
+    _require(4 * count <= ram,
+             f"model sizes n_layer={m.n_layer}, n_embd={m.n_embd}, n_inner={m.n_inner}, num_experts={m.num_experts} "
+             f"(vocabulary {vocab_size}) give {count:.3g} parameters, {4 * count / 2**30:,.1f} GiB of fp32 weights, "
+             f"more than this machine's {ram / 2**30:,.1f} GiB of memory; lower them (`moechat plan` sizes a model "
+             f"for a GPU)", source)
+
+
+def _check_deepspeed_file(value: Optional[str], source: str) -> None:
+    """train.deepspeed as a path: a readable UTF-8 JSON object, checked now rather than when training starts."""
+    if value in (None, "zero2", "zero2_offload"):
+        return
+    path = Path(value)
+    _require(path.is_file(), f"train.deepspeed={value!r} is not null, zero2, zero2_offload or an existing JSON "
+                             f"file; fix the path or pick one of those", source)
+    try:
+        given = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: train.deepspeed={value}: not valid UTF-8 ({err.reason} at byte {err.start}); "
+                          f"save the DeepSpeed config as UTF-8 JSON") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"{source}: train.deepspeed={value}: not valid JSON ({err}); fix the file") from None
+    _require(isinstance(given, dict), f"train.deepspeed={value}: holds a JSON {type(given).__name__}, not an object "
+                                      f"of DeepSpeed keys such as {{\"zero_optimization\": {{\"stage\": 2}}}}", source)
 
 
 def _check_warmup(t: TrainConfig, source: str) -> None:

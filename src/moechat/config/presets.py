@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moechat.errors import ConfigError
-from moechat.config.params import Params, merge, params_from_dict
+from moechat.config.params import Params, merge, params_from_dict, read_yaml
 
 
 class PresetError(ConfigError):
@@ -34,8 +32,9 @@ def preset_path(preset: str, presets_dir: Path) -> Path:
 
 
 def read_preset(path: Path) -> dict[str, Any]:
-    """The preset's overrides; an empty file is no override."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    """The preset's overrides; an empty file is no override. Read as params.yaml is (moechat.config.read_yaml):
+    no aliases, no merge keys, names as keys."""
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise PresetError(f"{path}: a preset must be a mapping of params.yaml sections, got {type(raw).__name__}")
     return raw
@@ -46,5 +45,5 @@ def merged_params(params_path: Path, preset: str, presets_dir: Path) -> tuple[di
     path = preset_path(preset, presets_dir)
     if not params_path.is_file():
         raise ConfigError(f"{params_path}: not found; run from the project root or pass --params PATH")
-    raw = merge(yaml.safe_load(params_path.read_text()) or {}, read_preset(path))
+    raw = merge(read_yaml(params_path), read_preset(path))
     return raw, params_from_dict(raw, source=f"{params_path} + {path}"), path

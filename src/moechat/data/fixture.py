@@ -292,6 +292,21 @@ def generate(seed: int = 0, n_regular: int = 90) -> list[dict[str, Any]]:
     return b.rows
 
 
+def comb_tree(depth: int, tree: str = "comb") -> list[dict[str, Any]]:
+    """A comb-shaped tree: a chain of `depth` alternating messages from a user prompt, with one more
+    assistant reply, a leaf, on every user turn (~1.5 x depth rows). With thread_policy all, leaf k ends a
+    thread 2k + 2 messages long, so the whole paths hold ~depth^2 / 4 messages: the shape that stalled
+    prepare before paths were cut at what seq_len can hold (moechat.data.threads.max_messages_for)."""
+    chain = [{"message_id": f"{tree}-{i}", "parent_id": f"{tree}-{i - 1}" if i else None, "message_tree_id": tree,
+              "text": f"message {i}", "role": ("prompter", "assistant")[i % 2], "lang": "en", "deleted": False,
+              "synthetic": False, "review_result": True, "rank": 0, "tree_state": "ready_for_export"}
+             for i in range(depth)]
+    leaves = [dict(row, message_id=f"{tree}-leaf-{i}", parent_id=row["message_id"], role="assistant", rank=1,
+                   text=f"leaf {i}")
+              for i, row in enumerate(chain) if row["role"] == "prompter"]
+    return chain + leaves
+
+
 def tree_id(name: str) -> str:
     """message_tree_id of a named special tree (e.g. HAND_TREE): the uuid of its root, key "P"."""
     return str(uuid.uuid5(NAMESPACE, f"{name}/P"))

@@ -12,19 +12,21 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import sys
 import zlib
 from contextlib import contextmanager
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
 from moechat.config.params import DataConfig
 from moechat.errors import MoechatError
+from moechat.data.threads import Threads
 from moechat.hub import HUB_LOAD_ERRORS, looks_like_path, require_hub_repo
 
 DETOXIFY_KEYS = ("toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat",
@@ -128,24 +130,35 @@ DOC_SUFFIXES = (".md", ".txt", ".rst")  # a dataset folder's README/SCHEMA/LICEN
 def data_files(path: Path) -> tuple[list[Path], list[Path]]:
     """The message-row or trees files of a source path and the files skipped (hidden ones, documentation).
 
-    A folder is read whole or refused: a file of any other type is an error naming it, not silently left
-    out (it would drop its rows without a word); hidden files (a `.` in the path) are skipped and listed."""
+    A folder is read whole or refused: a file of any other type, a dangling symlink, a device or a pipe is an
+    error naming it, not silently left out (it would drop its rows without a word); hidden entries (a `.` in
+    the path) are skipped and listed."""
     if not path.is_dir():
         if not path.name.endswith(DATA_SUFFIXES):
             raise DownloadError(f"data.source={str(path)!r}: not a .jsonl, .jsonl.gz or .parquet file; point it at "
                                 f"message-row files or at a *.trees.jsonl[.gz] export")
+        if not path.is_file():
+            raise DataError(f"data.source={str(path)!r}: {_not_a_file(path)}, not a file of rows; point "
+                            f"data.source at the export itself")
         return [path], []
-    files, skipped, unknown = [], [], []
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files, skipped, unknown, not_files = [], [], [], []
+    for file in sorted(p for p in path.rglob("*") if not p.is_dir()):
         relative = file.relative_to(path)
         if any(part.startswith(".") for part in relative.parts):
             skipped.append(file)
+        elif not file.is_file():
+            not_files.append(f"{relative}: {_not_a_file(file)}")
         elif file.name.endswith(DATA_SUFFIXES):
             files.append(file)
         elif file.name.endswith(DOC_SUFFIXES) or file.name.upper().startswith(("README", "LICENSE")):
             skipped.append(file)
         else:
             unknown.append(file)
+    if not_files:  # a link whose rows would be lost without a word, or a device or pipe that reads forever
+        entries = "1 entry is not a readable file" if len(not_files) == 1 else \
+            f"{len(not_files)} entries are not readable files"
+        raise DataError(f"data.source={str(path)!r}: {entries} ({'; '.join(not_files[:5])}); remove such entries "
+                        f"or point the links at the export's files")
     if unknown:
         raise DataError(f"data.source={str(path)!r}: {len(unknown)} file(s) of a type moechat does not read "
                         f"({', '.join(str(f.relative_to(path)) for f in unknown[:5])}); the folder may hold only "
@@ -154,6 +167,16 @@ def data_files(path: Path) -> tuple[list[Path], list[Path]]:
         raise DownloadError(f"data.source={str(path)!r}: no .jsonl, .jsonl.gz or .parquet files found; point it "
                             f"at message-row files or at a *.trees.jsonl[.gz] export")
     return files, skipped
+
+
+def _not_a_file(path: Path) -> str:
+    """What a data-folder entry that is not a regular file is: a dangling link, a device, a pipe."""
+    if path.is_symlink() and not path.exists():
+        return f"a dangling symlink to {os.readlink(path)}"
+    mode = path.stat().st_mode
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"{kind} (via a symlink to {os.readlink(path)})" if path.is_symlink() else kind
 
 
 def _rows_from_file(file: Path) -> list[tuple[str, Any]]:
@@ -253,7 +276,12 @@ def _rows_from_trees(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             row.setdefault("message_tree_id", tree["message_tree_id"])
             row.setdefault("tree_state", tree.get("tree_state"))
             yield f"{path}:{line_no}", row
-            stack.extend((reply, message.get("message_id")) for reply in reversed(message.get("replies") or []))
+            replies = message.get("replies")
+            if replies is not None and not isinstance(replies, list):
+                raise DataError(f"{path}:{line_no}: message {message.get('message_id')!r} has \"replies\" = "
+                                f"{type(replies).__name__} {replies!r:.60}; it must be a list of message objects "
+                                f"(or absent): fix the export")
+            stack.extend((reply, message.get("message_id")) for reply in reversed(replies or []))
 
 
 def _rows_from_hub(source: str, revision: str | None) -> tuple[Iterable[dict[str, Any]], str | None]:
@@ -282,9 +310,11 @@ def _emojis(value: Any) -> dict[str, list] | None:
     if value is None:
         return None
     if isinstance(value, dict) and set(value) == {"name", "count"}:
-        return {"name": list(value["name"]), "count": [int(c) for c in value["count"]]}
+        return {"name": _names(value["name"], "emojis"),
+                "count": [_int32(c, "emojis count") for c in value["count"]]}
     if isinstance(value, dict):
-        return {"name": list(value), "count": [int(c) for c in value.values()]}
+        return {"name": _names(value, "emojis"),
+                "count": [_int32(c, f"emojis count of {k!r}") for k, c in value.items()]}
     raise TypeError(f"emojis must be a mapping or null, got {value!r}")
 
 
@@ -293,12 +323,50 @@ def _labels(value: Any) -> dict[str, list] | None:
     if value is None:
         return None
     if isinstance(value, dict) and set(value) == {"name", "value", "count"}:
-        return {"name": list(value["name"]), "value": [float(v) for v in value["value"]],
-                "count": [int(c) for c in value["count"]]}
+        return {"name": _names(value["name"], "labels"),
+                "value": [_float(v, "labels value") for v in value["value"]],
+                "count": [_int32(c, "labels count") for c in value["count"]]}
     if isinstance(value, dict):
-        return {"name": list(value), "value": [float(v["value"]) for v in value.values()],
-                "count": [int(v["count"]) for v in value.values()]}
+        return {"name": _names(value, "labels"), "value": [_float(v["value"], f"labels value of {k!r}")
+                                                           for k, v in value.items()],
+                "count": [_int32(v["count"], f"labels count of {k!r}") for k, v in value.items()]}
     raise TypeError(f"labels must be a mapping or null, got {value!r}")
+
+
+INT32 = (-2**31, 2**31 - 1)  # the Hub schema's int32 columns (rank, review_count, emoji and label counts)
+
+
+def _int32(value: Any, what: str) -> int:
+    """`value` as an int of the int32 range; beyond it Arrow fails with an error naming no row."""
+    number = int(value)
+    if not INT32[0] <= number <= INT32[1]:
+        raise ValueError(f"{what} {number} is outside int32 ({INT32[0]}..{INT32[1]})")
+    return number
+
+
+def _float(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{what} {value!r:.40} does not fit a float64") from None
+
+
+def _names(names: Iterable[Any], what: str) -> list[str]:
+    """Emoji or label names: valid Unicode strings (a JSON "\\ud800" escape gives a lone surrogate)."""
+    names = list(names)
+    for name in names:
+        if not isinstance(name, str) or not _is_unicode(name):
+            raise ValueError(f"{what} name {name!r} is not a valid Unicode string")
+    return names
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone UTF-16 surrogate, which no UTF-8 file or Arrow column can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _detoxify(value: Any) -> dict[str, float | None] | None:
@@ -306,7 +374,7 @@ def _detoxify(value: Any) -> dict[str, float | None] | None:
         return None
     if not isinstance(value, dict):
         raise TypeError(f"detoxify must be a mapping of floats or null, got {value!r}")
-    return {key: (None if value.get(key) is None else float(value[key])) for key in DETOXIFY_KEYS}
+    return {key: (None if value.get(key) is None else _float(value[key], f"detoxify {key}")) for key in DETOXIFY_KEYS}
 
 
 def canonical_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -320,8 +388,8 @@ def canonical_row(row: dict[str, Any]) -> dict[str, Any]:
         out["emojis"] = _emojis(row.get("emojis"))
         out["labels"] = _labels(row.get("labels"))
         out["detoxify"] = _detoxify(row.get("detoxify"))
-    except (TypeError, KeyError, ValueError) as err:
-        raise DataError(f"message {row.get('message_id')!r}: {err}; fix the row or drop the field") from err
+    except (TypeError, KeyError, ValueError, OverflowError) as err:
+        raise DataError(f"message {row.get('message_id')!r}: {err}; fix the row or drop the field") from None
     return out
 
 
@@ -364,6 +432,9 @@ def validate_rows(rows: list[dict[str, Any]], source: str, origins: list[str | N
         raise DataError(f"data.source={source!r}: " + "; ".join(problems) +
                         " (types as in SCHEMA.md: JSON true/false, numbers and strings, not quoted values); "
                         "fix the export")
+    problems = _value_problems(rows, first)
+    if problems:
+        raise DataError(f"data.source={source!r}: " + "; ".join(problems) + "; fix the export")
     bad_roles = [i for i, r in enumerate(rows) if r["role"] not in ROLES]
     if bad_roles:
         raise DataError(f"data.source={source!r}: field 'role' must be prompter|assistant, got "
@@ -377,6 +448,25 @@ def validate_rows(rows: list[dict[str, Any]], source: str, origins: list[str | N
             raise DataError(f"data.source={source!r}: message_id {r['message_id']!r} appears {n} times{where}; "
                             f"each message must appear once")
         seen[r["message_id"]] = i
+
+
+def _value_problems(rows: list[dict[str, Any]], first: Callable[[list[int]], str]) -> list[str]:
+    """Values of the right Python type that Arrow still cannot store: ints beyond int32, strings with a lone
+    surrogate (a JSON "\\ud800" escape); Arrow would fail on them naming no row."""
+    problems = []
+    for name, feature in FEATURES.items():
+        if not isinstance(feature, Value) or feature.dtype not in ("int32", "string"):
+            continue
+        if feature.dtype == "int32":
+            bad = [i for i, r in enumerate(rows) if r[name] is not None and not INT32[0] <= r[name] <= INT32[1]]
+            what = f"outside int32 ({INT32[0]}..{INT32[1]})"
+        else:
+            bad = [i for i, r in enumerate(rows) if r[name] is not None and not _is_unicode(r[name])]
+            what = "not valid Unicode (a lone UTF-16 surrogate, as from a JSON \\ud800 escape)"
+        if bad:
+            problems.append(f"field {name!r}={rows[bad[0]][name]!r:.60} is {what} in {len(bad)} of {len(rows)} rows "
+                            f"({first(bad)})")
+    return problems
 
 
 _PY_TYPES = {"string": "str", "bool": "bool", "int32": "int"}
@@ -516,94 +606,22 @@ def filter_messages(rows: Iterable[dict[str, Any]], cfg: DataConfig) -> Filtered
     return Filtered({mid: by_id[mid] for mid, ok in status.items() if ok}, dropped, absent)
 
 
-def _sibling_key(row: dict[str, Any]) -> tuple:
-    """Best first: ranked replies by rank (0 = best), then unranked ones; ties broken by message id, so
-    the choice is deterministic and independent of row order."""
-    return (row["rank"] is None, row["rank"] if row["rank"] is not None else 0, row["message_id"])
 
 
-@dataclass
-class Threads:
-    conversations: list[dict[str, Any]]  # {"message_tree_id", "messages": [{"role", "content"}]}
-    skipped: dict[str, int] = field(default_factory=dict)
 
 
-def build_threads(kept: dict[str, dict[str, Any]], policy: Literal["best", "all"]) -> Threads:
-    """Turn kept messages into conversations that start with a user turn and end with an assistant turn.
-
-    best: from the root, follow the best sibling (`_sibling_key`) at every branch; the thread stops at a
-          leaf and is cut after its last assistant message (Guanaco-style, one thread per tree).
-    all:  every assistant message with no assistant below it ends one thread (its root path), so every
-          assistant reply is trained on and no thread is a prefix of another.
-    Texts are stripped of surrounding whitespace (the chat template adds the separators).
-    """
-    children: dict[str, list[dict[str, Any]]] = {}
-    roots = []
-    for row in kept.values():
-        if row["parent_id"] is None:
-            roots.append(row)
-        else:
-            children.setdefault(row["parent_id"], []).append(row)
-    for siblings in children.values():
-        siblings.sort(key=_sibling_key)
-    roots.sort(key=lambda r: r["message_id"])
-
-    skipped = Counter()
-    paths: list[list[dict[str, Any]]] = []
-    for root in roots:
-        if root["role"] != "prompter":
-            skipped["root_not_prompter"] += 1
-            continue
-        if policy == "best":
-            path = [root]
-            while children.get(path[-1]["message_id"]):
-                path.append(children[path[-1]["message_id"]][0])
-            candidates = [path]
-        else:
-            candidates = list(_assistant_ends(root, children))
-        found = False
-        for path in candidates:
-            while path and path[-1]["role"] != "assistant":
-                path = path[:-1]
-            if not path:
-                continue
-            if any(a["role"] == b["role"] for a, b in zip(path, path[1:])):
-                skipped["roles_not_alternating"] += 1
-                continue
-            paths.append(path)
-            found = True
-        if not found:
-            skipped["tree_without_assistant_reply"] += 1
-    conversations = [{
-        "message_tree_id": path[0]["message_tree_id"],
-        "messages": [{"role": "user" if m["role"] == "prompter" else "assistant", "content": m["text"].strip()}
-                     for m in path],
-    } for path in paths]
-    return Threads(conversations, dict(skipped))
 
 
-def _assistant_ends(root: dict[str, Any], children: dict[str, list[dict[str, Any]]]) -> Iterator[list]:
-    """Root paths of every assistant message that has no assistant message anywhere below it, in depth-first
-    order. Iterative, with parent links instead of copied paths: reply chains can run thousands deep."""
-    order, parent = [], {root["message_id"]: None}
-    stack = [root]
-    while stack:  # pre-order, children in sibling order
-        node = stack.pop()
-        order.append(node)
-        for child in reversed(children.get(node["message_id"], [])):
-            parent[child["message_id"]] = node
-            stack.append(child)
-    assistant_below: set[str] = set()
-    for node in reversed(order):  # children before parents
-        up = parent[node["message_id"]]
-        if up is not None and (node["role"] == "assistant" or node["message_id"] in assistant_below):
-            assistant_below.add(up["message_id"])
-    for node in order:
-        if node["role"] == "assistant" and node["message_id"] not in assistant_below:
-            path = [node]
-            while parent[path[-1]["message_id"]] is not None:
-                path.append(parent[path[-1]["message_id"]])
-            yield path[::-1]
+
+
+
+
+
+
+
+
+
+
 
 
 def split_trees(tree_ids: Iterable[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -628,6 +646,7 @@ ADVICE = {
     "orphan": "replies whose parent is filtered or absent are dropped; use a source with whole trees",
     "tree_without_assistant_reply": "no assistant reply survives the filters; use a source with assistant replies",
     "roles_not_alternating": "user and assistant turns do not alternate in the source's trees; fix the export",
+    "overlong": "set data.overlong: truncate, or raise train.seq_len",
     "root_not_prompter": "the source's trees start with an assistant message; fix the export",
 }
 

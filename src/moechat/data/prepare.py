@@ -14,6 +14,7 @@ from datasets import Dataset
 from moechat.atomic import atomic_dir
 from moechat.config.params import DataConfig, TokenizerConfig
 from moechat.data import chat_format, oasst
+from moechat.data.threads import build_threads, max_messages_for
 from moechat.data.labels import IGNORE
 
 TRUNCATIONS = ("truncated_turns", "truncated_reply")
@@ -36,7 +37,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
     when fewer than 2 trees have a conversation or a split loses every conversation to seq_len."""
     rows = oasst.read_raw(raw_dir).to_list()
     filtered = oasst.filter_messages(rows, data)
-    threads = oasst.build_threads(filtered.kept, data.thread_policy)
+    threads = build_threads(filtered.kept, data.thread_policy, max_messages_for(seq_len), data.overlong)
     metrics: dict[str, Any] = {
         "messages": len(rows),
         "messages_kept": len(filtered.kept),
@@ -45,6 +46,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path,
         "thread_policy": data.thread_policy,
         "threads": len(threads.conversations),
         "threads_skipped": threads.skipped,
+        "threads_cut": threads.cut,  # paths longer than any seq_len can hold, cut (and merged) before tokenizing
         "seq_len": seq_len,
         "overlong": data.overlong,
     }

@@ -14,7 +14,7 @@ quiet_loggers()  # before transformers, which imports torchao (and its warnings)
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
-from moechat.model.configuration_moechat import MoeChatConfig, MoeChatConfigError# noqa: E402
+from moechat.model.configuration_moechat import MoeChatConfig, MoeChatConfigError  # noqa: E402
 from moechat.model.modeling_moechat import (MoeChatBackendError, MoeChatCausalLMOutput, MoeChatForCausalLM, MoeChatModel, MoeChatModelOutput)
 
 AutoConfig.register(MoeChatConfig.model_type, MoeChatConfig, exist_ok=True)
