@@ -34,8 +34,24 @@ from transformers.masking_utils import create_causal_mask
 # registers torch.ops.transformers.grouped_mm_fallback, the loop the grouped matmul falls back to
 from transformers.integrations import moe as _hf_moe  # noqa: F401
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers < 5.20: the same function, copied, so exports load where serving stacks pin
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """The positions of `hidden_states` [B, T, D] whose logits are needed: the last `logits_to_keep`
+        (an int, 0 = all), the positions in a 1-D tensor, per-row positions in a 2-D integer tensor, or the
+        True positions of a 2-D boolean mask (flattened to [N, D])."""
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+            if logits_to_keep.dtype == torch.bool:
+                return hidden_states[logits_to_keep]
+            return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+        if isinstance(logits_to_keep, int):
+            logits_to_keep = slice(-logits_to_keep, None)
+        return hidden_states[:, logits_to_keep, :]
 
 from .configuration_moechat import (
     MoeChatConfig,  # a sibling file, also in a saved folder

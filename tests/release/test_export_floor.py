@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import transformers
 
-from tests._release_tiny import export_tiny
+from tests.support.tiny import export_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FLOOR = "5.15.0"
-SCRIPT = ROOT / "tests" / "floor_generate.py"
+SCRIPT = ROOT / "tests" / "support" / "floor_generate.py"
 
 
 @pytest.fixture(scope="module")
