@@ -1,14 +1,18 @@
 """Generation: the one leaf that chat, evaluate and quantize share (greedy or sampled replies, the length
-budget a prompt leaves)."""
+budget a prompt leaves).
+
+Importing it loads neither torch nor transformers (the functions do, when they run): `moechat chat` checks
+its arguments and the folder with `leaves_room_for_a_prompt` before the slow imports."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Optional
 
 from moechat.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def leaves_room_for_a_prompt(max_new_tokens: int, n_positions: Optional[int]) -> bool:
@@ -17,7 +21,6 @@ def leaves_room_for_a_prompt(max_new_tokens: int, n_positions: Optional[int]) ->
     return n_positions is None or max_new_tokens < n_positions
 
 
-@torch.no_grad()
 def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                    seed: Optional[int] = None, streamer: Any = None) -> str:
@@ -34,22 +37,24 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     return generate_continuation(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, seed, streamer)
 
 
-@torch.no_grad()
 def generate_continuation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids_1T: torch.Tensor,
                           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                           seed: Optional[int] = None, streamer: Any = None) -> str:
     """The text generated after the prompt `input_ids_1T` [1, T], up to `max_new_tokens` or <|im_end|>.
     temperature 0 = greedy; otherwise nucleus sampling with `seed` (torch.manual_seed, so the same seed
     gives the same text on the same device)."""
+    import torch
+
     input_ids = input_ids_1T.to(next(model.parameters()).device)
     kwargs: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         if seed is not None:
             torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
