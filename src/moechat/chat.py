@@ -91,13 +91,14 @@ def load_for_chat(model_dir: Path, device: torch.device, trust_remote_code: bool
     loading: discarded (shown on stderr if the load fails), or with `verbose` on stderr."""
     import torch
 
-    from moechat.model_folder import is_quantized_dir, load_model, load_tokenizer
+    from moechat.model_folder import CHAT_NO_CODE, is_quantized_dir, load_model, load_tokenizer
 
     quantized = is_quantized_dir(model_dir)
     dtype = torch.float32 if device.type == "cpu" else torch.float16 if quantized else torch.bfloat16
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, fix=CHAT_NO_CODE)  # the cheap load first
     with gptqmodel_output(verbose) if quantized else contextlib.nullcontext():
         model = load_model(model_dir, device, dtype, trust_remote_code)
-    return model, load_tokenizer(model_dir, trust_remote_code)
+    return model, tokenizer
 
 
 @contextlib.contextmanager

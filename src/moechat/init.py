@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from moechat.config import ConfigError, ModelConfig
+from moechat.folder_checks import weight_shards
 from moechat.hub import looks_like_path, require_hub_repo
 from moechat.io import atomic_dir
+from moechat.model_folder import load_tokenizer
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,11 @@ def load_dense_parent(source: str) -> GPT2LMHeadModel:
         revision = require_hub_repo("model.init_from", source, "model",
                                     hint="point model.init_from at a local save_pretrained folder")
     try:
+        if path.is_dir():  # never a pickle shard named by an index (from_pretrained would torch.load it)
+            weight_shards(path)
         parent, info = GPT2LMHeadModel.from_pretrained(source, revision=revision, use_safetensors=True,
-                                                       dtype=torch.float32, output_loading_info=True)
+                                                       dtype=torch.float32, output_loading_info=True,
+                                                       trust_remote_code=False)
     except OSError as err:
         raise UpcycleError(
             f"model.init_from={source!r}: could not load a GPT-2 checkpoint with safetensors weights ({err}); "
@@ -248,7 +253,7 @@ def save_atomic(model: MoeChatForCausalLM, tokenizer: PreTrainedTokenizerBase, o
 def initialize(model_cfg: ModelConfig, seed: int, seq_len: int, tokenizer_dir: Path, out_dir: Path
                ) -> dict[str, Any]:
     """Build (scratch or upcycled), save to `out_dir` with the tokenizer, and return the model report."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)  # prepare's output: a transformers class, never the folder's code
     config = build_config(model_cfg, tokenizer)
     upcycling = None
     if model_cfg.init_from is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moechat.config import MoechatError
+from moechat.folder_checks import PIPELINE_NO_CODE
 
 if TYPE_CHECKING:  # torch and transformers load in the functions that need them, after the folder is checked
     import torch
@@ -35,6 +36,7 @@ MODEL_TYPE = "moechat"  # MoeChatConfig.model_type, read here without importing 
 TRUST_FLAG = "--trust-remote-code"
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 REBUILD = "run the stage that writes it (dvc repro)"  # the fix for a pipeline folder that is missing or incomplete
+CHAT_NO_CODE = f"pass {TRUST_FLAG} to run it, only for a folder you trust"
 
 
 class ModelFolderError(MoechatError, ValueError):
@@ -93,23 +95,91 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_rem
     unless `trust_remote_code` (then from the folder's own code files), its weights from safetensors only.
     A quantized folder loads through GPTQModel's kernels (`moechat.gptq.load_quantized`)."""
     config = read_config(folder, trust_remote_code)
+    check_weight_files(Path(folder), config)
     if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
         import moechat.modeling  # noqa: F401
     if "quantization_config" in config:
         from moechat.gptq import load_quantized
 
-        return load_quantized(Path(folder), device, dtype, trust_remote_code)
+        model = load_quantized(Path(folder), device, dtype, trust_remote_code)
+    else:
+        model = _load_full_precision(Path(folder), dtype, trust_remote_code).to(device).eval()
+    check_finite(Path(folder), model)
+    return model
+
+
+def check_weight_files(folder: Path, config: dict[str, Any]) -> None:
+    """Before anything is imported or allocated: the weights are safetensors files in the folder (never a
+    pickle an index points at), and for a moechat model their tensors are exactly the model's, in config.json's
+    sizes (a missing tensor would silently be random)."""
+    from moechat.folder_checks import check_sizes, check_tensors, header_shapes
+
+    found = header_shapes(folder)
+    if config.get("model_type") == MODEL_TYPE:
+        check_sizes(folder, config, found)
+        check_tensors(folder, expected_shapes(folder), found)
+
+
+def expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape the installed moechat model builds from the folder's config.json (on the meta
+    device: nothing allocated), without the head when it is tied to the embedding (not saved then)."""
+    import torch
+
+    from moechat.configuration_moechat import MoeChatConfig
+    from moechat.modeling_moechat import MoeChatForCausalLM
+
+    config = MoeChatConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = MoeChatForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        for tied in model._tied_weights_keys:
+            shapes.pop(tied, None)
+    return shapes
+
+
+
+def _load_full_precision(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """from_pretrained, safetensors only; with the folder's own code (not checked by name beforehand), a
+    tensor transformers reports missing, unexpected or mis-shaped is refused too."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
-    return model.to(device).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       use_safetensors=True, output_loading_info=True)
+    problems = {kind: [str(k) for k in info.get(kind) or []] for kind in ("missing_keys", "unexpected_keys",
+                                                                         "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        from moechat.folder_checks import listed
+
+        raise ModelFolderError(f"{folder}: the weights do not match the model: "
+                               + "; ".join(f"{kind.split('_')[0]} {len(k)} ({listed(k)})" for kind, k in problems.items())
+                               + " tensors; a missing tensor would be random: re-export the folder from an intact model")
+    return model
 
 
-def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer (with its chat template) saved in a model folder."""
+def check_finite(folder: Path, model: PreTrainedModel) -> None:
+    """Refuse weights holding NaN or inf (one pass over the parameters): they answer with garbage or crash
+    sampling (`probability tensor contains inf/nan`)."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        from moechat.folder_checks import listed
+
+        raise ModelFolderError(f"{folder}: {len(bad)} weight tensors hold NaN or inf ({listed(bad)}); use an intact "
+                               f"model (the last checkpoint with finite weights, then dvc repro export)")
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False, fix: str = PIPELINE_NO_CODE
+                   ) -> PreTrainedTokenizerBase:
+    """The tokenizer (with its chat template) saved in a model folder. A folder whose tokenizer is its own code
+    (auto_map, a class transformers lacks) is refused with `fix` unless `trust_remote_code`: no prompt, ever."""
     from transformers import AutoTokenizer
 
+    from moechat.folder_checks import check_tokenizer_code
+
+    check_tokenizer_code(Path(folder), trust_remote_code, fix)
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
 
 
