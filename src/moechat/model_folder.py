@@ -105,7 +105,38 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_rem
     else:
         model = _load_full_precision(Path(folder), dtype, trust_remote_code).to(device).eval()
     check_finite(Path(folder), model)
+    model.generation_config = own_generation_config(model)
     return model
+
+
+# generation_config.json keys that are ids, not generation settings
+GENERATION_IDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+                  "_from_model_config"}
+
+
+def own_generation_config(model: PreTrainedModel) -> Any:
+    """A GenerationConfig with only the model's token ids: moechat generates with its own settings (params.yaml
+    eval.*, chat's flags); the folder's generation_config.json (`num_beams: 1000`, `max_length: 3`, ...) would
+    otherwise fill every setting they leave unset."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+                            pad_token_id=model.config.pad_token_id)
+
+
+def ignored_generation_settings(folder: Path) -> dict[str, Any]:
+    """The settings of the folder's generation_config.json that differ from transformers' defaults, which
+    `load_model` drops (see own_generation_config); {} when none or no such file."""
+    from transformers import GenerationConfig
+
+    path = Path(folder) / "generation_config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {"generation_config.json": "unreadable"}
+    defaults = GenerationConfig().to_dict()
+    return {k: v for k, v in (saved.items() if isinstance(saved, dict) else ())
+            if k not in GENERATION_IDS and defaults.get(k, object()) != v}
 
 
 def check_weight_files(folder: Path, config: dict[str, Any]) -> None:
