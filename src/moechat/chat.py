@@ -330,13 +330,13 @@ def run(args: argparse.Namespace) -> int:
     prompt = None if args.prompt is None else check_text(args.prompt, "--prompt")
     config = read_config(args.model_dir, args.trust_remote_code, fix=FOLDERS)
     max_new_tokens = resolve_max_new_tokens(args.max_new_tokens, config.get("n_positions"))
-    with loading_notice(args.model_dir):
+    with loading_notice(args.model_dir, sys.stderr):
         model, tokenizer = load_checked(args)
-    chat = Chat(model, tokenizer, max_new_tokens, args.temperature, args.top_p, args.seed)
+    chat = Chat(model, tokenizer, max_new_tokens, args.temperature, args.top_p, args.seed, sys.stdout, sys.stderr)
     if prompt is not None:
         chat.reply(prompt)
         return 0
-    interactive(chat, stdin=sys.stdin.buffer)
+    interactive(chat, sys.stdin.buffer, sys.stdout, sys.stderr)
     return 0
 
 
@@ -381,9 +381,8 @@ def load_checked(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedT
     except SyntaxError as err:  # the folder's own code, imported by transformers under --trust-remote-code
         if args.verbose:
             raise
-        raise ChatError(f"{args.model_dir}: {Path(err.filename or '?').name} line {err.lineno}: SyntaxError: "
-                        f"{err.msg}; the folder's code does not compile: leave out {TRUST_FLAG} to use the "
-                        f"installed moechat code") from None
+        raise ChatError(f"{args.model_dir}: {syntax_error_of(args.model_dir, err)}; the folder's code does not "
+                        f"compile: leave out {TRUST_FLAG} to use the installed moechat code") from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # a corrupt folder
         if args.verbose or isinstance(err, MoechatError):
             raise
@@ -396,6 +395,18 @@ def load_checked(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedT
         print(f"(ignoring {args.model_dir / 'generation_config.json'}: {settings}; chat generates with its own "
               f"--temperature, --top-p and --max-new-tokens)", file=sys.stderr, flush=True)
     return loaded
+
+
+def syntax_error_of(folder: Path, err: SyntaxError) -> str:
+    """`file line N: SyntaxError: msg` for the folder's first Python file that does not compile (transformers
+    parses the code as `<unknown>` before importing it), else `err` as raised."""
+    for path in sorted(Path(folder).glob("*.py")):
+        try:
+            compile(path.read_bytes(), path.name, "exec")
+        except SyntaxError as found:
+            err = found
+            break
+    return f"{Path(err.filename or '<unknown>').name} line {err.lineno}: SyntaxError: {err.msg}"
 
 
 def leave_quietly_on_broken_pipe() -> int:

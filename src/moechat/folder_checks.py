@@ -28,8 +28,13 @@ SHOWN = 3  # names listed in a message before "+N more"
 # How the installed moechat model names what config.json sizes: n_layer blocks, num_experts experts.
 BLOCK = re.compile(r"transformer\.h\.(\d+)\.")
 EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+# A count the files show none of (all blocks missing) is left to check_tensors up to this size, for which
+# building the model on the meta device stays quick.
+MAX_UNSEEN = 1024
 # GPTQ stores a quantized Linear's `weight` as these tensors (shapes set by bits and group size).
 QUANTIZED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+# The fix for weights that do not match the model: transformers would make a missing tensor random.
+INTACT = "a missing tensor would be random weights: re-export the folder from an intact model"
 # The pipeline stages never run a folder's code (chat does with --trust-remote-code): how to proceed.
 PIPELINE_NO_CODE = ("the pipeline never runs a folder's code: save the tokenizer with a transformers class "
                     "(tokenizer.json + tokenizer_class PreTrainedTokenizerFast) or set tokenizer.source: train, "
@@ -156,6 +161,8 @@ def check_sizes(folder: Path, config: dict[str, Any], shapes: dict[str, tuple[in
             found[key] = shapes[name][axis]
     for key, value in found.items():
         wanted = config.get(key)
+        if not value and isinstance(wanted, int) and 0 < wanted <= MAX_UNSEEN:
+            continue  # the files hold no block or expert: check_tensors names what is missing
         if value is not None and wanted is not None and wanted != value:
             raise FolderCheckError(f"{folder / 'config.json'}: {key}={wanted!r} but the weights hold {value}; "
                                    f"the config does not belong to these weights: re-export the folder")
@@ -173,11 +180,11 @@ def check_tensors(folder: Path, expected: dict[str, tuple[int, ...]], found: dic
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected) - optional)
     misshaped = sorted(n for n in set(expected) & set(found) if expected[n] is not None and expected[n] != found[n])
-    problems = [f"{label} {len(names)} ({listed(names)})" for label, names in
+    problems = [f"{len(names)} {label}: {listed(names)}" for label, names in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
     if misshaped:
-        problems[-1] += f", e.g. {misshaped[0]} is {list(found[misshaped[0]])} in the file, " \
-                        f"{list(expected[misshaped[0]])} in the model"
+        problems[-1] += f" ({misshaped[0]} is {list(found[misshaped[0]])} in the file, " \
+                        f"{list(expected[misshaped[0]])} in the model)"
     if problems:
-        raise FolderCheckError(f"{folder}: the weights do not match config.json: {'; '.join(problems)} tensors; "
-                               f"a missing tensor would be random: re-export the folder from an intact model")
+        raise FolderCheckError(f"{folder}: the tensors do not match config.json: {'; '.join(problems)}; "
+                               f"{INTACT}")

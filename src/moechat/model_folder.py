@@ -148,12 +148,14 @@ def check_weight_files(folder: Path, config: dict[str, Any]) -> None:
     found = header_shapes(folder)
     if config.get("model_type") == MODEL_TYPE:
         check_sizes(folder, config, found)
-        check_tensors(folder, expected_shapes(folder), found)
+        expected, tied = expected_shapes(folder)
+        check_tensors(folder, expected, {k: v for k, v in found.items() if k not in tied})
 
 
-def expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def expected_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Tensor name -> shape the installed moechat model builds from the folder's config.json (on the meta
-    device: nothing allocated), without the head when it is tied to the embedding (not saved then)."""
+    device: nothing allocated), and the tied names left out of it: a head tied to the embedding is not saved
+    (and would be overwritten by the embedding if it were)."""
     import torch
 
     from moechat.configuration_moechat import MoeChatConfig
@@ -163,11 +165,8 @@ def expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MoeChatForCausalLM(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        for tied in model._tied_weights_keys:
-            shapes.pop(tied, None)
-    return shapes
-
+    tied = set(model._tied_weights_keys) if config.tie_word_embeddings else set()
+    return {k: v for k, v in shapes.items() if k not in tied}, tied
 
 
 def _load_full_precision(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
@@ -181,11 +180,10 @@ def _load_full_precision(folder: Path, dtype: torch.dtype, trust_remote_code: bo
                                                                          "mismatched_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
-        from moechat.folder_checks import listed
+        from moechat.folder_checks import INTACT, listed
 
-        raise ModelFolderError(f"{folder}: the weights do not match the model: "
-                               + "; ".join(f"{kind.split('_')[0]} {len(k)} ({listed(k)})" for kind, k in problems.items())
-                               + " tensors; a missing tensor would be random: re-export the folder from an intact model")
+        raise ModelFolderError(f"{folder}: the tensors do not match the model: " + "; ".join(
+            f"{len(keys)} {kind.split('_')[0]}: {listed(keys)}" for kind, keys in problems.items()) + f"; {INTACT}")
     return model
 
 
