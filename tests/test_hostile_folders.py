@@ -56,10 +56,16 @@ def base(tmp_path_factory) -> Path:
     _, tok = export_tiny(tmp)
     write_prepared(tok, tmp / "prepared")
     tiny_params(tmp / "params.yaml", eval={"lm_eval_tasks": []})
-    subprocess.run([sys.executable, str(ROOT / "stages" / "download.py"), "--params", str(tmp / "params.yaml"),
-                    "--out", str(tmp / "raw"), "--metrics", str(tmp / "m" / "download.json")],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     return tmp
+
+
+@pytest.fixture(scope="module")
+def raw(base) -> Path:
+    """The download stage's output for the bundled fixture: prepare's input."""
+    subprocess.run([sys.executable, str(ROOT / "stages" / "download.py"), "--params", str(base / "params.yaml"),
+                    "--out", str(base / "raw"), "--metrics", str(base / "m" / "download.json")],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    return base / "raw"
 
 
 def copy_export(base: Path, tmp_path: Path, name: str = "model") -> Path:
@@ -123,20 +129,22 @@ def run_in_terminal(cmd: list[str], answer: bytes) -> tuple[int, str, str]:
     return proc.wait(timeout=300), screen.decode(errors="replace"), proc.stderr.read().decode()
 
 
-def test_prepare_refuses_tokenizer_code_without_asking_on_a_terminal(base, tmp_path):
+@pytest.mark.slow  # stage scripts as subprocesses
+def test_prepare_refuses_tokenizer_code_without_asking_on_a_terminal(base, raw, tmp_path):
     hostile = copy_export(base, tmp_path, "tok")
     marker = tmp_path / "ran"
     reason = make_tokenizer_hostile(hostile, marker)
     params = tiny_params(tmp_path / "params.yaml", tokenizer={"source": str(hostile)})
     code, screen, err = run_in_terminal(
-        [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(params), "--raw", str(base / "raw"),
+        [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(params), "--raw", str(raw),
          "--out", str(tmp_path / "prepared"), "--tokenizer-out", str(tmp_path / "tokenizer"), "--metrics",
          str(tmp_path / "prepare.json")], answer=b"y\n")
-    assert not marker.exists() and "[y/N]" not in screen
+    assert not marker.exists() and "[y/N]" not in screen + err
     assert (code, err) == (1, f"prepare: error: {reason}; {PIPELINE_NO_CODE}\n")
     assert not (tmp_path / "tokenizer").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["evaluate", "export", "quantize"])
 def test_model_stages_refuse_tokenizer_code(base, tmp_path, name):
     hostile = copy_export(base, tmp_path)
@@ -169,6 +177,7 @@ def pickle_behind_an_index(folder: Path, marker: Path) -> str:
             f"save_pretrained(safe_serialization=True)")
 
 
+@pytest.mark.slow
 def test_a_pickle_behind_an_index_is_never_opened(base, tmp_path):
     folder = copy_export(base, tmp_path)
     marker = tmp_path / "unpickled"
@@ -220,6 +229,7 @@ def test_unexpected_and_misshaped_tensors_are_named(base, tmp_path, capsys):
         f"file, {shape} in the model); {INTACT}\n"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["train", "evaluate", "export", "quantize"])
 def test_stages_refuse_a_model_without_its_head(base, tmp_path, name):
     folder = copy_export(base, tmp_path)
@@ -301,6 +311,7 @@ def test_the_folders_generation_settings_are_named_and_not_used(base, tmp_path, 
                    f"--max-new-tokens)\n")
 
 
+@pytest.mark.slow
 def test_trusted_folder_code_with_a_syntax_error_is_one_line(base, tmp_path):
     """In a fresh process, as users run it: there the flag makes transformers import the folder's code."""
     folder = copy_export(base, tmp_path)
