@@ -7,6 +7,7 @@ import io
 import os
 import pty
 import select
+import shutil
 import shlex
 import subprocess
 import sys
@@ -104,3 +105,23 @@ def test_moechat_without_a_command_fails_with_usage(capsys):
     assert cli_main([]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("usage: moechat [--version] <command> [options]")
+
+
+def test_a_reply_starting_with_a_space_token_is_shown_without_it(export, tmp_path, capsys):
+    """A model whose every next token is ` sea` (the final norm outputs a constant, the head favours one
+    row): the reply streams as `sea sea sea`, not ` sea sea sea`, and the history holds the same text."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    folder = Path(shutil.copytree(export, tmp_path / "spacey"))
+    space_token = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False).encode(" sea")[0]
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.ln_f.weight"].zero_()
+    tensors["transformer.ln_f.bias"].fill_(1.0)
+    tensors["lm_head.weight"].zero_()
+    tensors["lm_head.weight"][space_token] = 1.0
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert chat_main([str(folder), "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "3",
+                      "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "sea sea sea\n"

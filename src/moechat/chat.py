@@ -189,7 +189,7 @@ class Chat:
         self.out.write("\n")
         self.out.flush()
         self.history.append({"role": "assistant", "content": answer.strip()})
-        return answer
+        return answer.lstrip()  # as streamed
 
     def _fit_history(self) -> list[int]:
         """Prompt ids of the history, dropping the oldest whole exchanges (user + assistant turn) until the
@@ -220,11 +220,20 @@ class Chat:
 
 
 def _streamer(tokenizer: PreTrainedTokenizerBase, out: TextIO) -> Any:
-    """A TextStreamer that writes to `out` (stdout by default) and skips the prompt."""
+    """A TextStreamer that writes to `out` (stdout by default), skips the prompt and the reply's leading
+    whitespace. Training text is stripped, so a reply never starts with a space there, but the byte-level
+    vocabulary has a space-prefixed twin of most words (`ĠA` beside `A`) and sampling, above all from a
+    quantized model, sometimes picks one as the first token: shown as typed, the reply began with a stray
+    space the history (stripped) did not have."""
     from transformers import TextStreamer
 
     class _Streamer(TextStreamer):
+        started = False
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
             out.write(text)
             out.flush()
 

@@ -109,9 +109,10 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, trust_rem
     return model
 
 
-# generation_config.json keys that are ids, not generation settings
+# generation_config.json keys not worth a notice: ids, and what every caller sets itself (chat's flags, eval.*);
+# GPTQModel saves `do_sample: true` into every quantized folder
 GENERATION_IDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
-                  "_from_model_config"}
+                  "_from_model_config", "do_sample", "temperature", "top_p", "top_k", "max_new_tokens"}
 
 
 def own_generation_config(model: PreTrainedModel) -> Any:
