@@ -162,7 +162,7 @@ def expected_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]
     from moechat.configuration_moechat import MoeChatConfig
     from moechat.modeling_moechat import MoeChatForCausalLM
 
-    config = MoeChatConfig.from_pretrained(str(folder))
+    config = MoeChatConfig.from_json_file(str(folder / "config.json"))  # the class itself: no auto_map lookup
     with torch.device("meta"):
         model = MoeChatForCausalLM(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
