@@ -14,6 +14,13 @@ GPTQModel imports the module named by `auto_map` even under `trust_remote_code=F
 compatibility shims) and copies a folder's `*.py` files into the transformers module cache, so a quantized
 folder reaches it as a `code_free_view`: links to the folder's data files and a config.json without
 `auto_map`. Weights are read from safetensors only; a folder holding only pickled weights is refused.
+
+Before transformers sees a folder, its files are checked (`moechat.folder_checks`, JSON and safetensors
+headers only): the tokenizer is a transformers class unless the caller trusts the folder's code, every
+weight file an index names is a safetensors file in the folder, and the tensors are exactly those of the
+model config.json describes (a missing one would be random weights, silently). After loading, NaN or inf
+weights are refused, and the folder's generation_config.json is replaced by the token ids alone: callers
+generate with their own settings.
 """
 
 from __future__ import annotations
@@ -162,9 +169,14 @@ def expected_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]
     from moechat.configuration_moechat import MoeChatConfig
     from moechat.modeling_moechat import MoeChatForCausalLM
 
-    config = MoeChatConfig.from_json_file(str(folder / "config.json"))  # the class itself: no auto_map lookup
-    with torch.device("meta"):
-        model = MoeChatForCausalLM(config)
+    try:
+        config = MoeChatConfig.from_json_file(str(folder / "config.json"))  # the class itself: no auto_map lookup
+        with torch.device("meta"):
+            model = MoeChatForCausalLM(config)
+    except (ValueError, TypeError, ArithmeticError, AssertionError) as err:  # e.g. n_head: 0, n_embd: "64"
+        raise ModelFolderError(f"{folder / 'config.json'}: the installed moechat model cannot be built from it "
+                               f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                               f"re-export the folder (dvc repro export)") from None
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = set(model._tied_weights_keys) if config.tie_word_embeddings else set()
     return {k: v for k, v in shapes.items() if k not in tied}, tied
