@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from moechat.config import ConfigError, ModelConfig
-from moechat.folder_checks import weight_shards
+from moechat.folder_checks import PIPELINE_NO_CODE, check_tokenizer_code, weight_shards
 from moechat.hub import looks_like_path, require_hub_repo
 from moechat.io import atomic_dir
-from moechat.model_folder import load_tokenizer
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
 
 log = logging.getLogger(__name__)
@@ -253,7 +252,8 @@ def save_atomic(model: MoeChatForCausalLM, tokenizer: PreTrainedTokenizerBase, o
 def initialize(model_cfg: ModelConfig, seed: int, seq_len: int, tokenizer_dir: Path, out_dir: Path
                ) -> dict[str, Any]:
     """Build (scratch or upcycled), save to `out_dir` with the tokenizer, and return the model report."""
-    tokenizer = load_tokenizer(tokenizer_dir)  # prepare's output: a transformers class, never the folder's code
+    check_tokenizer_code(Path(tokenizer_dir), trust_remote_code=False, fix=PIPELINE_NO_CODE)  # prepare's output
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     config = build_config(model_cfg, tokenizer)
     upcycling = None
     if model_cfg.init_from is None:
