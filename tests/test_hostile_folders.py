@@ -318,8 +318,8 @@ def test_trusted_folder_code_with_a_syntax_error_is_one_line(base, tmp_path):
     with open(folder / "modeling_moechat.py", "a", encoding="utf-8") as f:
         f.write("\ndef broken(:\n")
     line = len((folder / "modeling_moechat.py").read_text().splitlines())
-    proc = subprocess.run([sys.executable, "-m", "moechat.cli", "chat", str(folder), "--prompt", "Hi", "--device", "cpu",
-                           "--trust-remote-code"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "moechat.cli", "chat", str(folder), "--prompt", "Hi", "--device",
+                           "cpu", "--trust-remote-code"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", (
         f"moechat chat: {folder}: modeling_moechat.py line {line}: SyntaxError: invalid syntax; the folder's code "
         f"does not compile: leave out --trust-remote-code to use the installed moechat code\n"))

@@ -174,9 +174,9 @@ def expected_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]
         with torch.device("meta"):
             model = MoeChatForCausalLM(config)
     except (ValueError, TypeError, ArithmeticError, AssertionError) as err:  # e.g. n_head: 0, n_embd: "64"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelFolderError(f"{folder / 'config.json'}: the installed moechat model cannot be built from it "
-                               f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-                               f"re-export the folder (dvc repro export)") from None
+                               f"({type(err).__name__}: {first}); re-export the folder (dvc repro export)") from None
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = set(model._tied_weights_keys) if config.tie_word_embeddings else set()
     return {k: v for k, v in shapes.items() if k not in tied}, tied
