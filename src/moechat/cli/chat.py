@@ -1,7 +1,8 @@
 """`moechat chat <model dir>`: talk to an exported (full-precision) or quantized (GPTQ) moechat model.
 
 Interactive by default: replies stream token by token, the conversation history goes back through the
-chat template each turn, `/reset` starts over, `/exit`, end of input or Ctrl-C quits. `--prompt "..."`
+chat template each turn, `/help` lists the commands, `/reset` starts over, `/exit`, end of input or Ctrl-C
+quits. `--prompt "..."`
 answers once and exits. Uses the GPU when one is visible (`--device` overrides).
 
 Safe with a folder from anywhere: the model is built from the installed moechat code, never from the
@@ -16,11 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
+import os
 import sys
 import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator, Optional, TextIO
 
+from moechat.cli.chat_template import render_chat
 from moechat.config.params import EvalConfig
 from moechat.device import resolve_device
 from moechat.eval.generate import leaves_room_for_a_prompt
@@ -36,6 +40,10 @@ BOT = "bot> "
 MAX_NEW_TOKENS = 256  # the reply cap when --max-new-tokens is not given, for models with n_positions >= 512
 INTERRUPTED = 130  # the shell's exit status for a Ctrl-C
 FOLDERS = "pass models/export or models/quantized (built by `dvc repro`)"  # the fix for a missing or empty folder
+BROKEN_PIPE = 141  # the shell's exit status for a writer whose reader left (128 + SIGPIPE), as `yes | head`
+MAX_SEED = 2**32 - 1  # torch.manual_seed takes any int64; numpy's range keeps seeds portable
+COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation and start over",
+            "/exit": "quit (so do end of input and Ctrl-C)"}
 
 
 class ChatError(MoechatError, ValueError):
@@ -74,14 +82,16 @@ def load_for_chat(model_dir: Path, device: torch.device, trust_remote_code: bool
     loading: discarded (shown on stderr if the load fails), or with `verbose` on stderr."""
     import torch
 
-    from moechat.model.folder import is_quantized_dir, load_model, load_tokenizer
+    from moechat.model.folder import CHAT_NO_CODE, is_quantized_dir, load_model, load_tokenizer
     from moechat.model.gptq import load_quantized
 
     quantized = is_quantized_dir(model_dir)
     dtype = torch.float32 if device.type == "cpu" else torch.float16 if quantized else torch.bfloat16
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, fix=CHAT_NO_CODE)  # the cheap load first
+    render_chat(tokenizer, [{"role": "user", "content": "Hello"}])  # a broken template fails now, not mid-chat
     with gptqmodel_output(verbose) if quantized else contextlib.nullcontext():
         model = (load_quantized if quantized else load_model)(model_dir, device, dtype, trust_remote_code)
-    return model, load_tokenizer(model_dir, trust_remote_code)
+    return model, tokenizer
 
 
 @contextlib.contextmanager
@@ -119,13 +129,11 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     control token that would forge a turn. Text without added tokens gets the template's usual ids."""
     added = tokenizer.get_added_vocab()
     if not any(token in m["content"] for m in messages for token in added):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return list(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
     # Render with a unique marker per content; tokenize the template's pieces as usual (their control
     # tokens stay control tokens) and each content with split_special_tokens=True.
     markers = [f"[moechat-text-{uuid.uuid4().hex}]" for _ in messages]
-    rendered = tokenizer.apply_chat_template([m | {"content": k} for m, k in zip(messages, markers)],
-                                             add_generation_prompt=True, tokenize=False)
+    rendered = render_chat(tokenizer, [m | {"content": k} for m, k in zip(messages, markers)])
     ids: list[int] = []
     for message, marker in zip(messages, markers):
         if rendered.count(marker) != 1:
@@ -165,7 +173,7 @@ class Chat:
         self.out.write("\n")
         self.out.flush()
         self.history.append({"role": "assistant", "content": answer.strip()})
-        return answer
+        return answer.lstrip()  # as streamed
 
     def _fit_history(self) -> list[int]:
         """Prompt ids of the history, dropping the oldest whole exchanges (user + assistant turn) until the
@@ -196,11 +204,20 @@ class Chat:
 
 
 def _streamer(tokenizer: PreTrainedTokenizerBase, out: TextIO) -> Any:
-    """A TextStreamer that writes to `out` (stdout by default) and skips the prompt."""
+    """A TextStreamer that writes to `out` (stdout by default), skips the prompt and the reply's leading
+    whitespace. Training text is stripped, so a reply never starts with a space there, but the byte-level
+    vocabulary has a space-prefixed twin of most words (`ĠA` beside `A`) and sampling, above all from a
+    quantized model, sometimes picks one as the first token: shown as typed, the reply began with a stray
+    space the history (stripped) did not have."""
     from transformers import TextStreamer
 
     class _Streamer(TextStreamer):
+        started = False
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
             out.write(text)
             out.flush()
 
@@ -222,7 +239,7 @@ def read_line(stdin: IO, number: int) -> Optional[str]:
 
 def interactive(chat: Chat, stdin: IO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
     """The session loop: one reply per line of `stdin` (bytes or text) until /exit or end of input."""
-    out.write("moechat: type a message; /reset clears the conversation, /exit quits.\n")
+    out.write("moechat: type a message; /help lists the commands, /reset clears the conversation, /exit quits.\n")
     number = 0
     while True:
         out.write(PROMPT)
@@ -237,6 +254,9 @@ def interactive(chat: Chat, stdin: IO = sys.stdin, out: TextIO = sys.stdout, err
             continue
         if text == "/exit":
             return
+        if text == "/help":
+            out.write("".join(f"  {name:<7} {what}\n" for name, what in COMMANDS.items()))
+            continue
         if text == "/reset":
             chat.reset()
             out.write("(conversation cleared)\n")
@@ -260,9 +280,14 @@ def _max_new_tokens_arg(text: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag; the epilog's command list kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moechat chat", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="moechat chat", description=__doc__.splitlines()[0], formatter_class=_Formatter,
+                                epilog="commands in a session:\n" + "".join(f"  {name:<7} {what}\n"
+                                                                         for name, what in COMMANDS.items()))
     p.add_argument("model_dir", type=Path, help="models/export (full precision) or models/quantized (GPTQ)")
     p.add_argument("--prompt", help="answer this one message and exit; without it, an interactive session")
     p.add_argument("--max-new-tokens", type=_max_new_tokens_arg, default="auto",
@@ -272,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     # read like the samples in metrics/samples.json
     p.add_argument("--temperature", type=float, default=EvalConfig.temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=EvalConfig.top_p, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    p.add_argument("--seed", type=int, default=None, help=f"make sampling repeatable: 0 to {MAX_SEED}")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument(TRUST_FLAG, action="store_true",
                    help="build the model from the folder's own Python files (configuration_moechat.py, "
@@ -294,35 +319,103 @@ def check_text(text: str, what: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The command behind `main`: every check that needs no model first, then the load, then the chat."""
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ChatError(f"--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]")
+    check_sampling(args.temperature, args.top_p, args.seed)
     prompt = None if args.prompt is None else check_text(args.prompt, "--prompt")
     config = read_config(args.model_dir, args.trust_remote_code, fix=FOLDERS)
     max_new_tokens = resolve_max_new_tokens(args.max_new_tokens, config.get("n_positions"))
+    with loading_notice(args.model_dir, sys.stderr):
+        model, tokenizer = load_checked(args)
+    chat = Chat(model, tokenizer, max_new_tokens, args.temperature, args.top_p, args.seed, sys.stdout, sys.stderr)
+    if prompt is not None:
+        chat.reply(prompt)
+        return 0
+    interactive(chat, sys.stdin.buffer, sys.stdout, sys.stderr)
+    return 0
+
+
+def check_sampling(temperature: float, top_p: float, seed: Optional[int]) -> None:
+    """Sampling flags that generate would take and misuse (a NaN temperature samples one token and stops)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ChatError(f"--temperature={temperature} must be a finite number >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:  # also false for NaN
+        raise ChatError(f"--top-p={top_p} must be in (0, 1]")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ChatError(f"--seed={seed} must be an integer from 0 to {MAX_SEED}")
+
+
+@contextlib.contextmanager
+def loading_notice(folder: Path, err: TextIO = sys.stderr) -> Iterator[None]:
+    """`loading <folder> …` on a terminal's stderr while the model loads (the imports alone take seconds),
+    erased once loaded or failed, so the terminal keeps only the conversation or the one-line error."""
+    shown = err.isatty()
+    if shown:
+        err.write(f"loading {folder} …")
+        err.flush()
+    try:
+        yield
+    finally:
+        if shown:
+            err.write("\r\x1b[K")
+            err.flush()
+
+
+def load_checked(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """load_for_chat with a folder's failures as one line: a corrupt file, or (with --trust-remote-code)
+    folder code that does not even compile; the settings of its generation_config.json chat does not use
+    are named on stderr."""
     device = resolve_device(args.device)  # torch only: before transformers and GPTQModel
     quiet_loaders(args.verbose)
     from safetensors import SafetensorError
 
+    from moechat.model.folder import ignored_generation_settings
+
     try:
-        model, tokenizer = load_for_chat(args.model_dir, device, args.trust_remote_code, args.verbose)
+        loaded = load_for_chat(args.model_dir, device, args.trust_remote_code, args.verbose)
+    except SyntaxError as err:  # the folder's own code, imported by transformers under --trust-remote-code
+        if args.verbose:
+            raise
+        raise ChatError(f"{args.model_dir}: {syntax_error_of(args.model_dir, err)}; the folder's code does not "
+                        f"compile: leave out {TRUST_FLAG} to use the installed moechat code") from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # a corrupt folder
         if args.verbose or isinstance(err, MoechatError):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ChatError(f"{args.model_dir}: could not load the model ({type(err).__name__}: {first}); rerun with "
                         f"--verbose for the details") from None
-    chat = Chat(model, tokenizer, max_new_tokens, args.temperature, args.top_p, args.seed)
-    if prompt is not None:
-        chat.reply(prompt)
-        return 0
-    interactive(chat, stdin=sys.stdin.buffer)
-    return 0
+    ignored = ignored_generation_settings(args.model_dir)
+    if ignored:
+        settings = ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
+        print(f"(ignoring {args.model_dir / 'generation_config.json'}: {settings}; chat generates with its own "
+              f"--temperature, --top-p and --max-new-tokens)", file=sys.stderr, flush=True)
+    return loaded
+
+
+def syntax_error_of(folder: Path, err: SyntaxError) -> str:
+    """`file line N: SyntaxError: msg` for the folder's first Python file that does not compile (transformers
+    parses the code as `<unknown>` before importing it), else `err` as raised."""
+    for path in sorted(Path(folder).glob("*.py")):
+        try:
+            compile(path.read_bytes(), path.name, "exec")
+        except SyntaxError as found:
+            err = found
+            break
+    return f"{Path(err.filename or '<unknown>').name} line {err.lineno}: SyntaxError: {err.msg}"
+
+
+def leave_quietly_on_broken_pipe() -> int:
+    """stdout's reader left (`moechat chat ... | head -c 1`): point stdout at /dev/null so the interpreter's
+    final flush cannot raise again, and exit as a writer killed by SIGPIPE would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return BROKEN_PIPE
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except BrokenPipeError:
+        return leave_quietly_on_broken_pipe()
     except MoechatError as err:
         if args.verbose:
             raise

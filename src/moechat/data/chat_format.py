@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from moechat.atomic import atomic_dir
 from moechat.errors import MoechatError
 from moechat.config.params import TokenizerConfig
+from moechat.model.folder_checks import PIPELINE_NO_CODE, check_tokenizer_code
 from moechat.hub import HUB_LOAD_ERRORS, require_hub_repo
 from moechat.data.labels import IGNORE
 
@@ -63,11 +64,16 @@ def _load_pretrained(source: str) -> PreTrainedTokenizerBase:
         # Seconds, with a named error, where from_pretrained would retry an unreachable Hub for minutes.
         hint = "point tokenizer.source at a folder saved with save_pretrained, or use `train`"
         revision = require_hub_repo("tokenizer.source", source, "model", hint=hint)
+    else:  # the pipeline never runs a folder's code: refused before transformers could ask on a terminal
+        check_tokenizer_code(Path(source), trust_remote_code=False, fix=PIPELINE_NO_CODE)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (ValueError, *HUB_LOAD_ERRORS) as err:
         raise TokenizerError(f"tokenizer.source={source!r}: could not load a tokenizer ({type(err).__name__}: {err}); "
                              f"use a Hub id, a local save_pretrained folder, or `train`") from err
+    if tokenizer.init_kwargs.get("auto_map"):  # a Hub tokenizer loaded as its transformers class: drop its code
+        raise TokenizerError(f"tokenizer.source={source!r}: its tokenizer_config.json has an auto_map naming its own "
+                             f"code; {PIPELINE_NO_CODE}")
     if not tokenizer.is_fast:
         raise TokenizerError(f"tokenizer.source={source!r}: loaded a slow (Python) tokenizer; assistant label "
                              f"masks need a fast one (tokenizer.json), or use `train`")

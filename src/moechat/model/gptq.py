@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from moechat.errors import MoechatError
 from moechat.model.code_free import code_free_view
-from moechat.model.folder import read_config
+from moechat.model.folder import finish_loading, read_checked
 
 # GPTQModel's module tree for MoeChatForCausalLM: "#" = the block index; ":0"/":1" = the order in which
 # modules of one block are quantized (inputs before outputs); ":!" = run but do not quantize; "mlp:moe"
@@ -83,10 +83,9 @@ def load_quantized(quant_dir: Path, device: torch.device, dtype: torch.dtype, tr
     kernel (TorchInt8Linear, which repacks the 4-bit weights per channel to int8 for `_weight_int8pack_mm`;
     fp32 activations), on a GPU the fastest kernel GPTQModel finds. The folder's own Python files run only
     with `trust_remote_code`; otherwise GPTQModel gets a `code_free_view` and builds the installed
-    MoeChatForCausalLM. The folder is checked first by the one folder check (`read_config`)."""
-    read_config(quant_dir, trust_remote_code)
-    if not trust_remote_code:  # registered classes win over a folder's auto_map, so register only without it
-        import moechat.model.auto  # noqa: F401
+    MoeChatForCausalLM. The folder gets the full-precision loader's checks before and after (`read_checked`,
+    `finish_loading`)."""
+    read_checked(quant_dir, trust_remote_code)
     qcls = qmodel_class()
     from gptqmodel import BACKEND
 
@@ -95,4 +94,4 @@ def load_quantized(quant_dir: Path, device: torch.device, dtype: torch.dtype, tr
         folder = Path(quant_dir) if trust_remote_code else stack.enter_context(code_free_view(quant_dir))
         wrapper = qcls.from_quantized(str(folder), device=str(device), backend=backend, dtype=dtype,
                                       trust_remote_code=trust_remote_code)
-    return wrapper.model.eval()
+    return finish_loading(quant_dir, wrapper.model.eval())

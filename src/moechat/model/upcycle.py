@@ -38,6 +38,7 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from moechat.errors import ConfigError
+from moechat.model.folder_checks import PIPELINE_NO_CODE, check_tokenizer_code, weight_shards
 from moechat.hub import looks_like_path, require_hub_repo
 from moechat.atomic import atomic_dir
 from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
@@ -94,8 +95,11 @@ def load_dense_parent(source: str) -> GPT2LMHeadModel:
         revision = require_hub_repo("model.init_from", source, "model",
                                     hint="point model.init_from at a local save_pretrained folder")
     try:
+        if path.is_dir():  # never a pickle shard named by an index (from_pretrained would torch.load it)
+            weight_shards(path)
         parent, info = GPT2LMHeadModel.from_pretrained(source, revision=revision, use_safetensors=True,
-                                                       dtype=torch.float32, output_loading_info=True)
+                                                       dtype=torch.float32, output_loading_info=True,
+                                                       trust_remote_code=False)
     except OSError as err:
         raise UpcycleError(
             f"model.init_from={source!r}: could not load a GPT-2 checkpoint with safetensors weights ({err}); "
@@ -258,7 +262,8 @@ def save_atomic(model: MoeChatForCausalLM, tokenizer: PreTrainedTokenizerBase, o
 def initialize(model_cfg: ModelSpec, seed: int, seq_len: int, tokenizer_dir: Path, out_dir: Path
                ) -> dict[str, Any]:
     """Build (scratch or upcycled), save to `out_dir` with the tokenizer, and return the model report."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_tokenizer_code(Path(tokenizer_dir), trust_remote_code=False, fix=PIPELINE_NO_CODE)  # prepare's output
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     config = build_config(model_cfg, tokenizer)
     upcycling = None
     if model_cfg.init_from is None:

@@ -149,7 +149,7 @@ def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[li
         qcls = qmodel_class()
         start = time.perf_counter()
         qmodel = qcls.from_pretrained(str(view), quantize_config=gptq_config(cfg), device=str(device),
-                                      dtype=torch.float32)
+                                      dtype=torch.float32, trust_remote_code=False)
         loaded = time.perf_counter()
         data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib]
         # GPTQModel writes a per-run log file under ./logs; keep it out of the user's project folder
