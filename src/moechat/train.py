@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import resource
 import shutil
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import MethodType
 from pathlib import Path
@@ -25,15 +26,17 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, set_seed
 from accelerate.utils.operations import ConvertOutputsToFp32
 from tqdm.auto import tqdm
 
 from moechat import checkpoint as ckpt
-from moechat import curves, plan
+from moechat import curves, integrity, plan
+from moechat.folder_lock import exclusive_folder
 from moechat.io import atomic_dir
 from moechat.labels import target_mask
 from moechat.model_folder import load_model
+from moechat.parent_watch import ParentGone, ParentWatch
 from moechat.config import ConfigError, MoechatError, TrainConfig
 from moechat.configuration_moechat import MoeChatConfig
 from moechat.router_tally import RouterTally
@@ -57,6 +60,14 @@ class NonFiniteLossError(MoechatError, RuntimeError):
     """The loss went NaN/inf; the message names the step and the checkpoint that survives."""
 
 
+class NonFiniteGradientsError(NonFiniteLossError):
+    """train.max_consecutive_skips optimizer steps in a row had non-finite gradients (none was applied)."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """Weights or optimizer state went non-finite despite finite gradients: nothing is saved from them."""
+
+
 class TrainOOMError(MoechatError, RuntimeError):
     """CUDA ran out of memory; the message says what to lower, with the planner's estimate."""
 
@@ -69,13 +80,16 @@ class TrainingInterrupted(MoechatError):
 
 def interrupted(checkpoint_dir: Path, fp: str, step: int, total_steps: int) -> TrainingInterrupted:
     """The one line for a Ctrl-C at `step`: what survives and what the next `dvc repro` does."""
+    return TrainingInterrupted(f"interrupted at step {step}/{total_steps}{resume_hint(checkpoint_dir, fp)}")
+
+
+def resume_hint(checkpoint_dir: Path, fp: str) -> str:
+    """"; `dvc repro` resumes from step N (checkpoint ...)", or the fresh start when nothing was saved yet."""
     last = ckpt.latest_checkpoint(checkpoint_dir, fp)
     if last is None:
-        return TrainingInterrupted(f"interrupted at step {step}/{total_steps} before the first checkpoint; "
-                                   f"`dvc repro` starts this experiment again from step 0")
+        return " before the first checkpoint; `dvc repro` starts this experiment again from step 0"
     saved = int(ckpt.STEP_DIR.match(last.name).group(1))
-    return TrainingInterrupted(f"interrupted at step {step}/{total_steps}; `dvc repro` resumes from step {saved} "
-                               f"(checkpoint {last})")
+    return f"; `dvc repro` resumes from step {saved} (checkpoint {last})"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,7 +129,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": precision == "bf16"},
+        # DeepSpeed skips a step whose gradients are not finite (its default; stated so a JSON cannot drop it)
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -145,6 +160,9 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
                                                "gradient_clipping")}}
     merged.setdefault("bf16", base["bf16"])
     merged.setdefault("fp16", base["fp16"])
+    if isinstance(merged["bf16"], dict) and merged["bf16"].get("check_grad_overflow") is False:
+        raise ConfigError(f"{path}: bf16.check_grad_overflow=false would let DeepSpeed apply non-finite gradients "
+                          f"to the weights; remove it (moechat skips such steps, docs/pipeline.md)")
     merged.setdefault("zero_allow_untested_optimizer", True)
     return {**KEEP_OUR_CPU_ADAM, **merged} if offloads_optimizer(merged) else merged
 
@@ -346,6 +364,7 @@ class StepStats:
     tokens: int  # all positions processed, every process
     targets: int  # positions with a loss, every process
     router: list[dict[str, Any]]  # per MoE layer: layer, expert_share (list), dropped_share
+    applied: bool = True  # False: the gradients were not finite and the step was skipped (never applied)
 
     def losses(self) -> dict[str, float]:
         return {"loss": self.loss, "lm_loss": self.lm_loss, "aux_loss": self.aux_loss, "z_loss": self.z_loss}
@@ -375,18 +394,41 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
         router.add(out)
         del out, batch  # nothing of this micro-batch stays alive during the next one's forward
     means = accelerator.reduce(sums / accum, reduction="mean")
-    if not torch.isfinite(means).all():
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"step {step}: non-finite loss (loss={means[0].item()}, lm={means[1].item()}, "
-                                 f"aux={means[2].item()}, z={means[3].item()})")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    applied = apply_if_finite(optimizer, accelerator, means, grad_norm, step)
     shares = router.reduced(lambda t: accelerator.reduce(t, reduction="sum")).step_shares()
     tokens = sum(b["input_ids"].numel() for b in batches) * world
     loss, lm, aux, z = means.tolist()
-    gn = None if grad_norm is None else float(grad_norm)
-    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares)
+    gn = None if grad_norm is None or not applied else float(grad_norm)
+    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares, applied)
+
+
+def apply_if_finite(optimizer: torch.optim.Optimizer, accelerator: Accelerator, means: torch.Tensor,
+                    grad_norm: Optional[torch.Tensor | float], step: int) -> bool:
+    """Step the optimizer only when the loss and the gradient norm are finite; True when the step was applied.
+
+    One host sync per optimizer step (the loss means and the norm come over together; per micro-batch there
+    is none). The norm is of the gradients every process holds after DDP's all-reduce (a NaN anywhere is a NaN
+    everywhere), so all ranks decide alike. fp16's GradScaler and DeepSpeed (bf16/fp16/fp32, ZeRO-2 and
+    offload) already skip a non-finite step themselves, DeepSpeed inside `backward`: for them this only reads
+    `optimizer_step_was_skipped`. A non-finite loss stops at once: the forward itself diverged."""
+    norm = torch.full((1,), float("nan"), device=means.device) if grad_norm is None \
+        else torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1).to(means.device)
+    *losses, gn = torch.cat([means.float(), norm]).tolist()
+    if not all(map(math.isfinite, losses)):
+        optimizer.zero_grad(set_to_none=True)
+        loss, lm, aux, z = losses
+        raise NonFiniteLossError(f"step {step}: non-finite loss (loss={loss}, lm={lm}, aux={aux}, z={z})")
+    finite = grad_norm is None or math.isfinite(gn)  # no norm reported: the engine's own check decides
+    if finite or accelerator.scaler is not None:  # the scaler skips a non-finite step and lowers its scale
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    applied = finite and not accelerator.optimizer_step_was_skipped
+    if not finite and accelerator.distributed_type == DistributedType.DEEPSPEED \
+            and not accelerator.optimizer_step_was_skipped:
+        raise NonFiniteStateError(f"step {step}: DeepSpeed applied a step whose gradient norm was {gn}; its "
+                                  f"overflow check is off (check the DeepSpeed JSON)")
+    return applied
 
 
 def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
@@ -511,6 +553,7 @@ class Run:
     fingerprint: str
     state: ckpt.TrainState
     live: Any = None  # the DVCLive logger, main process only
+    parent: ParentWatch = dataclasses.field(default_factory=ParentWatch)  # notices a killed `dvc repro`
 
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
@@ -597,12 +640,29 @@ def resume(run: Run) -> Optional[Path]:
     return path
 
 
-def save(run: Run) -> Path:
-    """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included."""
+def check_finite_state(run: Run, optimizer_state: Any) -> None:
+    """Refuse to checkpoint non-finite weights or optimizer state (every process agrees: a ZeRO shard is
+    checked by its rank). Reads each tensor once, at save steps only."""
     acc = run.accelerator
+    bad = integrity.first_nonfinite(run.raw_model.state_dict()) if acc.is_main_process else None
+    bad = bad or integrity.first_nonfinite(optimizer_state)
+    flags = torch.tensor([bad is not None], device=acc.device)
+    if acc.num_processes > 1:
+        flags = acc.gather(flags)
+    if bool(flags.any()):
+        raise NonFiniteStateError(f"step {run.state.step}: the weights or optimizer state are not finite "
+                                  f"({bad or 'on another process'}) although every applied gradient was")
+
+
+def save(run: Run) -> Path:
+    """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included, after
+    checking that everything saved is finite."""
+    acc = run.accelerator
+    optimizer_state = run.inner_optimizer.state_dict()
+    check_finite_state(run, optimizer_state)
     snapshot = (lambda folder: curves.snapshot_live(run.live_dir, folder)) if run.live is not None else None
     return ckpt.save_checkpoint(
-        run.checkpoint_dir, run.state, run.raw_model, run.inner_optimizer.state_dict(), run.scheduler.state_dict(),
+        run.checkpoint_dir, run.state, run.raw_model, optimizer_state, run.scheduler.state_dict(),
         run.cfg.keep_checkpoints, rank=acc.process_index, world_size=acc.num_processes,
         barrier=acc.wait_for_everyone, per_rank_optimizer=run.per_rank_optimizer,
         scaler_state=acc.scaler.state_dict() if acc.scaler is not None else None, extra_files=snapshot)
@@ -615,7 +675,14 @@ def train(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     Side effects: checkpoints under `checkpoint_dir/<fingerprint>/`, DVCLive curves under `live_dir`, the
     final model in `out_dir`. Returns the metrics for metrics/train.json."""
     wall_start = time.perf_counter()
-    run = setup(cfg, seed, data_dir, init_dir, checkpoint_dir, live_dir)
+    run = setup(cfg, seed, data_dir, init_dir, checkpoint_dir, live_dir)  # reads only: refusals write nothing
+    # one trainer per checkpoint folder (rank 0 holds the lock for all ranks)
+    with exclusive_folder(checkpoint_dir) if run.accelerator.is_main_process else nullcontext():
+        return train_run(run, init_dir, out_dir, wall_start)
+
+
+def train_run(run: Run, init_dir: Path, out_dir: Path, wall_start: float) -> dict[str, Any]:
+    """`train` once the checkpoint folder is this run's alone: resume, loop, final model, summary."""
     resumed_from = resume(run)
     if run.accelerator.is_main_process:
         run.live = curves.open_live(run.live_dir, resumed_from, run.state.step, run.accelerator.print)
@@ -643,9 +710,11 @@ def one_line_errors(run: Run) -> Iterator[None]:
     try:
         yield
     except NonFiniteLossError as err:
-        last = ckpt.latest_checkpoint(run.checkpoint_dir, run.fingerprint)
-        raise NonFiniteLossError(f"{err}; stopped without saving. Last good checkpoint: {last or 'none'}. "
-                                 f"Lower train.lr, or use train.precision: bf16/fp32 if this was fp16") from None
+        last = ckpt.last_good_checkpoint(run.checkpoint_dir, run.fingerprint)
+        raise type(err)(f"{err}; stopped without saving. Last good checkpoint: {last or 'none'}. "
+                        f"Lower train.lr, or use train.precision: bf16/fp32 if this was fp16") from None
+    except ParentGone as err:
+        raise ParentGone(f"{err}{resume_hint(run.checkpoint_dir, run.fingerprint)}") from None
     except torch.OutOfMemoryError as err:
         raise run.oom_error(err, f"at step {run.state.step + 1}") from err
     except KeyboardInterrupt:
@@ -663,6 +732,7 @@ def train_loop(run: Run) -> None:
     run.model.train()
     try:
         while run.state.step < total_steps:
+            stop_if_orphaned(run)
             state = run.state
             step = state.step + 1
             rows, cursor = run.stream.next_rows(state.cursor)
@@ -671,19 +741,18 @@ def train_loop(run: Run) -> None:
             t0 = time.perf_counter()
             stats = train_step(run.model, run.optimizer, acc, batches, n_targets, cfg.grad_clip, step)
             lr = run.scheduler.get_last_lr()[0]
-            if not acc.optimizer_step_was_skipped:  # fp16: the GradScaler skipped an inf/NaN step
+            if stats.applied:  # a skipped step (ours, fp16's GradScaler's or DeepSpeed's) holds the schedule
                 run.scheduler.step()
             if acc.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            run.state = dataclasses.replace(
-                state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
-                target_tokens_seen=state.target_tokens_seen + stats.targets, train_seconds=state.train_seconds + dt,
-                last_losses=stats.losses())
+            run.state = advance(state, step, cursor, stats, dt)
             if live is not None:
                 curves.log_train_step(live, step, {**stats.losses(), "lr": lr, "tokens_per_s": stats.tokens / dt,
-                                                   "grad_norm": stats.grad_norm}, stats.router)
+                                                   "grad_norm": stats.grad_norm,
+                                                   "skipped_steps": run.state.skipped_steps}, stats.router)
                 curves.log_expert_shares(run.live_dir, step, stats.router)
+            stop_after_consecutive_skips(run.state, cfg.max_consecutive_skips)
             if step % cfg.eval_every == 0 or step == total_steps:
                 val = validate(run.model, acc, run.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 run.state = dataclasses.replace(run.state, last_val={**val, "step": step})
@@ -697,6 +766,34 @@ def train_loop(run: Run) -> None:
             bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
     finally:
         bar.close()
+
+
+def advance(state: ckpt.TrainState, step: int, cursor: ckpt.Cursor, stats: StepStats, dt: float) -> ckpt.TrainState:
+    """The state after `step`: counters, losses and the skip tally (a skipped step still consumed its rows,
+    as in Megatron and DeepSpeed, so a resumed run sees the same data as an uninterrupted one)."""
+    skipped = 0 if stats.applied else 1
+    return dataclasses.replace(
+        state, step=step, cursor=cursor, tokens_seen=state.tokens_seen + stats.tokens,
+        target_tokens_seen=state.target_tokens_seen + stats.targets, train_seconds=state.train_seconds + dt,
+        last_losses=stats.losses(), skipped_steps=state.skipped_steps + skipped,
+        consecutive_skips=(state.consecutive_skips + 1) if skipped else 0)
+
+
+def stop_after_consecutive_skips(state: ckpt.TrainState, limit: int) -> None:
+    if state.consecutive_skips >= limit:
+        first = state.step - state.consecutive_skips + 1
+        raise NonFiniteGradientsError(
+            f"step {state.step}: non-finite gradients in {state.consecutive_skips} consecutive steps ({first}-"
+            f"{state.step}, train.max_consecutive_skips={limit}); none of them was applied")
+
+
+def stop_if_orphaned(run: Run) -> None:
+    """At a step boundary: stop when the process that started us is gone (single process; under a launcher the
+    ranks would have to agree first, and the launcher stops its workers itself)."""
+    if run.accelerator.num_processes == 1 and run.parent.gone():
+        raise ParentGone(f"the process that started this trainer (pid {run.parent.parent}, e.g. `dvc repro`) is "
+                         f"gone; stopped at step {run.state.step}/{run.schedule.total_steps} without writing the "
+                         f"final model")
 
 
 def summary(run: Run, val: dict[str, float], start_step: int, wall_seconds: float) -> dict[str, Any]:
@@ -719,6 +816,7 @@ def summary(run: Run, val: dict[str, float], start_step: int, wall_seconds: floa
         "peak_flops_per_device": peak, "mfu_note": mfu_note, "peak_memory_gb": mem_gb, "peak_memory_kind": mem_kind,
         "precision": cfg.precision, "optimizer": "deepspeed_cpu_adam" if run.offload else cfg.optimizer,
         "deepspeed": cfg.deepspeed, "parameters": run.raw_model.parameter_counts(),
+        "skipped_steps": state.skipped_steps,
     }
 
 
