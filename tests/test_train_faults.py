@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -417,3 +418,17 @@ def test_an_orphaned_trainer_stops_and_a_second_one_is_refused_meanwhile(ws):
                          f"(checkpoint {newest})")
     assert not (ws / "orphan/final").exists()
     ckpt.read_checkpoint(newest)
+
+
+@pytest.mark.slow  # DeepSpeed starts a process group and compiles its C++ ops on first use (minutes)
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed")
+@pytest.mark.parametrize("engine", ["zero2", "zero2_offload"])
+def test_deepspeed_skips_nan_gradients_too(ws, engine):
+    """DeepSpeed steps inside `backward`: its own overflow check (kept on) must skip, and the run count it."""
+    params = write_params(ws, f"nan-{engine}", deepspeed=engine, max_steps=8)
+    env = {k: v for k, v in stage_env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, str(ws / "inject_nan.py"), "3,4", *stage_args(ws, f"nan-{engine}", params)],
+                          cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((ws / f"nan-{engine}/train.json").read_text())["skipped_steps"] == 2
+    assert nonfinite_tensors(ws / f"nan-{engine}") == []

@@ -646,7 +646,7 @@ def check_finite_state(run: Run, optimizer_state: Any) -> None:
     acc = run.accelerator
     bad = integrity.first_nonfinite(run.raw_model.state_dict()) if acc.is_main_process else None
     bad = bad or integrity.first_nonfinite(optimizer_state)
-    flags = torch.tensor([bad is not None], device=acc.device)
+    flags = torch.tensor([int(bad is not None)], device=acc.device)
     if acc.num_processes > 1:
         flags = acc.gather(flags)
     if bool(flags.any()):
