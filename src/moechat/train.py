@@ -395,17 +395,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
         del out, batch  # nothing of this micro-batch stays alive during the next one's forward
     means = accelerator.reduce(sums / accum, reduction="mean")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    applied = apply_if_finite(optimizer, accelerator, means, grad_norm, step)
+    applied, (loss, lm, aux, z), gn = apply_if_finite(optimizer, accelerator, means, grad_norm, step)
     shares = router.reduced(lambda t: accelerator.reduce(t, reduction="sum")).step_shares()
     tokens = sum(b["input_ids"].numel() for b in batches) * world
-    loss, lm, aux, z = means.tolist()
-    gn = None if grad_norm is None or not applied else float(grad_norm)
-    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares, applied)
+    return StepStats(loss, lm, aux, z, gn if applied else None, tokens, n_targets_global, shares, applied)
 
 
 def apply_if_finite(optimizer: torch.optim.Optimizer, accelerator: Accelerator, means: torch.Tensor,
-                    grad_norm: Optional[torch.Tensor | float], step: int) -> bool:
-    """Step the optimizer only when the loss and the gradient norm are finite; True when the step was applied.
+                    grad_norm: Optional[torch.Tensor | float], step: int
+                    ) -> tuple[bool, list[float], Optional[float]]:
+    """Step the optimizer only when the loss and the gradient norm are finite: (applied, the four loss means,
+    the norm or None when the engine reports none).
 
     One host sync per optimizer step (the loss means and the norm come over together; per micro-batch there
     is none). The norm is of the gradients every process holds after DDP's all-reduce (a NaN anywhere is a NaN
@@ -428,7 +428,7 @@ def apply_if_finite(optimizer: torch.optim.Optimizer, accelerator: Accelerator, 
             and not accelerator.optimizer_step_was_skipped:
         raise NonFiniteStateError(f"step {step}: DeepSpeed applied a step whose gradient norm was {gn}; its "
                                   f"overflow check is off (check the DeepSpeed JSON)")
-    return applied
+    return applied, losses, None if grad_norm is None else gn
 
 
 def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
