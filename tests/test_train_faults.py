@@ -30,7 +30,7 @@ from moechat import integrity
 from moechat.config import load_params
 from moechat.folder_lock import FolderLockedError
 from moechat.modeling import MoeChatConfig, MoeChatForCausalLM
-from moechat.train import NonFiniteStateError, train
+from moechat.train import NonFiniteStateError, single_process_env, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, PAD, SEQ = 48, 47, 32
@@ -39,14 +39,16 @@ TINY_TRAIN = dict(seq_len=SEQ, micro_batch_size=4, grad_accum=1, epochs=1, max_s
                   eval_every=4, eval_batches=2, save_every=4, keep_checkpoints=3, max_consecutive_skips=20,
                   deepspeed=None, compile=False)
 
-# Runs stages/train.py as `python <this> STEPS stages/train.py ARGS...`, making the token embedding's gradient
-# NaN at the optimizer steps STEPS (comma-separated; grad_accum=1, so the n-th training forward is step n of a
-# fresh run). Only torch's global module hook is used: the loss stays finite, as after a bf16 overflow in backward.
+# Runs stages/train.py as `python <this> STEPS[@RANK] stages/train.py ARGS...`, making the token embedding's
+# gradient NaN at the optimizer steps STEPS (comma-separated; grad_accum=1, so the n-th training forward is step n
+# of a fresh run), on process RANK only when given (as its launcher numbers it). Only torch's global module hook
+# is used: the loss stays finite, as after a bf16 overflow in backward.
 INJECT_NAN = '''
-import runpy, sys
+import os, runpy, sys
 import torch
 
-steps = {int(s) for s in sys.argv[1].split(",")}
+spec, _, rank = sys.argv[1].partition("@")
+steps = {int(s) for s in spec.split(",")} if rank in ("", os.environ.get("RANK", "0")) else set()
 stage = sys.argv[2]
 sys.argv = sys.argv[2:]
 calls = {"n": 0, "hooked": set()}
@@ -432,3 +434,41 @@ def test_deepspeed_skips_nan_gradients_too(ws, engine):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((ws / f"nan-{engine}/train.json").read_text())["skipped_steps"] == 2
     assert nonfinite_tensors(ws / f"nan-{engine}") == []
+
+
+@pytest.mark.slow  # two torchrun processes
+def test_ddp_ranks_agree_to_skip_a_nan_on_one_rank(ws):
+    """NaN gradients on rank 1 only, at step 3: DDP's all-reduce carries the NaN to rank 0, whose own gradients
+    were finite, and rank 0 (which writes metrics and checkpoints) counts the skip: both skipped together."""
+    params = write_params(ws, "nan-ddp", micro_batch_size=2, max_steps=6, save_every=3)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                single_process_env({})["MASTER_PORT"]]
+    done = subprocess.run([*launcher, str(ws / "inject_nan.py"), "3@1", *stage_args(ws, "nan-ddp", params)],
+                          cwd=ws, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((ws / "nan-ddp/train.json").read_text())["skipped_steps"] == 1
+    assert nonfinite_tensors(ws / "nan-ddp") == []
+
+
+def test_a_deepspeed_json_that_turns_off_the_overflow_check_is_refused(tmp_path):
+    from moechat.config import ConfigError
+    from moechat.train import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True,
+                                                                           "check_grad_overflow": False}}))
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg(deepspeed=str(path)), "bf16")
+    assert str(err.value) == (f"{path}: bf16.check_grad_overflow=false would let DeepSpeed apply non-finite "
+                              f"gradients to the weights; remove it (moechat skips such steps, docs/pipeline.md)")
+    assert deepspeed_config(cfg(deepspeed="zero2"), "bf16")["bf16"]["check_grad_overflow"] is True
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_max_consecutive_skips_must_be_at_least_one(ws, value):
+    from moechat.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_params(write_params(ws, f"skips{value}", max_consecutive_skips=value))
+    assert f"train.max_consecutive_skips={value} must be >= 1" in str(err.value)
+    assert "\n" not in str(err.value)
