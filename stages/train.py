@@ -14,7 +14,7 @@ from moechat.stage import run_stage
 
 # What `dvc metrics` compares; the total loss and z-loss (its other terms), fingerprint, seconds, device,
 # resume point and token counts go to --run-facts.
-METRICS = ("lm_loss", "aux_loss", "val_lm_loss", "tokens_per_s", "mfu", "peak_memory_gb")
+METRICS = ("lm_loss", "aux_loss", "val_lm_loss", "tokens_per_s", "mfu", "peak_memory_gb", "skipped_steps")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moechat.train import checkpoint as ckpt
-from moechat.train import loop as train_module
+from moechat.train.loop import checkpoint as ckpt
+from moechat.train.loop import integrity
+from moechat.train.loop import loop as train_module
 from moechat.train.engine import single_process_env
 from moechat.config.params import load_params
 from tests.support.training import logged, run_inprocess, tiny_cfg
@@ -187,6 +188,7 @@ def test_crafted_checkpoint_cannot_call_arbitrary_code(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=1, fingerprint="abc123abc123"), net,
                                 torch.optim.SGD(net.parameters(), lr=0.1).state_dict(), {}, keep=1)
     _edit_tree(path / "optimizer.safetensors", lambda tree: {"state": exploit})
+    integrity.write_manifest(path)  # a crafted checkpoint can carry matching hashes: the allow-list still holds
     with pytest.raises(ckpt.CheckpointError,
                        match=r"optimizer\.safetensors: checkpoint names 'deepspeed\.utils:os\.system'"):
         ckpt.read_checkpoint(path)
@@ -366,7 +368,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_matches_the_uninterrupted_
     capsys.readouterr()
     resumed = run_inprocess(workspace, "ckpt-damaged", tiny_cfg())
     out = capsys.readouterr().out.replace("\n", " ")
-    assert f"checkpoint step_00000012 is damaged, skipping it: {newest / 'model.safetensors'} cannot be read" in out
+    assert (f"checkpoint step_00000012 is damaged, skipping it: {newest / 'model.safetensors'} does not match the "
+            f"sha256 recorded in manifest.json") in out
     assert resumed["resumed_from_step"] == 8
     for key in ("loss", "lm_loss", "aux_loss", "val_lm_loss"):
         assert resumed[key] == reference[key], key

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moechat.train import checkpoint as ckpt
+from moechat.train.loop import checkpoint as ckpt
 from moechat.errors import ConfigError, MoechatError
 from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
-from moechat.train import plan
+from moechat.train.loop import plan
 from moechat.train.schedule import Schedule
 from moechat.train.batches import BatchStream, micro_batches
 from moechat.train.step import NonFiniteLossError
@@ -139,7 +139,7 @@ def test_changed_params_do_not_resume_another_experiment(workspace, capsys):
     assert first["fingerprint"] != second["fingerprint"] and second["resumed_from_step"] is None
     # the fresh start is visible: one line naming the experiments whose checkpoints were not used
     assert f"no checkpoint of experiment {second['fingerprint']}" in capsys.readouterr().out.replace("\n", " ")
-    roots = sorted(p.name for p in (workspace / "fp/checkpoints").iterdir())
+    roots = sorted(p.name for p in (workspace / "fp/checkpoints").iterdir() if p.is_dir())  # .lock aside
     assert roots == sorted([first["fingerprint"], second["fingerprint"]])  # the old experiment is kept
     # bookkeeping keys do not change the fingerprint: the finished run resumes at its end and re-exports,
     # reporting the losses of its last step (kept in the checkpoint), not nulls
@@ -262,7 +262,7 @@ def test_non_finite_loss_stops_naming_the_step(workspace, monkeypatch):
     monkeypatch.setattr(MoeChatForCausalLM, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss .*Last good checkpoint: .*step_00000002"):
         run_inprocess(workspace, "nan", tiny_cfg(max_steps=6, save_every=2))
-    saved = [p.name for p in next((workspace / "nan/checkpoints").iterdir()).iterdir()]
+    saved = [p.name for p in next((workspace / "nan/checkpoints").glob("*/")).iterdir()]
     assert saved == ["step_00000002"] and not (workspace / "nan/final").exists()
 
 

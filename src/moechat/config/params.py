@@ -84,6 +84,7 @@ class TrainConfig:
     eval_batches: int
     save_every: int
     keep_checkpoints: int
+    max_consecutive_skips: int  # stop after this many optimizer steps in a row with non-finite gradients
     gpu_memory_gb: float
     deepspeed: Optional[str]
 
@@ -286,7 +287,7 @@ def _check(p: Params, source: str) -> None:
              f"train.seq_len={t.seq_len} must be <= model.n_positions={m.architecture.n_positions}; "
              f"lower seq_len or raise n_positions", source)
     for key in ("seq_len", "micro_batch_size", "grad_accum", "epochs", "eval_every", "eval_batches",
-                "save_every", "keep_checkpoints"):
+                "save_every", "keep_checkpoints", "max_consecutive_skips"):
         _require(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1", source)
     _require(t.max_steps is None or t.max_steps >= 1,
              f"train.max_steps={t.max_steps} must be null or >= 1", source)

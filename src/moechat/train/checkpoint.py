@@ -8,14 +8,16 @@ Layout: `<root>/<fingerprint>/step_<NNNNNNNN>/` holding
                                     as JSON in the header metadata
   ...                               whatever the caller's `extra_files` adds (train: the DVCLive curves
                                     as of this step, see moechat.train.curves.snapshot_live)
-  state.json                        step, data cursor, scheduler, GradScaler, last losses, counters;
-                                    written last: it marks the checkpoint complete
+  state.json                        step, data cursor, scheduler, GradScaler, last losses, counters
+  manifest.json                     the sha256 of every file above (moechat.train.integrity), written last
 
 A checkpoint is written into `.tmp-step_<NNNNNNNN>`, fsynced and renamed into place, so a folder named
 `step_*` with state.json and model.safetensors is complete; a leftover temp folder from a crash is
 ignored and overwritten later. A folder being replaced or pruned is first renamed to
 `.trash-step_<NNNNNNNN>` and only then deleted, so a crash mid-delete never leaves a half folder under a
-`step_*` name. The fingerprint (train params + the whole init folder + data) keeps a changed experiment
+`step_*` name. A checkpoint is written only from finite weights and optimizer state; a resume first checks
+the manifest's hashes, the step against the folder name and the finiteness of what it loads, and falls
+back to the previous intact checkpoint otherwise. The fingerprint (train params + the whole init folder + data) keeps a changed experiment
 from resuming another run's checkpoint; other fingerprints' folders are left alone.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import hashlib
 import importlib
 import json
@@ -30,15 +33,17 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from moechat.errors import MoechatError
+from moechat.train import integrity
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRASH_PREFIX = ".trash-"
@@ -58,8 +63,10 @@ ALLOWED_ENUMS = frozenset({"deepspeed.runtime.zero.config:ZeroStageEnum"})
 # gradient_checkpointing recomputes the same forward (same loss and gradients within fp32 rounding, tested in
 # test_modeling), so turning it on after an OOM, as the OOM message advises, keeps
 # the run's progress.
+# max_consecutive_skips only decides when a run of skipped (never applied) steps stops the run.
 NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb",
-                       "gradient_checkpointing")
+                       "gradient_checkpointing", "max_consecutive_skips")
+ENOSPC_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
 class CheckpointError(MoechatError, RuntimeError):
@@ -88,10 +95,27 @@ class TrainState:
     # resumes at its last step has nothing left to train and reports these
     last_losses: dict[str, float] = field(default_factory=dict)
     last_val: dict[str, float] = field(default_factory=dict)
+    # optimizer steps whose gradients were not finite and were never applied (train.py, the skip policy)
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
-        return cls(**{**raw, "cursor": Cursor(**raw["cursor"])})
+        """The state saved in a state.json, type-checked: an edited or damaged value is a TypeError/ValueError
+        here (read_checkpoint reports it), never a crash steps later."""
+        state = cls(**{**raw, "cursor": Cursor(**raw["cursor"])})
+        counts = {"step": state.step, "tokens_seen": state.tokens_seen, "target_tokens_seen": state.target_tokens_seen,
+                  "skipped_steps": state.skipped_steps, "consecutive_skips": state.consecutive_skips,
+                  "cursor.epoch": state.cursor.epoch, "cursor.position": state.cursor.position}
+        for key, value in counts.items():
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{key}={value!r} is not a count (an int >= 0)")
+        if type(state.train_seconds) not in (int, float) or not isinstance(state.fingerprint, str):
+            raise ValueError(f"train_seconds={state.train_seconds!r} / fingerprint={state.fingerprint!r} malformed")
+        for key in ("last_losses", "last_val"):
+            if not isinstance(getattr(state, key), dict):
+                raise ValueError(f"{key}={getattr(state, key)!r} is not a mapping")
+        return state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,7 +271,11 @@ def _allowed_class(name: Any, allowed: frozenset[str]) -> type:
         raise CheckpointError(f"checkpoint names {name!r}, which is not one of the classes a checkpoint may "
                               f"hold ({', '.join(sorted(allowed))}); refusing to build it")
     module, qualname = name.split(":")
-    obj = getattr(importlib.import_module(module), qualname, None)
+    try:
+        obj = getattr(importlib.import_module(module), qualname, None)
+    except ImportError as err:  # a DeepSpeed checkpoint where deepspeed is not installed
+        raise CheckpointError(f"checkpoint names {name}, but {module} cannot be imported here ({err}); install "
+                              f"what wrote it (pip install -e \".[deepspeed]\") or use a checkpoint of this setup") from None
     if not isinstance(obj, type) or (allowed is ALLOWED_ENUMS and not issubclass(obj, enum.Enum)):
         raise CheckpointError(f"checkpoint names {name}, which this DeepSpeed version does not define as "
                               f"{'an enum' if allowed is ALLOWED_ENUMS else 'a class'}; refusing to build it")
@@ -374,9 +402,11 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
 
     Collective under several processes: every rank calls it (each writes its own RNG file; with
     `per_rank_optimizer`, as for DeepSpeed ZeRO partitions, its own optimizer shard); rank 0 writes
-    the weights, state.json last, fsyncs and renames the folder into place. `scaler_state` is the fp16
-    GradScaler's state_dict (plain numbers), None without one. `extra_files` (rank 0) writes more files
-    into the unpublished folder, so they appear atomically with the checkpoint (train: the curves)."""
+    the weights, state.json and the manifest last, fsyncs and renames the folder into place. `scaler_state`
+    is the fp16 GradScaler's state_dict (plain numbers), None without one. `extra_files` (rank 0) writes more
+    files into the unpublished folder, so they appear atomically with the checkpoint (train: the curves).
+    A full disk removes the unpublished folder and raises one CheckpointError naming the folder and the bytes
+    needed; the checkpoints already published are untouched. The caller checks finiteness (train.save)."""
     folder = Path(root) / state.fingerprint
     final = folder / step_dir_name(state.step)
     tmp = folder / f".tmp-{final.name}"
@@ -387,36 +417,78 @@ def save_checkpoint(root: Path, state: TrainState, model: torch.nn.Module, optim
         for leftover in folder.glob(f"{TRASH_PREFIX}*"):  # from a crash mid-delete
             shutil.rmtree(leftover)
     barrier()
+    with _disk_full_as_one_line(tmp, folder, lambda: _needed_bytes(model, optimizer_state, folder)):
+        _write_rank_files(tmp, rank, optimizer_state, per_rank_optimizer)
+        if rank == 0:
+            # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
+            weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(tmp / "model.safetensors"))
+            if extra_files is not None:
+                extra_files(tmp)
+        barrier()
+        if rank == 0:
+            meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,
+                    "per_rank_optimizer": per_rank_optimizer, "scaler": encode_tree(scaler_state, {})}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+            integrity.write_manifest(tmp)  # last: hashes of every file, state.json included
+            _fsync_tree(tmp)
+    if rank == 0:
+        _publish(tmp, final)
+        for old in complete_checkpoints(root, state.fingerprint)[:-keep]:
+            _remove(old)
+    barrier()
+    return final
+
+
+def _write_rank_files(tmp: Path, rank: int, optimizer_state: Any, per_rank_optimizer: bool) -> None:
     rng_tensors, rng_plain = capture_rng()
     save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"), metadata={RNG_KEY: json.dumps(rng_plain)})
     if per_rank_optimizer:
         save_tree(optimizer_state, tmp / f"optimizer_rank{rank}.safetensors")
     elif rank == 0:
         save_tree(optimizer_state, tmp / "optimizer.safetensors")
-    if rank == 0:
-        # cloned: under DeepSpeed the parameters are views into flat buffers, which safetensors refuses
-        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        if extra_files is not None:
-            extra_files(tmp)
-    barrier()
-    if rank == 0:
-        meta = {**asdict(state), "scheduler": encode_tree(scheduler_state, {}), "world_size": world_size,
-                "per_rank_optimizer": per_rank_optimizer, "scaler": encode_tree(scaler_state, {})}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))  # last: the completion marker
-        _fsync_tree(tmp)
-        replaced = None
-        if final.exists():  # the same step saved again by a rerun that resumed from it
-            replaced = final.with_name(f"{TRASH_PREFIX}{final.name}")
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        if replaced is not None:
-            shutil.rmtree(replaced)
-        for old in complete_checkpoints(root, state.fingerprint)[:-keep]:
-            _remove(old)
-    barrier()
-    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` folder to `final`; a same-step folder it replaces goes through the trash."""
+    replaced = None
+    if final.exists():  # the same step saved again by a rerun that resumed from it
+        replaced = final.with_name(f"{TRASH_PREFIX}{final.name}")
+        os.replace(final, replaced)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
+def _needed_bytes(model: torch.nn.Module, optimizer_state: Any, folder: Path) -> int:
+    """About what one checkpoint takes: the newest published one's size, or the tensors' bytes before any."""
+    newest = latest_checkpoint(folder.parent, folder.name)
+    if newest is not None:
+        return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    return integrity.tensor_bytes(model.state_dict()) + integrity.tensor_bytes(optimizer_state)
+
+
+@contextmanager
+def _disk_full_as_one_line(tmp: Path, folder: Path, needed: Callable[[], int]) -> Iterator[None]:
+    """A full disk (ENOSPC/EDQUOT, from Python or from safetensors' Rust writer) while writing `tmp`: remove
+    it and raise one line with the bytes a checkpoint needs and the bytes free."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        disk_full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) \
+            or any(text in str(err) for text in ENOSPC_TEXT)
+        if not disk_full:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(folder).free
+        last = latest_checkpoint(folder.parent, folder.name)
+        raise CheckpointError(
+            f"no space left on the device of {folder} while writing checkpoint {tmp.name.removeprefix('.tmp-')}: "
+            f"it needs about {needed():,} bytes and {free:,} are free; removed the unfinished "
+            f"{tmp.name} (last checkpoint {last or 'none'} is intact). Free space there, or lower "
+            f"train.keep_checkpoints (a new checkpoint is written before old ones are pruned), and rerun "
+            f"`dvc repro` to resume") from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -449,15 +521,28 @@ def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0,
     return loaded
 
 
-# What reading a damaged file raises: truncated/garbled safetensors, JSON, undecodable bytes, missing files.
+# What reading a damaged file raises: truncated/garbled safetensors, JSON (nested too deep included),
+# undecodable bytes, missing files, values of the wrong type.
 _READ_ERRORS = (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError,
-                ValueError, IndexError)
+                ValueError, IndexError, RecursionError)
+
+
+def _reads(rank: int) -> Callable[[str], bool]:
+    """The manifest entries `rank` reads: everything but the other ranks' RNG files and optimizer shards."""
+    own = (f"rng_rank{rank}.safetensors", f"optimizer_rank{rank}.safetensors")
+    return lambda name: name in own or not name.startswith(("rng_rank", "optimizer_rank"))
 
 
 def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], LoadedCheckpoint]:
     """Read and decode every file a resume of `rank` needs (state.json, weights, optimizer, RNG) without
-    touching any model: (weights, the rest). Any damage is a CheckpointError naming the file."""
+    touching any model: (weights, the rest). First the manifest's sha256s (checkpoints written before
+    manifests have none to check); then the step must match the folder name and every weight and optimizer
+    tensor must be finite. Any damage is a CheckpointError naming the file."""
     path = Path(path)
+    if (path / integrity.MANIFEST).exists():
+        problem = integrity.manifest_problem(path, _reads(rank))
+        if problem is not None:
+            raise CheckpointError(problem)
     current = path / "state.json"
     try:
         meta = json.loads(current.read_text(encoding="utf-8"))
@@ -466,6 +551,8 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor],
         scaler_state = decode_tree(meta.pop("scaler", None), {})
         meta.pop("world_size")
         state = TrainState.from_dict(meta)
+        if state.step != int(STEP_DIR.match(path.name).group(1)):
+            raise ValueError(f"step {state.step} is not the folder's step")
         current = path / "model.safetensors"
         weights = load_file(str(current))
         current = path / f"{stem}.safetensors"
@@ -476,6 +563,10 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor],
         raise CheckpointError(f"{current}: {err}") from None
     except _READ_ERRORS as err:
         raise CheckpointError(f"{current} cannot be read ({type(err).__name__}: {err})") from None
+    for name, tree in (("model.safetensors", weights), (f"{stem}.safetensors", optimizer_state)):
+        bad = integrity.first_nonfinite(tree)
+        if bad is not None:
+            raise CheckpointError(f"{path / name} holds non-finite values (first: {bad})")
     return weights, LoadedCheckpoint(state, optimizer_state, scheduler_state, scaler_state)
 
 
@@ -524,6 +615,18 @@ def resume_point(root: Path, fp: str, model: torch.nn.Module, rank: int = 0, opt
     if skipped:
         raise CheckpointError(f"no intact checkpoint in {Path(root) / fp} ({len(found)} damaged; newest: "
                               f"{skipped[0]}); delete {Path(root) / fp} to train this experiment from step 0")
+    return None
+
+
+def last_good_checkpoint(root: Path, fp: str) -> Optional[Path]:
+    """The newest checkpoint of `fp` that a resume would load (hashes, step and finiteness checked): the one
+    error messages name as "last good". Reads each candidate, newest first; called only when a run stops."""
+    for path in reversed(complete_checkpoints(root, fp)):
+        try:
+            read_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
     return None
 
 

@@ -53,7 +53,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": precision == "bf16"},
+        # DeepSpeed skips a step whose gradients are not finite (its default; stated so a JSON cannot drop it)
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -83,6 +84,9 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Optional[dict[str, Any
                                                "gradient_clipping")}}
     merged.setdefault("bf16", base["bf16"])
     merged.setdefault("fp16", base["fp16"])
+    if isinstance(merged["bf16"], dict) and merged["bf16"].get("check_grad_overflow") is False:
+        raise ConfigError(f"{path}: bf16.check_grad_overflow=false would let DeepSpeed apply non-finite gradients "
+                          f"to the weights; remove it (moechat skips such steps, docs/pipeline.md)")
     merged.setdefault("zero_allow_untested_optimizer", True)
     return {**KEEP_OUR_CPU_ADAM, **merged} if offloads_optimizer(merged) else merged
 

@@ -20,12 +20,14 @@ from moechat.errors import MoechatError
 from moechat.model.configuration_moechat import MoeChatConfig
 from moechat.model.folder import load_model
 from moechat.train import checkpoint as ckpt
-from moechat.train import curves, plan
+from moechat.train import curves, integrity, plan
 from moechat.train.batches import BatchStream, load_blocks
 from moechat.train.engine import (build_accelerator, compile_blocks, deepspeed_config, drop_fp32_output_copy, offloads_optimizer, resolve_precision)
 from moechat.train.hardware import device_memory
 from moechat.train.optim import build_optimizer
+from moechat.train.parent_watch import ParentWatch
 from moechat.train.schedule import Schedule, build_schedule, lr_multiplier
+from moechat.train.step import NonFiniteStateError
 
 
 class TrainOOMError(MoechatError, RuntimeError):
@@ -93,6 +95,7 @@ class Run:
     fingerprint: str
     state: ckpt.TrainState
     live: Any = None  # the DVCLive logger, main process only
+    parent: ParentWatch = dataclasses.field(default_factory=ParentWatch)  # notices a killed `dvc repro`
 
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
@@ -179,12 +182,29 @@ def resume(run: Run) -> Optional[Path]:
     return path
 
 
-def save(run: Run) -> Path:
-    """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included."""
+def check_finite_state(run: Run, optimizer_state: Any) -> None:
+    """Refuse to checkpoint non-finite weights or optimizer state (every process agrees: a ZeRO shard is
+    checked by its rank). Reads each tensor once, at save steps only."""
     acc = run.accelerator
+    bad = integrity.first_nonfinite(run.raw_model.state_dict()) if acc.is_main_process else None
+    bad = bad or integrity.first_nonfinite(optimizer_state)
+    flags = torch.tensor([int(bad is not None)], device=acc.device)
+    if acc.num_processes > 1:
+        flags = acc.gather(flags)
+    if bool(flags.any()):
+        raise NonFiniteStateError(f"step {run.state.step}: the weights or optimizer state are not finite "
+                                  f"({bad or 'on another process'}) although every applied gradient was")
+
+
+def save(run: Run) -> Path:
+    """Checkpoint the run at `run.state.step` (collective: every process calls it), curves included, after
+    checking that everything saved is finite."""
+    acc = run.accelerator
+    optimizer_state = run.inner_optimizer.state_dict()
+    check_finite_state(run, optimizer_state)
     snapshot = (lambda folder: curves.snapshot_live(run.live_dir, folder)) if run.live is not None else None
     return ckpt.save_checkpoint(
-        run.checkpoint_dir, run.state, run.raw_model, run.inner_optimizer.state_dict(), run.scheduler.state_dict(),
+        run.checkpoint_dir, run.state, run.raw_model, optimizer_state, run.scheduler.state_dict(),
         run.cfg.keep_checkpoints, rank=acc.process_index, world_size=acc.num_processes,
         barrier=acc.wait_for_everyone, per_rank_optimizer=run.per_rank_optimizer,
         scaler_state=acc.scaler.state_dict() if acc.scaler is not None else None, extra_files=snapshot)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from moechat.errors import MoechatError
 from moechat.eval.router_tally import RouterTally
@@ -24,6 +26,7 @@ class StepStats:
     tokens: int  # all positions processed, every process
     targets: int  # positions with a loss, every process
     router: list[dict[str, Any]]  # per MoE layer: layer, expert_share (list), dropped_share
+    applied: bool = True  # False: the gradients were not finite and the step was skipped (never applied)
 
     def losses(self) -> dict[str, float]:
         return {"loss": self.loss, "lm_loss": self.lm_loss, "aux_loss": self.aux_loss, "z_loss": self.z_loss}
@@ -53,18 +56,41 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
         router.add(out)
         del out, batch  # nothing of this micro-batch stays alive during the next one's forward
     means = accelerator.reduce(sums / accum, reduction="mean")
-    if not torch.isfinite(means).all():
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"step {step}: non-finite loss (loss={means[0].item()}, lm={means[1].item()}, "
-                                 f"aux={means[2].item()}, z={means[3].item()})")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    applied, (loss, lm, aux, z), gn = apply_if_finite(optimizer, accelerator, means, grad_norm, step)
     shares = router.reduced(lambda t: accelerator.reduce(t, reduction="sum")).step_shares()
     tokens = sum(b["input_ids"].numel() for b in batches) * world
-    loss, lm, aux, z = means.tolist()
-    gn = None if grad_norm is None else float(grad_norm)
-    return StepStats(loss, lm, aux, z, gn, tokens, n_targets_global, shares)
+    return StepStats(loss, lm, aux, z, gn if applied else None, tokens, n_targets_global, shares, applied)
+
+
+def apply_if_finite(optimizer: torch.optim.Optimizer, accelerator: Accelerator, means: torch.Tensor,
+                    grad_norm: Optional[torch.Tensor | float], step: int
+                    ) -> tuple[bool, list[float], Optional[float]]:
+    """Step the optimizer only when the loss and the gradient norm are finite: (applied, the four loss means,
+    the norm or None when the engine reports none).
+
+    One host sync per optimizer step (the loss means and the norm come over together; per micro-batch there
+    is none). The norm is of the gradients every process holds after DDP's all-reduce (a NaN anywhere is a NaN
+    everywhere), so all ranks decide alike. fp16's GradScaler and DeepSpeed (bf16/fp16/fp32, ZeRO-2 and
+    offload) already skip a non-finite step themselves, DeepSpeed inside `backward`: for them this only reads
+    `optimizer_step_was_skipped`. A non-finite loss stops at once: the forward itself diverged."""
+    norm = torch.full((1,), float("nan"), device=means.device) if grad_norm is None \
+        else torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1).to(means.device)
+    *losses, gn = torch.cat([means.float(), norm]).tolist()
+    if not all(map(math.isfinite, losses)):
+        optimizer.zero_grad(set_to_none=True)
+        loss, lm, aux, z = losses
+        raise NonFiniteLossError(f"step {step}: non-finite loss (loss={loss}, lm={lm}, aux={aux}, z={z})")
+    finite = grad_norm is None or math.isfinite(gn)  # no norm reported: the engine's own check decides
+    if finite or accelerator.scaler is not None:  # the scaler skips a non-finite step and lowers its scale
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    applied = finite and not accelerator.optimizer_step_was_skipped
+    if not finite and accelerator.distributed_type == DistributedType.DEEPSPEED \
+            and not accelerator.optimizer_step_was_skipped:
+        raise NonFiniteStateError(f"step {step}: DeepSpeed applied a step whose gradient norm was {gn}; its "
+                                  f"overflow check is off (check the DeepSpeed JSON)")
+    return applied, losses, None if grad_norm is None else gn
 
 
 def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, torch.Tensor], micro_batch: int,
@@ -86,5 +112,13 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, val: dict[str, to
 
 class NonFiniteLossError(MoechatError, RuntimeError):
     """The loss went NaN/inf; the message names the step and the checkpoint that survives."""
+
+
+class NonFiniteGradientsError(NonFiniteLossError):
+    """train.max_consecutive_skips optimizer steps in a row had non-finite gradients (none was applied)."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """Weights or optimizer state went non-finite despite finite gradients: nothing is saved from them."""
 
 
