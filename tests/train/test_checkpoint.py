@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moechat.train.loop import checkpoint as ckpt
-from moechat.train.loop import integrity
+from moechat.train import checkpoint as ckpt
+from moechat.train import integrity
 from moechat.train.loop import loop as train_module
 from moechat.train.engine import single_process_env
 from moechat.config.params import load_params

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moechat.train.loop import checkpoint as ckpt
+from moechat.train import checkpoint as ckpt
 from moechat.errors import ConfigError, MoechatError
 from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
-from moechat.train.loop import plan
+from moechat.train import plan
 from moechat.train.schedule import Schedule
 from moechat.train.batches import BatchStream, micro_batches
 from moechat.train.step import NonFiniteLossError
