@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from moechat.train import checkpoint as ckpt
 from moechat.train import integrity
-from moechat.train.loop import loop as train_module
+from moechat.train import loop as train_module
 from moechat.train.engine import single_process_env
 from moechat.config.params import load_params
 from tests.support.training import logged, run_inprocess, tiny_cfg
