@@ -741,6 +741,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for h_CD, t_C in zip(hidden_ND.split(chunk_tokens), targets_N.split(chunk_tokens)):
                 logits_CV = (h_CD.to(dtype) @ weight.t()).to(acc)
                 total = total + F.cross_entropy(logits_CV, t_C, ignore_index=-100, reduction="sum")
+                del logits_CV  # before the next chunk's: one chunk of logits at a time
         return total
 
     @staticmethod
@@ -762,6 +763,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_hidden[start:start + chunk] = grad_CV @ weight
                 if grad_weight is not None:
                     grad_weight += grad_CV.t() @ h_CD
+                del grad_CV  # before the next chunk's logits: two chunk buffers at a time, not three
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VD.dtype)
         return grad_hidden, grad_weight, None, None
