@@ -1,28 +1,28 @@
 """`moechat plan`: estimate peak GPU memory of a training config before anything is allocated.
 
-The estimate adds up what a training step keeps resident on one GPU, in bytes:
+The estimate adds up what a training step keeps alive at its peak, in bytes (a = 2 under bf16/fp16 autocast,
+4 in fp32), term by term as the code keeps it; tests/test_plan.py holds the sum within 10% of the live
+storages of a measured step (moechat.memtrack) in all four precision x checkpointing modes:
   weights      4 B/param (fp32 master weights; autocast computes in bf16/fp16)
   grads        4 B/param (fp32, like the weights)
   optimizer    adamw: 8 B/param (two fp32 moments); adamw_8bit: 2 B/param (two uint8 moments) plus one
                fp32 absmax per 256-value block and moment (bitsandbytes blockwise quantisation), except
                wte, wpe and lm_head, which keep 32-bit state (8 B/param; train.keep_embeddings_in_32bit)
-               unless ZeRO-2 flattens them into its partitions;
-               zero2_offload: 0 on the GPU (DeepSpeed CPU Adam keeps it in host memory)
-  casts        16-bit copies of the matmul weights that autocast keeps for backward (2 B/param); the
-               MoE layer's per-forward stack of its experts' weights is that copy for the experts
-  activations  per token, the tensors autograd saves for backward, counted from the code (see
-               `activation_bytes_per_token`; tests/test_plan.py measures them with saved-tensor hooks and
-               holds this within 10%); with gradient checkpointing each block's fp32 input plus one
-               block's activations during its recomputation
-  logits       none held: the chunked loss (MoeChatForCausalLM.chunked_lm_loss) keeps a compute-dtype
-               copy of lm_head's weight and an fp32 gradient accumulator for it: vocab x d x (a + 4) B
-  backward     the larger of the loss backward's chunk of logits and one block's gradient buffers
-               (`backward_bytes`); they never coexist
-Under DeepSpeed ZeRO-2 over W GPUs, grads and optimizer state are divided by W.
+               unless ZeRO-2 flattens them into its partitions
+  casts        autocast's a-byte copies of the blocks' matmul weights, kept for backward, and the MoE
+               layers' per-forward stacks of their experts' weights (a copy in fp32 too) (`cast_bytes`)
+  activations  per token, the tensors autograd saves for backward (`activation_bytes_per_token`), plus the
+               attention mask where the backend keeps one (`mask_bytes`: sdpa's float [B, 1, T, T] per layer)
+  logits       none held: the chunked loss keeps a compute-dtype copy of lm_head's weight and an fp32
+               gradient accumulator for it: vocab x d x (a + 4) B (a = 0 in fp32: the weight itself)
+  backward     the larger of the loss phase and one block's backward (`backward_bytes`); they never coexist
+DeepSpeed ZeRO-2 (`state_bytes`): a 16-bit module, two reduce buckets, and fp32 master weights, gradient
+partition and optimizer state divided over the W GPUs (zero2_offload keeps those three in host memory).
 
-Headroom: the sum above is what PyTorch's allocator hands out. A card also holds the CUDA context and
-kernels outside the allocator, and the caching allocator's blocks are never packed perfectly, so a plan
-fits when allocated x (1 + FRAGMENTATION) + CUDA_CONTEXT_GB <= the budget.
+On CPU (`device_type="cpu"`, `--device cpu`) the same sum is host memory held by the step's tensors. On CUDA,
+headroom: the sum is what PyTorch's allocator hands out. A card also holds the CUDA context and kernels
+outside the allocator, and the caching allocator's blocks are never packed perfectly, so a plan fits when
+allocated x (1 + FRAGMENTATION) + CUDA_CONTEXT_GB <= the budget.
 """
 
 from __future__ import annotations
