@@ -23,16 +23,18 @@ def test_auto_skips_masked_tiles_on_cuda_and_keeps_sdpa_on_cpu():
 
 
 @pytest.mark.parametrize("requested, device, flash, precision, line", [
-    ("flex_attention", "cpu", False, "fp32", "train.attn_implementation=flex_attention cannot train on cpu: torch's "
-                                             "FlexAttention has no backward there; use auto or sdpa"),
-    ("flash_attention_2", "cpu", True, "fp32", "train.attn_implementation=flash_attention_2 needs a CUDA GPU (this "
-                                               "run is on cpu); use auto or sdpa"),
-    ("flash_attention_2", "cuda", False, "bf16", "train.attn_implementation=flash_attention_2 but flash-attn is not "
-                                                 "installed: `pip install flash-attn --no-build-isolation`, or use "
-                                                 "auto (flex_attention)"),
-    ("flash_attention_2", "cuda", True, "fp32", "train.attn_implementation=flash_attention_2 computes in bf16/fp16 "
-                                                "only, and train.precision is fp32; use train.precision: bf16, or "
-                                                "auto / flex_attention"),
+    ("flex_attention", "cpu", False, "fp32",
+     "params.yaml: train.attn_implementation=flex_attention cannot train on cpu: torch's FlexAttention has no "
+     "backward there; use auto or sdpa"),
+    ("flash_attention_2", "cpu", True, "fp32",
+     "params.yaml: train.attn_implementation=flash_attention_2 needs a CUDA GPU (this run is on cpu); use auto or "
+     "sdpa"),
+    ("flash_attention_2", "cuda", False, "bf16",
+     "params.yaml: train.attn_implementation=flash_attention_2 but flash-attn is not installed: `pip install "
+     "flash-attn --no-build-isolation`, or use auto (flex_attention)"),
+    ("flash_attention_2", "cuda", True, "fp32",
+     "params.yaml: train.attn_implementation=flash_attention_2 computes in bf16/fp16 only, and train.precision is "
+     "fp32; use train.precision: bf16, or auto / flex_attention"),
 ])
 def test_a_backend_that_cannot_run_is_refused_in_one_line(requested, device, flash, precision, line):
     with pytest.raises(ConfigError) as err:

@@ -81,8 +81,8 @@ def test_each_path_equals_the_per_token_reference_dropless(path):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
     for (name, p), g in zip(ref_block.named_parameters(), grads):  # router and every expert
-        torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), rtol=1e-4, atol=5e-4,  # ~100
-                                   msg=name)
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=5e-4, msg=name)  # gradients of size ~100
 
 
 def test_paths_agree_with_capacity_drops():

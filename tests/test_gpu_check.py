@@ -20,6 +20,6 @@ def test_gpu_check_dry_run_on_cpu():
     out = done.stdout
     assert "dry run on CPU" in out and "on **cpu (dry run)**" in out and "attention `auto` -> `sdpa`" in out
     assert "| sdpa |" in out and "| dense_ffn |" in out and "| capacity_bmm |" in out
-    assert "Skipped: flex_attention: train.attn_implementation=flex_attention cannot train on cpu" in out
+    assert "Skipped: flex_attention: params.yaml: train.attn_implementation=flex_attention cannot train on cpu" in out
     assert "Skipped: max_memory_allocated / max_memory_reserved, host syncs per step (CUDA only)" in out
     assert [p.read_bytes() if p.exists() else None for p in watched] == before  # nothing written in the repo

@@ -28,22 +28,23 @@ def resolve_attention(requested: str, device_type: str, flash_installed: bool, p
     the boolean mask is the fastest that trains on a CPU). flash-attn computes in 16 bits only: `auto` in
     fp32 on CUDA takes flex_attention. `precision` is the resolved one."""
     if requested not in ATTENTION_CHOICES:
-        raise ConfigError(f"train.attn_implementation={requested!r} is not one of {' | '.join(ATTENTION_CHOICES)}")
+        raise ConfigError(f"params.yaml: train.attn_implementation={requested!r} is not one of "
+                          f"{' | '.join(ATTENTION_CHOICES)}")
     cuda = device_type == "cuda"
     if requested == "auto":
         if not cuda:
             return "sdpa"
         return "flash_attention_2" if flash_installed and precision != "fp32" else "flex_attention"
     if requested == "flex_attention" and not cuda:
-        raise ConfigError(f"train.attn_implementation=flex_attention cannot train on {device_type}: torch's "
-                          f"FlexAttention has no backward there; use auto or sdpa")
+        raise ConfigError(f"params.yaml: train.attn_implementation=flex_attention cannot train on {device_type}: "
+                          f"torch's FlexAttention has no backward there; use auto or sdpa")
     if requested == "flash_attention_2" and not cuda:
-        raise ConfigError(f"train.attn_implementation=flash_attention_2 needs a CUDA GPU (this run is on "
-                          f"{device_type}); use auto or sdpa")
+        raise ConfigError(f"params.yaml: train.attn_implementation=flash_attention_2 needs a CUDA GPU (this run "
+                          f"is on {device_type}); use auto or sdpa")
     if requested == "flash_attention_2" and not flash_installed:
-        raise ConfigError("train.attn_implementation=flash_attention_2 but flash-attn is not installed: "
+        raise ConfigError("params.yaml: train.attn_implementation=flash_attention_2 but flash-attn is not installed: "
                           "`pip install flash-attn --no-build-isolation`, or use auto (flex_attention)")
     if requested == "flash_attention_2" and precision == "fp32":
-        raise ConfigError("train.attn_implementation=flash_attention_2 computes in bf16/fp16 only, and "
+        raise ConfigError("params.yaml: train.attn_implementation=flash_attention_2 computes in bf16/fp16 only, and "
                           "train.precision is fp32; use train.precision: bf16, or auto / flex_attention")
     return requested
