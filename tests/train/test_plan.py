@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 from moechat.train import plan
 from moechat.config.params import TrainConfig, load_params
 from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
+from moechat.train.memtrack import LiveStorages, step_peak_bytes
 
 GIB = 1024**3
 MODEL = MoeChatConfig(n_positions=4, n_embd=8, n_layer=2, n_head=2, n_inner=16, num_experts=2, num_experts_per_tok=1,
@@ -57,30 +56,35 @@ def no_headroom(monkeypatch):
 
 
 def test_estimate_matches_a_hand_calculation(no_headroom):
-    p = plan.estimate(MODEL, train_cfg(), VOCAB)
-    # bytes: weights 4*1704, grads 4*1704, AdamW 8*1704, bf16 casts 2*(1704-112)
+    p = plan.estimate(MODEL, train_cfg(), VOCAB)  # attn auto on CUDA: flex_attention, no [T, T] mask
+    # bytes: weights 4*1704, grads 4*1704, AdamW 8*1704; bf16 casts 2 * the blocks' linears without routers:
+    # attention 2 * (4*64 + 32) + dense MLP 280 = 856, experts' c_fc 2 * 144, c_proj 2 * 136 -> 2 * 1416
     # activations per token: attention 4d + 7*2d + 4*2 heads = 152; dense MLP 4d + 2d + 2*16 = 80 (the
     # GELU output is recomputed); MoE MLP 4d + 4d + 12*2 experts + 12*1 + top1*(16 + 2*2 + 2d + 2*16 + 4 + 2
     # + 2d) = 190; around the stack 8 + 8 + 4d + 4d = 80  -> 80 + 232 + 342 = 654 B/token, 8 tokens
-    # lm_head: bf16 cast + fp32 grad accumulator 10*8*(2+4); backward: the larger of one loss chunk (8 tokens)
-    # * 10 * (4+4: fp32 logits and softmax) = 640 and the MoE block's gradient buffers 8 * top1 * (2*2*16 + 2*8)
-    expected = {"weights_gb": 6816, "grads_gb": 6816, "optimizer_gb": 13632, "casts_gb": 3184,
-                "activations_gb": 5232, "logits_gb": 480, "backward_gb": 640}
+    # lm_head: bf16 cast + fp32 grad accumulator 10*8*(2+4); backward: the larger of the loss phase, one chunk
+    # (8 tokens) * 10 * (4+4: fp32 logits and softmax) + the fp32 hidden gradient 8 * 4d = 896, and the MoE
+    # block's gradient buffers 8 * top1 * (2*2*16 + 2*8) + 256 = 896
+    expected = {"weights_gb": 6816, "grads_gb": 6816, "optimizer_gb": 13632, "casts_gb": 2832,
+                "activations_gb": 5232, "logits_gb": 480, "backward_gb": 896}
     for key, value in expected.items():
         assert getattr(p, key) * GIB == pytest.approx(value), key
-    assert p.total_gb * GIB == pytest.approx(36800) and p.allocated_gb == pytest.approx(p.total_gb)
+    assert p.total_gb * GIB == pytest.approx(36704) and p.allocated_gb == pytest.approx(p.total_gb)
     ckpt = plan.estimate(MODEL, train_cfg(gradient_checkpointing=True), VOCAB)
-    assert ckpt.activations_gb * GIB == pytest.approx(8 * (80 + 2 * 32 + 342))  # block inputs + one MoE block
+    assert ckpt.activations_gb * GIB == pytest.approx(8 * (80 + 2 * 32))  # around the stack + block inputs
+    # the recomputed MoE block (342 B/token) and its c_fc stack (2 * 144) join its gradient buffers; the c_proj
+    # stack stays through the step (held by the GELU recomputation), the c_fc stack does not
+    assert ckpt.backward_gb * GIB == pytest.approx(896 + 8 * 342 + 2 * 288)
+    assert ckpt.casts_gb * GIB == pytest.approx(2 * (856 + 272))
     bnb = plan.estimate(MODEL, train_cfg(optimizer="adamw_8bit"), VOCAB)
     # 32-bit moments for wte + wpe (112) and lm_head (80); uint8 moments and fp32 block absmax for the rest
     assert bnb.optimizer_gb * GIB == pytest.approx(8 * 192 + 2 * (1704 - 192) + 8 * (1704 - 192) / 256)
     fp32 = plan.estimate(MODEL, train_cfg(precision="fp32"), VOCAB)
-    assert fp32.casts_gb == 0 and fp32.logits_gb * GIB == pytest.approx(10 * 8 * 4)
-    assert fp32.backward_gb * GIB == pytest.approx(8 * (2 * 4 * 16 + 4 * 8))  # the block's (1280) > the loss's (640)
-    zero = plan.estimate(MODEL, train_cfg(deepspeed="zero2"), VOCAB, world_size=4)
-    assert zero.grads_gb * GIB == pytest.approx(6816 / 4) and zero.optimizer_gb * GIB == pytest.approx(13632 / 4)
-    off = plan.estimate(MODEL, train_cfg(deepspeed="zero2_offload"), VOCAB)
-    assert off.optimizer_gb == 0
+    # no autocast casts; the experts' weights are still stacked (copied) each forward: 4 * (288 + 272)
+    assert fp32.casts_gb * GIB == pytest.approx(4 * 560) and fp32.logits_gb * GIB == pytest.approx(10 * 8 * 4)
+    assert fp32.backward_gb * GIB == pytest.approx(8 * (2 * 4 * 16 + 4 * 8) + 256)  # the block's > the loss's
+    sdpa = plan.estimate(MODEL, train_cfg(attn_implementation="sdpa"), VOCAB)
+    assert (sdpa.activations_gb - p.activations_gb) * GIB == pytest.approx(2 * 2 * 4 * 4 * 2)  # L x B x T x T x 2 B
 
 
 def test_headroom_reserves_the_cuda_context_and_fragmentation():
@@ -91,8 +95,8 @@ def test_headroom_reserves_the_cuda_context_and_fragmentation():
 
 
 def test_refuses_over_budget_and_suggests_the_largest_micro_batch(no_headroom):
-    # fixed 30928 B (with the lm_head terms) + 3392 B per micro-batch (768*4 activations + 4*10*8 loss chunk):
-    # 36000 B fits micro-batch 1 only
+    # fixed 30576 B + 3064 B per micro-batch (654*4 activations + the loss phase's 448): 36000 B fits
+    # micro-batch 1 only
     cfg = train_cfg(gpu_memory_gb=36000 / GIB)
     assert plan.largest_micro_batch(MODEL, cfg, VOCAB) == 1
     with pytest.raises(plan.MemoryBudgetError, match=r"set train.micro_batch_size: 1 \(the largest that fits"):
@@ -139,73 +143,87 @@ def test_activation_term_within_ten_percent_of_measured_saved_tensors():
             assert planned == pytest.approx(measured, rel=0.10), (checkpointing, precision, planned, measured)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _heap_bytes_in_use() -> int:
-    """Bytes glibc's malloc has handed out (small blocks + mmap'ed large ones): CPU tensors live there."""
-    info = _LIBC.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-class _PeakHeap(TorchDispatchMode):
-    """Peak of the heap in use, read after every aten op (allocation tracking on CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.peak = _heap_bytes_in_use()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, _heap_bytes_in_use())
-        return out
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallinfo2.restype = _MallInfo2
-except (OSError, AttributeError):  # not glibc >= 2.33
-    _LIBC = None
-
-
-@pytest.mark.skipif(_LIBC is None, reason="needs glibc's mallinfo2 to track allocations")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_planner_within_ten_percent_of_a_measured_step_peak(precision, checkpointing):
-    """The whole estimate against a measured peak: a scaled model (vocab / width 64, like the reference's
-    49) runs the second micro-batch of an accumulation step (its gradients and the AdamW state exist, as
-    on a GPU) while the heap is read after every op; measured = weights + grads + optimizer state + the
-    peak's rise over the heap before the step. Both the loss phase and a block's backward are covered:
-    without checkpointing the peak falls in the loss, with it in a recomputed MoE block."""
-    vocab, batch, seq = 4096, 8, 128
+    """The whole estimate against the peak of live tensor storages (moechat.train.memtrack: counted by torch, not
+    read from the host allocator, so the same on any machine) in the second micro-batch of an accumulation
+    step (weights, gradients and AdamW state exist, as on a GPU). A scaled model (vocab / width 64, like the
+    reference's 49) on packed rows through sdpa: the per-layer float mask and two loss chunks are in it.
+    Without checkpointing the peak falls in the loss, with it in the loss or a recomputed block."""
+    vocab, batch, seq = 4096, 3, 384
     cfg = MoeChatConfig(vocab_size=vocab, n_positions=seq, n_embd=64, n_layer=4, n_head=4, n_inner=256,
                         num_experts=4, num_experts_per_tok=2, moe_every=2, pad_token_id=None)
     torch.manual_seed(0)
     model = MoeChatForCausalLM(cfg).train()
+    model.set_attn_implementation("sdpa")
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-
-    def forward_backward() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-
-    forward_backward()
-    optimizer.step()
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *state]) \
-        + sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-    before = _heap_bytes_in_use()
-    with _PeakHeap() as heap:
-        forward_backward()
-    measured = resident + heap.peak - before
-    planned = plan.estimate(cfg, train_cfg(seq_len=seq, micro_batch_size=batch, precision=precision,
-                                           gradient_checkpointing=checkpointing), vocab)
+    packed = (torch.arange(seq) % (seq // 2)).expand(batch, seq).contiguous()  # two documents a row
+    batch_ = {"input_ids": ids, "labels": ids, "position_ids": packed}
+    measured = step_peak_bytes(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch_, precision)
+    train = train_cfg(seq_len=seq, micro_batch_size=batch, precision=precision, gradient_checkpointing=checkpointing,
+                      attn_implementation="sdpa")
+    planned = plan.estimate(cfg, train, vocab, device_type="cpu")
     assert planned.allocated_gb * GIB == pytest.approx(measured, rel=0.10), (planned, measured / GIB)
+
+
+def test_step_peak_is_the_same_every_run():
+    """The measurement itself: storages counted by torch give the same bytes run after run."""
+    cfg = MoeChatConfig(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=64, num_experts=2,
+                        num_experts_per_tok=1, moe_every=2, pad_token_id=None)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    peaks = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        model = MoeChatForCausalLM(cfg).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        peaks.append(step_peak_bytes(model, optimizer, {"input_ids": ids, "labels": ids}, "fp32"))
+    assert len(set(peaks)) == 1, peaks
+
+
+def test_live_storages_counts_views_once_and_frees():
+    with LiveStorages() as m:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[10:]
+        b = a * 2  # 4000 more
+        del b
+        c = torch.ones(10)
+    assert (m.peak, m.live) == (8000, 4040)
+    del view, c
+
+
+def test_each_attention_backend_is_counted():
+    """sdpa keeps a float [B, 1, T, T] mask per layer (the boolean one with checkpointing); the kernels that
+    skip masked tiles keep none; `auto` is flex_attention on CUDA and sdpa on CPU."""
+    ref = REFERENCE.model.architecture
+    base = reference_train(precision="bf16", micro_batch_size=16, gradient_checkpointing=False)
+    sdpa = plan.estimate(ref, replace(base, attn_implementation="sdpa"), 50260)
+    flex = plan.estimate(ref, replace(base, attn_implementation="flex_attention"), 50260)
+    flash = plan.estimate(ref, replace(base, attn_implementation="flash_attention_2"), 50260)
+    assert (sdpa.activations_gb - flex.activations_gb) * GIB == 8 * 16 * 1024 * 1024 * 2  # 0.25 GiB
+    assert flash.allocated_gb == flex.allocated_gb
+    assert plan.estimate(ref, base, 50260).attention == "flex_attention"
+    assert plan.estimate(ref, base, 50260, device_type="cpu").attention == "sdpa"
+    ckpt = replace(base, gradient_checkpointing=True)
+    ckpt_gap = plan.estimate(ref, replace(ckpt, attn_implementation="sdpa"), 50260).activations_gb \
+        - plan.estimate(ref, replace(ckpt, attn_implementation="flex_attention"), 50260).activations_gb
+    assert ckpt_gap * GIB == 16 * 1024 * 1024  # the boolean mask, an input of every checkpointed block
+
+
+def test_deepspeed_zero2_terms():
+    """ZeRO-2 (bf16): a 16-bit module, two reduce buckets of 5e8 elements, fp32 master weights, gradient
+    partition and optimizer state over W GPUs; offload moves those three to the host."""
+    p = plan.count_params(MODEL, VOCAB).total
+    zero = plan.estimate(MODEL, train_cfg(deepspeed="zero2"), VOCAB, world_size=4)
+    assert zero.weights_gb * GIB == 2 * p
+    assert zero.grads_gb * GIB == pytest.approx(2 * 5e8 * 2 + 4 * p / 4)
+    assert zero.optimizer_gb * GIB == pytest.approx((4 * p + 8 * p) / 4)
+    off = plan.estimate(MODEL, train_cfg(deepspeed="zero2_offload"), VOCAB, world_size=4)
+    assert off.optimizer_gb == 0 and off.grads_gb * GIB == pytest.approx(2 * 5e8 * 2)
+    plain = plan.estimate(MODEL, train_cfg(), VOCAB)
+    assert zero.casts_gb < plain.casts_gb  # a 16-bit module needs no autocast copies; the expert stacks stay
 
 
 def saved_bytes(model: torch.nn.Module, batch: int, seq: int, precision: str) -> int:
@@ -311,3 +329,17 @@ def test_loss_chunk_is_the_models():
     from moechat.model.modeling_moechat import LOSS_CHUNK_TOKENS
 
     assert plan.LOSS_CHUNK_TOKENS == LOSS_CHUNK_TOKENS
+
+
+def test_cli_plans_the_cpu_preset_without_gpu_advice(capsys, tmp_path):
+    """The tiny preset (fp32, the CPU demo) is planned as host memory: MiB rows, no CUDA context, no GPU
+    budget or micro-batch advice; --device cuda plans the same config for a GPU."""
+    args = ["--params", "params.yaml", "--preset", "tiny", "--tokenizer", str(tmp_path)]
+    assert plan.main(args) == 0
+    text = capsys.readouterr().out
+    assert "sdpa attention, on cpu" in text and "peak (host memory)" in text and plan.CPU_NOTE in text
+    assert "GiB" not in text and "CUDA context" not in text.replace(plan.CPU_NOTE, "")
+    assert "fastest that fits" not in text and "0.00 MiB" not in text
+    assert plan.main(args + ["--device", "cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "on cuda" in text and "fits in 16 GiB" in text and "CUDA context + fragm." in text

@@ -201,6 +201,14 @@ def test_a_global_batch_larger_than_the_train_split_is_one_params_error_before_s
     assert not (workspace / "big_batch/checkpoints").exists() and not (workspace / "big_batch/live").exists()
 
 
+def test_an_attention_backend_that_cannot_run_here_is_one_line_before_step_0(workspace):
+    with pytest.raises(ConfigError) as err:
+        run_inprocess(workspace, "flex_cpu", tiny_cfg(attn_implementation="flex_attention"))
+    assert str(err.value) == ("params.yaml: train.attn_implementation=flex_attention cannot train on cpu: torch's "
+                              "FlexAttention has no backward there; use auto or sdpa")
+    assert not (workspace / "flex_cpu/checkpoints").exists() and not (workspace / "flex_cpu/live").exists()
+
+
 @pytest.mark.parametrize("missing, line", [
     ("models/init", "{ws}/none/models/init: no such folder; run the stage that writes it (dvc repro)"),
     ("data/prepared", "{ws}/none/data/prepared/train: no packed split 'train'; run the prepare stage "

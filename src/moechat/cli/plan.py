@@ -20,15 +20,27 @@ if TYPE_CHECKING:
     from moechat.model.configuration_moechat import MoeChatConfig
     from moechat.config.params import TrainConfig
 
+CPU_NOTE = ("CPU plan: the peak is host memory held by the step's tensors (the process and its libraries come on "
+            "top); train.gpu_memory_gb, the CUDA context reserve and the micro-batch advice apply to GPU runs "
+            "only (plan one with --device cuda)")
+
+
 
 def render(plan: MemoryPlan) -> str:
+    cpu = plan.device_type != "cuda"
+    unit, scale = ("MiB", 1024) if cpu else ("GiB", 1)
     rows = [("weights", plan.weights_gb), ("grads", plan.grads_gb), (f"optimizer ({plan.optimizer})", plan.optimizer_gb),
-            ("16-bit weight casts", plan.casts_gb), ("activations", plan.activations_gb),
-            ("lm_head cast + grad", plan.logits_gb), ("backward working set", plan.backward_gb),
-            ("allocated", plan.allocated_gb), ("CUDA context + fragm.", plan.headroom_gb)]
+            ("weight casts + stacks", plan.casts_gb), ("activations", plan.activations_gb),
+            ("lm_head cast + grad", plan.logits_gb), ("backward working set", plan.backward_gb)]
+    if not cpu:
+        rows += [("allocated", plan.allocated_gb), ("CUDA context + fragm.", plan.headroom_gb)]
     lines = [f"{plan.params / 1e6:.1f}M params, micro-batch {plan.micro_batch_size} x seq {plan.seq_len}, "
-             f"{plan.precision}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}"]
-    lines += [f"  {name:<24} {gb:8.2f} GiB" for name, gb in rows]
+             f"{plan.precision}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
+             f"{plan.attention} attention, on {plan.device_type}"]
+    lines += [f"  {name:<24} {gb * scale:8.2f} {unit}" for name, gb in rows]
+    if cpu:
+        lines.append(f"  {'peak (host memory)':<24} {plan.total_gb * scale:8.2f} {unit}")
+        return "\n".join(lines)
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"  {'total':<24} {plan.total_gb:8.2f} GiB  ({verdict} in {plan.budget_gb:g} GiB)")
     return "\n".join(lines)
@@ -68,6 +80,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gpu-tflops", type=float, default=RTX_4060_TI_BF16_FLOPS / 1e12,
                     help="dense 16-bit peak per GPU for the time projection (default: RTX 4060 Ti, bf16)")
     ap.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU for the time projection")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                    help="where the run trains (default: cpu for train.precision fp32, the CPU demo's; else cuda)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     params_path = Path(args.params)
@@ -84,8 +98,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     vocab = vocab_size_for(params.tokenizer.source, params.tokenizer.vocab_size, Path(args.tokenizer))
     arch = params.model.architecture
-    plan = estimate(arch, params.train, vocab, args.micro_batch, args.world_size)
-    best = largest_micro_batch(arch, params.train, vocab, args.world_size)
+    device = args.device or ("cpu" if params.train.precision == "fp32" else "cuda")
+    plan = estimate(arch, params.train, vocab, args.micro_batch, args.world_size, device)
+    best = largest_micro_batch(arch, params.train, vocab, args.world_size) if device == "cuda" else None
     try:
         run = run_for(params, vocab, args)
     except ConfigError as err:
@@ -96,11 +111,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "run": asdict(run) if run else None}, indent=1))
     else:
         print(render(plan))
-        print(f"largest micro-batch that fits: {best}" if best else advice(arch, params.train, vocab))
-        print(recommendation_line(arch, params.train, vocab, args.world_size))
+        if device == "cpu":
+            print(CPU_NOTE)
+        else:
+            print(f"largest micro-batch that fits: {best}" if best else advice(arch, params.train, vocab))
+            print(recommendation_line(arch, params.train, vocab, args.world_size))
         print(render_run(run) if run else f"run: no data size for data.source={params.data.source!r} "
                                           f"(only English OASST1 is estimated); run `dvc repro prepare` to measure")
-    return 0 if plan.fits else 1
+    return 0 if plan.fits or device == "cpu" else 1
 
 
 def run_for(params: Params, vocab: int, args: argparse.Namespace) -> Optional[RunSize]:

@@ -79,6 +79,9 @@ class TrainConfig:
     optimizer: Literal["adamw_8bit", "adamw"]
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     gradient_checkpointing: bool
+    # attention kernel for training (moechat.train.backends.resolve_attention): auto = one that skips the masked
+    # tiles of packed rows on CUDA (flash_attention_2 when installed, else flex_attention), sdpa on CPU
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2"]
     compile: bool  # torch.compile each transformer block (moechat.train.engine.compile_blocks); see docs/performance.md
     eval_every: int
     eval_batches: int

@@ -181,6 +181,7 @@ class MoeChatSparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
         self.backend = config.moe_backend
+        self.expert_path: Optional[str] = None  # one of EXPERT_PATHS to force it; None: expert_path_for the device
         self.router = nn.Linear(config.n_embd, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             [MoeChatMLP(config.n_embd, config.n_inner, config.dropout) for _ in range(config.num_experts)])
@@ -268,20 +269,26 @@ class MoeChatSparseMoeBlock(nn.Module):
         order_A = torch.argsort(key_A, stable=True)
         key_S = key_A[order_A]
         kept = counts
-        if cap is not None:  # rank within the expert, in token order; past the cap -> sentinel, re-sort
+        path = self.expert_path or expert_path_for(x_ND.device, _compute_dtype(x_ND), cap is not None)
+        rank_S = None
+        if cap is not None or path == "capacity_bmm":  # rank within the expert, in token order
             starts = torch.cumsum(counts, 0) - counts
             rank_S = torch.arange(n * k, device=x_ND.device) - starts[key_S]
+        if cap is not None:  # past the cap -> sentinel, re-sort
             key_S = key_S.masked_fill(rank_S >= cap, E)
             resort = torch.argsort(key_S, stable=True)
-            order_A, key_S = order_A[resort], key_S[resort]
+            order_A, key_S, rank_S = order_A[resort], key_S[resort], rank_S[resort]
             kept = counts.clamp(max=cap)
         tokens_per_expert = counts[:E]
         dropped = (tokens_per_expert - kept[:E]).sum()
         offs_E = torch.cumsum(kept[:E], 0).to(torch.int32)
         dead_S1 = None if valid_N is None and cap is None else (key_S == E).unsqueeze(-1)
         token_S = token_A[order_A]
-        if self._experts_are_plain_linears():
-            y_SD = self._experts_grouped(x_ND.index_select(0, token_S), key_S.clamp(max=E - 1), offs_E, dead_S1)
+        if self._experts_are_plain_linears() and path == "capacity_bmm":  # each expert padded to `rows` rows
+            y_SD = self._experts_batched(x_ND.index_select(0, token_S), key_S, rank_S, cap if cap is not None else n)
+        elif self._experts_are_plain_linears():
+            y_SD = self._experts_grouped(x_ND.index_select(0, token_S), key_S.clamp(max=E - 1), offs_E, dead_S1,
+                                         loop=path == "loop")
         else:
             y_SD = self._experts_called(x_ND.index_select(0, token_S), offs_E)
         # Back to token-major order (a permutation: no scatter-add), then each token's k outputs weighted and
@@ -312,7 +319,7 @@ class MoeChatSparseMoeBlock(nn.Module):
         return torch.cat([out.to(dtype) for out in outs] + [tail])
 
     def _experts_grouped(self, x_SD: torch.Tensor, expert_S: torch.Tensor, offs_E: torch.Tensor,
-                         dead_S1: Optional[torch.Tensor]) -> torch.Tensor:
+                         dead_S1: Optional[torch.Tensor], loop: bool = False) -> torch.Tensor:
         """Every expert's GPT-2 MLP on its rows of the expert-sorted x_SD, in the autocast dtype.
 
         The per-expert `nn.Linear` weights are stacked here, each forward, so the parameters keep their
@@ -321,8 +328,7 @@ class MoeChatSparseMoeBlock(nn.Module):
         its input gradient: they are zeroed before each matmul result is used and before the gather's
         backward sums them into x (torch's masked_fill backward zeroes their gradient).
         """
-        dtype = torch.get_autocast_dtype(x_SD.device.type) if torch.is_autocast_enabled(x_SD.device.type) \
-            else x_SD.dtype
+        dtype = _compute_dtype(x_SD)
         fc = [e.c_fc for e in self.experts]
         proj = [e.c_proj for e in self.experts]
         x_SD = x_SD.to(dtype)
@@ -330,18 +336,38 @@ class MoeChatSparseMoeBlock(nn.Module):
             x_SD = x_SD.masked_fill(dead_S1, 0.0)
         onehot_SE = _one_hot(expert_S, self.num_experts, dtype)
         h_SF = _grouped_linear(x_SD, _stack([m.weight for m in fc], dtype), _stack([m.bias for m in fc], dtype),
-                               offs_E, onehot_SE)
+                               offs_E, onehot_SE, loop)
         if dead_S1 is not None:
             h_SF = h_SF.masked_fill(dead_S1, 0.0)
         proj_weight = _stack([m.weight for m in proj], dtype)
-        if _grouped_mm_runs(h_SF, proj_weight):
+        if _grouped_mm_runs(h_SF, proj_weight) and not loop:
             y_SD = gelu_then(lambda a_SF: _grouped_matmul(a_SF, proj_weight, offs_E), h_SF)  # the matmul last
         else:  # the fallback op saves its inputs after it runs: early stop would recompute it, so keep the GELU
-            y_SD = _grouped_matmul(F.gelu(h_SF, approximate="tanh"), proj_weight, offs_E)
+            y_SD = _grouped_matmul(F.gelu(h_SF, approximate="tanh"), proj_weight, offs_E, loop)
         y_SD = _add_expert_bias(y_SD, _stack([m.bias for m in proj], dtype), onehot_SE)
         if dead_S1 is not None:  # before the routing weight: its gradient reads y
             y_SD = y_SD.masked_fill(dead_S1, 0.0)
         return self.experts[0].dropout(y_SD)
+
+    def _experts_batched(self, x_SD: torch.Tensor, key_S: torch.Tensor, rank_S: torch.Tensor, rows: int
+                         ) -> torch.Tensor:
+        """Every expert's GPT-2 MLP as two batched matmuls over an [E, rows, D] buffer: assignment s goes to
+        row rank_S[s] of its expert's slab (GShard's dispatch layout). `rows` is known on the host (the cap, or
+        the token count when dropless, which no expert can exceed), so nothing waits for the device; rows of
+        the sentinel expert (padding, drops) land in one spare slot and read back zeros. Unfilled slots compute
+        the bias path and are never read, so they give no gradient."""
+        E, D = self.num_experts, x_SD.shape[-1]
+        dtype = _compute_dtype(x_SD)
+        slot_S = torch.where(key_S < E, key_S * rows + rank_S, E * rows)
+        x_PD = x_SD.new_zeros(E * rows + 1, D, dtype=dtype).index_copy(0, slot_S, x_SD.to(dtype))
+        fc = [e.c_fc for e in self.experts]
+        proj = [e.c_proj for e in self.experts]
+        fc_w, fc_b = _stack([m.weight for m in fc], dtype), _stack([m.bias for m in fc], dtype)
+        proj_w, proj_b = _stack([m.weight for m in proj], dtype), _stack([m.bias for m in proj], dtype)
+        h_ERF = torch.baddbmm(fc_b.unsqueeze(1), x_PD[:E * rows].view(E, rows, D), fc_w.transpose(1, 2))
+        y_ERD = gelu_then(lambda a_ERF: torch.baddbmm(proj_b.unsqueeze(1), a_ERF, proj_w.transpose(1, 2)), h_ERF)
+        y_PD = torch.cat([y_ERD.reshape(E * rows, D), y_ERD.new_zeros(1, D)])
+        return self.experts[0].dropout(y_PD.index_select(0, slot_S))
 
     def _dispatch_tutel(self, x_ND: torch.Tensor, weights_Nk: torch.Tensor, experts_Nk: torch.Tensor,
                         cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -410,6 +436,32 @@ def _inverse_permutation(order_A: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order_A).scatter_(0, order_A, positions)
 
 
+EXPERT_PATHS = ("grouped_mm", "capacity_bmm", "loop")
+
+
+def expert_path_for(device: torch.device, dtype: torch.dtype, capped: bool) -> str:
+    """The expert path that runs here without host syncs, as far as one exists.
+
+    `torch._grouped_mm` runs its sync-free kernel on CUDA sm90/sm100 in bf16 only (PyTorch's GroupedBlas.cpp,
+    `_grouped_mm_cuda`: elsewhere `_grouped_mm_fallback` copies the offsets to the host, one sync per grouped
+    matmul, and the Triton template of torch.compile also needs sm90); on CPU there is no device to wait for.
+    Elsewhere capacity routing (`capped`) runs as batched matmuls over [E, capacity] slabs, sync-free. Dropless
+    routing keeps the grouped matmul and its syncs (three per grouped matmul with backward: 6 per MoE layer per
+    micro-batch): a sync-free dropless layout would pad every expert to all N tokens, E / k times the FLOPs."""
+    if device.type != "cuda":
+        return "grouped_mm"
+    native = torch.cuda.get_device_capability(device) in ((9, 0), (10, 0)) and dtype == torch.bfloat16
+    if native or not capped:
+        return "grouped_mm"
+    return "capacity_bmm"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """[E, ...] copy of the experts' parameters in the compute dtype (the grouped matmul does not autocast)."""
     return torch.stack([t.to(dtype) for t in tensors])
@@ -428,16 +480,17 @@ def _grouped_mm_runs(x_SI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
 
 
 def _grouped_linear(x_SI: torch.Tensor, weight_EOI: torch.Tensor, bias_EO: torch.Tensor, offs_E: torch.Tensor,
-                    onehot_SE: torch.Tensor) -> torch.Tensor:
+                    onehot_SE: torch.Tensor, loop: bool = False) -> torch.Tensor:
     """y = x @ W_e^T + b_e for each row with its group's e; groups are the row ranges ending at offs_E."""
-    return _add_expert_bias(_grouped_matmul(x_SI, weight_EOI, offs_E), bias_EO, onehot_SE)
+    return _add_expert_bias(_grouped_matmul(x_SI, weight_EOI, offs_E, loop), bias_EO, onehot_SE)
 
 
-def _grouped_matmul(x_SI: torch.Tensor, weight_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """x @ W_e^T for each row range ending at offs_E. Where the grouped matmul cannot run, transformers'
-    fallback op loops over the experts (one host sync for the offsets; an opaque custom op, so
-    torch.compile does not break the graph on it either)."""
-    if _grouped_mm_runs(x_SI, weight_EOI):
+def _grouped_matmul(x_SI: torch.Tensor, weight_EOI: torch.Tensor, offs_E: torch.Tensor, loop: bool = False
+                    ) -> torch.Tensor:
+    """x @ W_e^T for each row range ending at offs_E. Where the grouped matmul cannot run (or `loop` forces
+    it), transformers' fallback op loops over the experts (one host sync for the offsets; an opaque custom
+    op, so torch.compile does not break the graph on it either)."""
+    if _grouped_mm_runs(x_SI, weight_EOI) and not loop:
         return F.grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offs=offs_E)
     return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EOI.transpose(-2, -1), offs_E)
 
@@ -757,6 +810,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for h_CD, t_C in zip(hidden_ND.split(chunk_tokens), targets_N.split(chunk_tokens)):
                 logits_CV = (h_CD.to(dtype) @ weight.t()).to(acc)
                 total = total + F.cross_entropy(logits_CV, t_C, ignore_index=-100, reduction="sum")
+                del logits_CV  # before the next chunk's: one chunk of logits at a time
         return total
 
     @staticmethod
@@ -778,6 +832,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_hidden[start:start + chunk] = grad_CV @ weight
                 if grad_weight is not None:
                     grad_weight += grad_CV.t() @ h_CD
+                del grad_CV  # before the next chunk's logits: two chunk buffers at a time, not three
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VD.dtype)
         return grad_hidden, grad_weight, None, None
@@ -956,4 +1011,4 @@ class MoeChatForCausalLM(MoeChatPreTrainedModel, GenerationMixin):
 
 __all__ = ["MoeChatForCausalLM", "MoeChatModel", "MoeChatPreTrainedModel", "MoeChatCausalLMOutput",
            "MoeChatModelOutput",
-           "MoeChatSparseMoeBlock", "MoeChatMLP", "MoeChatBackendError"]
+           "MoeChatSparseMoeBlock", "MoeChatMLP", "MoeChatBackendError", "EXPERT_PATHS", "expert_path_for"]

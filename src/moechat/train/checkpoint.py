@@ -66,6 +66,9 @@ ALLOWED_ENUMS = frozenset({"deepspeed.runtime.zero.config:ZeroStageEnum"})
 # max_consecutive_skips only decides when a run of skipped (never applied) steps stops the run.
 NON_TRAJECTORY_KEYS = ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "gpu_memory_gb",
                        "gradient_checkpointing", "max_consecutive_skips")
+# Train keys added after checkpoints existed, each with the value that reproduces what training did before the
+# key: at that value the key is left out of the fingerprint, so a checkpoint written before it still resumes.
+LATER_KEYS = {"attn_implementation": "sdpa"}
 ENOSPC_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
@@ -131,7 +134,8 @@ def fingerprint(train_params: dict[str, Any], seed: int, init_dir: Path, data_di
     capacity_factor change training without changing a single weight. JSON files are hashed without their
     `transformers_version` stamp, so upgrading transformers alone does not restart training."""
     h = hashlib.sha256()
-    trajectory = {k: v for k, v in sorted(train_params.items()) if k not in NON_TRAJECTORY_KEYS}
+    trajectory = {k: v for k, v in sorted(train_params.items())
+                  if k not in NON_TRAJECTORY_KEYS and LATER_KEYS.get(k, object()) != v}
     h.update(json.dumps({"train": trajectory, "seed": seed, "world_size": world_size}, sort_keys=True).encode())
     init_dir = Path(init_dir)
     if not list(init_dir.glob("*.safetensors")):

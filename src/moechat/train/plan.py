@@ -3,29 +3,29 @@
 Torch-free (the `moechat plan` command, moechat.cli.plan, imports it without torch); training runs the same
 estimate as its pre-flight check.
 
-The estimate adds up what a training step keeps resident on one GPU, in bytes:
+The estimate adds up what a training step keeps alive at its peak, in bytes (a = 2 under bf16/fp16 autocast,
+4 in fp32), term by term as the code keeps it; tests/train/test_plan.py holds the sum within 10% of the live
+storages of a measured step (moechat.train.memtrack) in all four precision x checkpointing modes:
   weights      4 B/param (fp32 master weights; autocast computes in bf16/fp16)
   grads        4 B/param (fp32, like the weights)
   optimizer    adamw: 8 B/param (two fp32 moments); adamw_8bit: 2 B/param (two uint8 moments) plus one
                fp32 absmax per 256-value block and moment (bitsandbytes blockwise quantisation), except
                wte, wpe and lm_head, which keep 32-bit state (8 B/param; train.keep_embeddings_in_32bit)
-               unless ZeRO-2 flattens them into its partitions;
-               zero2_offload: 0 on the GPU (DeepSpeed CPU Adam keeps it in host memory)
-  casts        16-bit copies of the matmul weights that autocast keeps for backward (2 B/param); the
-               MoE layer's per-forward stack of its experts' weights is that copy for the experts
-  activations  per token, the tensors autograd saves for backward, counted from the code (see
-               `activation_bytes_per_token`; tests/train/test_plan.py measures them with saved-tensor hooks and
-               holds this within 10%); with gradient checkpointing each block's fp32 input plus one
-               block's activations during its recomputation
-  logits       none held: the chunked loss (MoeChatForCausalLM.chunked_lm_loss) keeps a compute-dtype
-               copy of lm_head's weight and an fp32 gradient accumulator for it: vocab x d x (a + 4) B
-  backward     the larger of the loss backward's chunk of logits and one block's gradient buffers
-               (`backward_bytes`); they never coexist
-Under DeepSpeed ZeRO-2 over W GPUs, grads and optimizer state are divided by W.
+               unless ZeRO-2 flattens them into its partitions
+  casts        autocast's a-byte copies of the blocks' matmul weights, kept for backward, and the MoE
+               layers' per-forward stacks of their experts' weights (a copy in fp32 too) (`cast_bytes`)
+  activations  per token, the tensors autograd saves for backward (`activation_bytes_per_token`), plus the
+               attention mask where the backend keeps one (`mask_bytes`: sdpa's float [B, 1, T, T] per layer)
+  logits       none held: the chunked loss keeps a compute-dtype copy of lm_head's weight and an fp32
+               gradient accumulator for it: vocab x d x (a + 4) B (a = 0 in fp32: the weight itself)
+  backward     the larger of the loss phase and one block's backward (`backward_bytes`); they never coexist
+DeepSpeed ZeRO-2 (`state_bytes`): a 16-bit module, two reduce buckets, and fp32 master weights, gradient
+partition and optimizer state divided over the W GPUs (zero2_offload keeps those three in host memory).
 
-Headroom: the sum above is what PyTorch's allocator hands out. A card also holds the CUDA context and
-kernels outside the allocator, and the caching allocator's blocks are never packed perfectly, so a plan
-fits when allocated x (1 + FRAGMENTATION) + CUDA_CONTEXT_GB <= the budget.
+On CPU (`device_type="cpu"`, `--device cpu`) the same sum is host memory held by the step's tensors. On CUDA,
+headroom: the sum is what PyTorch's allocator hands out. A card also holds the CUDA context and kernels
+outside the allocator, and the caching allocator's blocks are never packed perfectly, so a plan fits when
+allocated x (1 + FRAGMENTATION) + CUDA_CONTEXT_GB <= the budget.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class MemoryPlan:
     headroom_gb: float  # CUDA context + fragmentation reserve
     total_gb: float  # allocated + headroom: what must fit the card
     budget_gb: float
+    attention: str = "sdpa"  # the attention backend counted (planned_attention)
+    device_type: str = "cuda"  # cpu: host memory, no CUDA context or GPU budget
 
     @property
     def fits(self) -> bool:
@@ -107,6 +109,59 @@ def compute_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
+def planned_attention(requested: str, device_type: str) -> str:
+    """The attention backend a config trains through (moechat.train.backends.resolve_attention without the
+    installed-package check): `auto` is a kernel that skips masked tiles on CUDA (flex_attention, or
+    flash_attention_2 where installed: neither holds a [T, T] mask) and sdpa elsewhere."""
+    if requested != "auto":
+        return requested
+    return "flex_attention" if device_type == "cuda" else "sdpa"
+
+
+def mask_bytes(attention: str, batch: int, seq: int, a: int, n_layer: int, checkpointing: bool
+               ) -> tuple[float, float]:
+    """(kept through the step, extra while one checkpointed block is recomputed) for packed rows' mask.
+
+    sdpa receives transformers' boolean document mask [B, 1, T, T] and turns it into an additive float mask
+    in the compute dtype that every layer keeps for backward. With checkpointing no layer keeps one, but the
+    boolean mask is an input of every checkpointed block (kept for the recomputation), and the recomputed
+    block builds its float mask again. flex_attention's block mask is [B, 1, T/128, T/128] block indices and
+    flash_attention_2 takes sequence lengths: no [T, T] term."""
+    if attention not in ("sdpa", "eager"):
+        return 0.0, 0.0
+    square = batch * seq * seq
+    if checkpointing:
+        return float(square), float(square * a)
+    return float(n_layer * square * a), 0.0
+
+
+def linear_params(model: MoeChatConfig) -> tuple[int, int, int]:
+    """Parameters of the blocks' matmuls: (attention and dense MLP linears, the experts' c_fc, the experts'
+    c_proj), weights and biases. The routers run in fp32 (no cast) and are left out."""
+    d, f, e = model.n_embd, model.n_inner, model.num_experts
+    n_moe = len(model.moe_layer_indices())
+    plain = model.n_layer * (4 * d * d + 4 * d) + (model.n_layer - n_moe) * (2 * d * f + f + d)
+    return plain, n_moe * e * (d * f + f), n_moe * e * (f * d + d)
+
+
+def cast_bytes(model: MoeChatConfig, precision: str, checkpointing: bool, sixteen_bit_module: bool
+               ) -> tuple[float, float]:
+    """(kept through the step, extra while one checkpointed MoE block is recomputed) of weight copies.
+
+    Under autocast the matmul weights are cast once per forward and the casts kept for backward (a bytes per
+    parameter; a DeepSpeed 16-bit module needs none). The MoE layer stacks its experts' weights each forward
+    (in fp32 a copy too) and the grouped matmul keeps the stacks; with checkpointing only the c_proj stacks
+    stay (the GELU recomputation of modeling_moechat.gelu_then holds them) and a recomputed block stacks its
+    c_fc weights again."""
+    a = compute_bytes(precision)
+    plain, fc, proj = linear_params(model)
+    autocast = 0 if a == 4 or sixteen_bit_module else a
+    n_moe = max(len(model.moe_layer_indices()), 1)
+    if checkpointing:
+        return float(autocast * plain + a * proj), float(a * fc / n_moe)
+    return float(autocast * plain + a * (fc + proj)), 0.0
+
+
 def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointing: bool) -> float:
     """Saved-for-backward bytes per token of the whole stack, as the code saves them.
 
@@ -121,6 +176,7 @@ def activation_bytes_per_token(model: MoeChatConfig, precision: str, checkpointi
     its routing weight (fp32, and cast for the combining matmul) and the expert output (in the compute
     dtype): 4d + 12E + 12k + k * (16 + a*E + a*d + a*f + 4 + a + a*d).
     Around the stack: token ids, position ids (int64), ln_f's fp32 input and the loss's fp32 hidden rows.
+    The attention mask, per batch rather than per token, is `mask_bytes`.
     """
     per_layer = block_bytes_per_token(model, precision)
     around = 8 + 8 + 4 * model.n_embd + 4 * model.n_embd
@@ -141,52 +197,82 @@ def block_bytes_per_token(model: MoeChatConfig, precision: str) -> list[float]:
     return [float(attn + (moe_mlp if model.is_moe_layer(i) else dense_mlp)) for i in range(model.n_layer)]
 
 
-def backward_bytes(model: MoeChatConfig, precision: str, checkpointing: bool, tokens: int, vocab_size: int) -> float:
-    """What backward holds beyond the saved activations at its peak: the larger of the loss phase (one chunk
-    of LOSS_CHUNK_TOKENS logits in fp32 beside their fp32 softmax, 8 bytes each: the compute-dtype copies
-    come and go before and after) and one block's gradient buffers (the MLP's: the gradients of the GELU output and
-    input side by side and of its input, k x (2*a*f + a*d) per token in an MoE block). The loss backward
-    ends before the first block's backward starts, so they never coexist; with checkpointing the block's
-    recomputed activations (counted in `activation_bytes_per_token`) do not coexist with the loss either."""
+def backward_bytes(model: MoeChatConfig, precision: str, checkpointing: bool, tokens: int, vocab_size: int,
+                   recompute_extra: float = 0.0) -> float:
+    """What a step holds beyond the kept activations at its peak: the larger of the loss phase and one
+    block's backward, which never coexist (the loss backward ends before the first block's starts).
+
+    Loss phase (forward and backward alike): one chunk of LOSS_CHUNK_TOKENS rows of logits in fp32 beside
+    their fp32 softmax (or log-softmax), 8 bytes a logit (the compute-dtype copies come and go in between, and
+    each chunk is freed before the next), and the fp32 gradient of the hidden rows (4d per token).
+    Block phase: the MLP's gradient buffers (the gradients of the GELU output and input side by side and of
+    its input, k x (2*a*f + a*d) per token in an MoE block) and the residual stream's fp32 gradient; with
+    checkpointing also the recomputed block's activations and `recompute_extra` (its mask and weight stacks).
+    """
     a = compute_bytes(precision)
-    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * 8
-    if checkpointing:
-        loss -= tokens * max(block_bytes_per_token(model, precision))
-    f, d = model.n_inner, model.n_embd
+    d, f = model.n_embd, model.n_inner
+    grad_hidden = tokens * 4 * d
+    loss = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * 8 + grad_hidden
     k = model.num_experts_per_tok if model.moe_layer_indices() else 1
-    return float(max(loss, tokens * k * (2 * a * f + a * d)))
+    block = tokens * k * (2 * a * f + a * d) + grad_hidden
+    if checkpointing:
+        block += tokens * max(block_bytes_per_token(model, precision)) + recompute_extra
+    return float(max(loss, block))
+
+
+# ZeRO-2 as moechat configures it (train.deepspeed_config): two reduce buckets (overlap_comm) of this many
+# elements in the module's dtype (deepspeed/runtime/zero/stage_1_and_2.py, setup_buckets, DeepSpeed 0.19.8).
+ZERO_REDUCE_BUCKET = 5e8
+
+
+def state_bytes(pc: ParamCount, train: TrainConfig, world_size: int) -> dict[str, float]:
+    """Weights, gradients and optimizer state on the GPU. Plain / DDP: fp32 weights and gradients, the
+    optimizer's state. DeepSpeed ZeRO-2 in 16 bits: a 16-bit module, two reduce buckets, and the fp32 master
+    weights, gradient partition and optimizer state divided over the W GPUs (offload: those three in host
+    memory). A JSON config is counted as moechat's zero2."""
+    p = pc.total
+    if train.optimizer == "adamw_8bit":
+        wide = 0 if train.deepspeed else pc.embedding + pc.lm_head  # 32-bit state: wte, wpe, lm_head
+        opt = 8 * wide + 2 * (p - wide) + 2 * 4 * (p - wide) / BNB_BLOCK
+    else:
+        opt = 8.0 * p
+    if not train.deepspeed:
+        return {"weights_gb": 4.0 * p, "grads_gb": 4.0 * p, "optimizer_gb": opt}
+    a = compute_bytes(train.precision)
+    offload = train.deepspeed == "zero2_offload"
+    master = 0 if a == 4 else 4 * p  # fp32 master weights beside a 16-bit module
+    buckets = 2 * ZERO_REDUCE_BUCKET * a
+    return {"weights_gb": float(a * p), "grads_gb": buckets + (0 if offload else 4 * p / world_size),
+            "optimizer_gb": 0.0 if offload else (master + opt) / world_size}
 
 
 def estimate(model: MoeChatConfig, train: TrainConfig, vocab_size: int, micro_batch_size: Optional[int] = None,
-             world_size: int = 1) -> MemoryPlan:
-    """Peak GPU memory of one training process (see the module docstring for each term)."""
+             world_size: int = 1, device_type: str = "cuda") -> MemoryPlan:
+    """Peak memory of one training process on `device_type` (see the module docstring for each term)."""
     mb = micro_batch_size or train.micro_batch_size
     precision = train.precision
     a = compute_bytes(precision)
     pc = count_params(model, vocab_size)
-    p = pc.total
-    offload = train.deepspeed == "zero2_offload"
-    shard = world_size if train.deepspeed in ("zero2", "zero2_offload") else 1
-    if offload:
-        opt_bytes = 0.0
-    elif train.optimizer == "adamw_8bit":
-        wide = 0 if train.deepspeed else pc.embedding + pc.lm_head  # 32-bit state: wte, wpe, lm_head
-        opt_bytes = 8 * wide + 2 * (p - wide) + 2 * 4 * (p - wide) / BNB_BLOCK
-    else:
-        opt_bytes = 8 * p
     tokens = mb * train.seq_len
-    casts = 0 if a == 4 else a * (p - pc.embedding)
-    acts = tokens * activation_bytes_per_token(model, precision, train.gradient_checkpointing)
+    ckpt = train.gradient_checkpointing
+    attention = planned_attention(train.attn_implementation, device_type)
+    mask_kept, mask_extra = mask_bytes(attention, mb, train.seq_len, a, model.n_layer, ckpt)
+    casts, cast_extra = cast_bytes(model, precision, ckpt, sixteen_bit_module=bool(train.deepspeed) and a == 2)
+    per_token = activation_bytes_per_token(model, precision, ckpt)
+    if ckpt:  # the recomputed block's activations belong to the block phase of `backward_bytes`
+        per_token -= max(block_bytes_per_token(model, precision))
+    acts = tokens * per_token + mask_kept
     head = vocab_size * model.n_embd * ((0 if a == 4 else a) + 4)
-    backward = backward_bytes(model, precision, train.gradient_checkpointing, tokens, vocab_size)
-    parts = dict(weights_gb=4 * p, grads_gb=4 * p / shard, optimizer_gb=opt_bytes / shard, casts_gb=casts,
-                 activations_gb=acts, logits_gb=head, backward_gb=backward)
+    backward = backward_bytes(model, precision, ckpt, tokens, vocab_size, mask_extra + cast_extra)
+    parts = dict(**state_bytes(pc, train, world_size), casts_gb=casts, activations_gb=acts, logits_gb=head,
+                 backward_gb=backward)
     gb = {k: v / GIB for k, v in parts.items()}
     allocated = sum(gb.values())
-    headroom = FRAGMENTATION * allocated + CUDA_CONTEXT_GB
+    headroom = FRAGMENTATION * allocated + CUDA_CONTEXT_GB if device_type == "cuda" else 0.0
     return MemoryPlan(micro_batch_size=mb, seq_len=train.seq_len, precision=precision, optimizer=train.optimizer,
-                      gradient_checkpointing=train.gradient_checkpointing, params=p, allocated_gb=allocated,
-                      headroom_gb=headroom, total_gb=allocated + headroom, budget_gb=train.gpu_memory_gb, **gb)
+                      gradient_checkpointing=ckpt, params=pc.total, allocated_gb=allocated, headroom_gb=headroom,
+                      total_gb=allocated + headroom, budget_gb=train.gpu_memory_gb, attention=attention,
+                      device_type=device_type, **gb)
 
 
 @dataclass(frozen=True)
@@ -283,6 +369,8 @@ def vocab_size_for(params_tokenizer_source: str, tokenizer_vocab: int, tokenizer
         return max(ids) + 1
     base = tokenizer_vocab if params_tokenizer_source == "train" else 50257
     return base + CHAT_TOKENS
+
+
 
 
 

@@ -21,6 +21,7 @@ from moechat.model.configuration_moechat import MoeChatConfig
 from moechat.model.folder import load_model
 from moechat.train import checkpoint as ckpt
 from moechat.train import curves, integrity, plan
+from moechat.train.backends import flash_attn_installed, resolve_attention
 from moechat.train.batches import BatchStream, load_blocks
 from moechat.train.engine import (build_accelerator, compile_blocks, deepspeed_config, drop_fp32_output_copy, offloads_optimizer, resolve_precision)
 from moechat.train.hardware import device_memory
@@ -116,6 +117,9 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     cuda = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, cuda,
                                                               cuda and torch.cuda.is_bf16_supported()))
+    device_type = "cuda" if cuda else "cpu"
+    attention = resolve_attention(cfg.attn_implementation, device_type, flash_attn_installed(), cfg.precision)
+    cfg = dataclasses.replace(cfg, attn_implementation=attention)
     ds_config = deepspeed_config(cfg, cfg.precision)
     offload = offloads_optimizer(ds_config)
     accelerator = build_accelerator(cfg, cfg.precision, ds_config)
@@ -123,6 +127,7 @@ def setup(cfg: TrainConfig, seed: int, data_dir: Path, init_dir: Path, checkpoin
     set_seed(seed)
 
     model = load_model(init_dir, torch.device("cpu"), torch.float32)  # fp32 master weights; accelerate places them
+    model.set_attn_implementation(attention)
     model_cfg, vocab = model.config, model.config.vocab_size
     plan.preflight(model_cfg, cfg, vocab, world, *device_memory(accelerator.device))
     if cfg.gradient_checkpointing:
