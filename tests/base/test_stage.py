@@ -42,6 +42,7 @@ def test_bad_params_give_one_line_and_exit_1(tmp_path):
     ("evaluate", ["--samples", "s.json", "--plots", "plots"]),
     ("quantize", ["--out", "q", "--experts", "e.json"]),
 ])
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_unknown_device_is_one_line_before_any_work(tmp_path, stage, args):
     """evaluate and quantize resolve --device with chat's one function, before params, model or data."""
     done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--model", "m", "--data", "d",
@@ -58,6 +59,7 @@ def test_unknown_device_is_one_line_before_any_work(tmp_path, stage, args):
                   "--device", "cpu"],
      "quantize: error: d/val: no packed split 'val'; run the prepare stage (dvc repro prepare)"),
 ], ids=["export-model", "quantize-split"])
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_a_missing_model_folder_or_prepared_split_is_one_line(tmp_path, stage, args, line):
     done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args, "--params",
                            str(ROOT / "params.yaml")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -95,6 +97,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, raised, line):
     assert capsys.readouterr().err.splitlines() == [line]
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_stage_output_is_the_summary_line_without_library_progress_bars(tmp_path):
     """Off a terminal (a log, `moechat demo`) a stage prints its summary line and no tqdm bar of any library."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -111,6 +114,7 @@ def test_stage_output_is_the_summary_line_without_library_progress_bars(tmp_path
     assert "Creating parquet" not in done.stderr and "%|" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_importing_the_model_prints_nothing():
     """`import moechat.model.auto` in a user's Python: no torchao kernel or pytree deprecation lines."""
     env = {k: v for k, v in os.environ.items() if k != "MOECHAT_VERBOSE"}

@@ -110,7 +110,6 @@ def test_moechat_without_a_command_fails_with_usage(capsys):
 def test_a_reply_starting_with_a_space_token_is_shown_without_it(export, tmp_path, capsys):
     """A model whose every next token is ` sea` (the final norm outputs a constant, the head favours one
     row): the reply streams as `sea sea sea`, not ` sea sea sea`, and the history holds the same text."""
-    import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 

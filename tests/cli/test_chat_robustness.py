@@ -54,6 +54,7 @@ def _broken_folder(tmp: Path, name: str, config: str | None, weights: bool = Tru
     return folder
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_bad_folders_are_one_line_naming_the_file(exported):
     tmp, _, _ = exported
     cases = {
@@ -82,6 +83,7 @@ def test_bad_folders_are_one_line_naming_the_file(exported):
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr.decode()
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_device_errors_come_before_the_heavy_imports(exported):
     tmp, _, _ = exported
     line = _one_line_error(_run(str(tmp / "export"), "--device", "tpu", "--prompt", "Hi"))
@@ -96,6 +98,7 @@ def test_device_errors_come_before_the_heavy_imports(exported):
     assert proc.stdout.decode().strip() == "[]"
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_full_precision_chat_is_quiet_and_never_imports_gptqmodel(exported):
     tmp, _, _ = exported
     code = ("import sys; from moechat.cli.chat import main; code = main(sys.argv[1:]); "
@@ -108,6 +111,7 @@ def test_full_precision_chat_is_quiet_and_never_imports_gptqmodel(exported):
     assert "Loading weights" in verbose.stderr.decode()
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_non_utf8_stdin_is_one_line_naming_the_line(exported):
     tmp, _, _ = exported
     proc = _run(str(tmp / "export"), "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu",
@@ -122,6 +126,7 @@ def test_non_utf8_stdin_is_one_line_naming_the_line(exported):
                                      "character 3); pass UTF-8")
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_ctrl_c_at_the_prompt_exits_quietly(exported):
     tmp, _, _ = exported
     proc = subprocess.Popen([sys.executable, "-m", "moechat.cli", "chat", str(tmp / "export"), "--device", "cpu"],
@@ -153,6 +158,7 @@ def test_long_conversation_drops_whole_oldest_turns_and_says_so(exported):
     assert prompt[0] == tok.convert_tokens_to_ids("<|im_start|>")  # a turn's header, never a cut one
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_a_turn_too_long_for_the_model_is_refused_whole(exported):
     tmp, model, tok = exported
     chat = Chat(model, tok, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None, out=io.StringIO(),

@@ -63,6 +63,7 @@ def test_quantize_stage_loaders_do_not_run_folder_code(folders):
     assert folders["stage_ran"] == []
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 @pytest.mark.parametrize("clean, hostile", [("export", "hostile"), ("quantized", "hostile_q")])
 def test_chat_never_runs_folder_code_without_the_flag(folders, clean, hostile):
     marker = folders["marker"]

@@ -488,6 +488,7 @@ def test_dangling_links_and_devices_in_a_data_folder_are_refused_hidden_ones_lis
         oasst.load_messages(str(folder / "c.jsonl"))
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 @pytest.mark.parametrize("case", ["rank beyond int32", "a .jsonl linked to /dev/null"])
 def test_download_stage_prints_the_data_error_as_one_line(tmp_path, rows, case):
     import subprocess

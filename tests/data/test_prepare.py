@@ -48,6 +48,7 @@ def test_seq_len_below_every_prompt_is_refused_with_the_drop_counts(tmp_path, ro
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "tok").exists()
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_prepare_stage_writes_its_counts_when_it_refuses(tmp_path, rows):
     raw = write_raw(tmp_path / "raw", rows)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -88,6 +89,7 @@ def test_bpe_trainer_sees_no_run_longer_than_the_cap_and_loses_no_text():
     assert "".join(chat_format.bpe_training_pieces([huge])) == huge[:chat_format.BPE_MAX_MESSAGE_CHARS]
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_a_2mb_message_without_whitespace_does_not_hang_bpe_training():
     # In a child process so that a hang (the uncapped trainer takes > 300 s here) is killed, not waited for.
     code = ("from moechat.data.chat_format import train_bpe\n"
@@ -102,6 +104,7 @@ def comb_rows(depth: int, tree: str) -> list[dict]:
     return [oasst.canonical_row(row) for row in fixture.comb_tree(depth, tree)]
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_a_6000_deep_comb_prepares_quickly_and_reports_what_was_cut(tmp_path):
     """The issue's shape: a 6,000-deep chain, every user turn with an assistant leaf (9,000 rows), with
     thread_policy all ran > 400 s at 3.6 GB; the paths are now cut at what seq_len can hold."""

@@ -151,6 +151,7 @@ def test_max_new_tokens_beyond_the_model_is_a_named_error_before_the_val_pass(to
     assert len(ok) == 2  # n_positions - 1 still fits (the prompt is cut from the left to 1 token)
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_stage_writes_metrics_samples_and_plot_data(tok, tmp_path):
     model_dir = save_model(tiny_model(tok, seed=1), tok, tmp_path / "final")
     prepared = write_prepared(tok, tmp_path / "prepared")

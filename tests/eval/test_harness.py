@@ -49,6 +49,7 @@ def test_local_task_scores_match_an_independent_loglikelihood_count(monkeypatch)
     assert set(result["tasks"]["moechat_tiny_mc"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_unknown_task_and_missing_folder_are_named_before_any_work(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match=r"eval.lm_eval_tasks names 'moechat_no_such_task'.*tests/fixtures"):
@@ -58,6 +59,7 @@ def test_unknown_task_and_missing_folder_are_named_before_any_work(monkeypatch):
     assert task_manager(EvalConfig(lm_eval_tasks=())) is None
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_stage_writes_lm_eval_scores_that_dvc_metrics_diff_shows(tmp_path):
     tok = tiny_tokenizer()
     model_dir = save_model(tiny_model(tok, seed=1), tok, tmp_path / "final")

@@ -320,6 +320,7 @@ def test_cached_greedy_equals_uncached_and_left_padding_equals_alone():
     assert torch.equal(batched[1], cached[0])
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_save_and_load_both_ways(tmp_path):
     model = tiny_model().eval()
     x = tokens(8, seed=7)

@@ -165,6 +165,7 @@ def _ddp_worker(rank: int, world: int, port: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_ddp_with_a_dead_expert_runs_two_processes():
     from moechat.train.engine import single_process_env
 

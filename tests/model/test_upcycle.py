@@ -254,6 +254,7 @@ def test_initialize_upcycles_from_a_local_folder_and_writes_a_loadable_model(tmp
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".init")]  # no temp folder left
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_init_stage_script_writes_model_and_metrics(tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "tokenizer")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

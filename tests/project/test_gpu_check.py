@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_gpu_check_dry_run_on_cpu():
     watched = [ROOT / "docs" / "performance.md", ROOT / "metrics" / "bench_gpu.json"]
     before = [p.read_bytes() if p.exists() else None for p in watched]

@@ -106,6 +106,7 @@ def test_model_card_has_measured_counts_and_eval_metrics(exported):
     assert "OpenAssistant/oasst1" in card and "| experts per MoE block | 4 |" in card
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_loads_and_chats_without_moechat(exported):
     out, model, tok, _ = exported
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")

@@ -331,15 +331,3 @@ def test_loss_chunk_is_the_models():
     assert plan.LOSS_CHUNK_TOKENS == LOSS_CHUNK_TOKENS
 
 
-def test_cli_plans_the_cpu_preset_without_gpu_advice(capsys, tmp_path):
-    """The tiny preset (fp32, the CPU demo) is planned as host memory: MiB rows, no CUDA context, no GPU
-    budget or micro-batch advice; --device cuda plans the same config for a GPU."""
-    args = ["--params", "params.yaml", "--preset", "tiny", "--tokenizer", str(tmp_path)]
-    assert plan.main(args) == 0
-    text = capsys.readouterr().out
-    assert "sdpa attention, on cpu" in text and "peak (host memory)" in text and plan.CPU_NOTE in text
-    assert "GiB" not in text and "CUDA context" not in text.replace(plan.CPU_NOTE, "")
-    assert "fastest that fits" not in text and "0.00 MiB" not in text
-    assert plan.main(args + ["--device", "cuda"]) == 0
-    text = capsys.readouterr().out
-    assert "on cuda" in text and "fits in 16 GiB" in text and "CUDA context + fragm." in text

@@ -172,6 +172,7 @@ def weights(step_dir: Path, name: str = "model.safetensors") -> dict[str, torch.
 # Non-finite gradients and state
 
 
+@pytest.mark.slow  # a subprocess through the entry point users run
 def test_nan_gradients_at_an_ordinary_and_at_a_save_step_are_skipped_counted_and_never_saved(ws):
     """NaN gradients (finite loss) at step 3 (ordinary) and step 8 (a save step): both skipped, weights and
     optimizer state as after the step before, the LR schedule held, the run finishes and counts 2 skips."""
