@@ -11,9 +11,11 @@ MOECHAT_VERBOSE=1 keeps everything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "bitsandbytes.backends.cpu")
 # Library progress bars (transformers "Loading weights" / "Writing model shards", datasets' map and save
@@ -58,3 +60,28 @@ def quiet_third_party() -> None:
         return
     quiet_progress_bars(interactive=sys.stderr.isatty())
     quiet_loggers()
+
+
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """Every tqdm bar created inside the block is disabled, on a terminal too; a no-op with MOECHAT_VERBOSE=1.
+
+    For libraries whose bars ignore TQDM_DISABLE: lm-eval passes `disable=False` explicitly (an argument wins
+    over the environment), and tqdm reads TQDM_* once, when it is imported. Keep only library calls inside.
+    """
+    if os.environ.get("MOECHAT_VERBOSE"):
+        yield
+        return
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original

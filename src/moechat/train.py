@@ -68,13 +68,14 @@ class TrainingInterrupted(MoechatError):
 
 
 def interrupted(checkpoint_dir: Path, fp: str, step: int, total_steps: int) -> TrainingInterrupted:
-    """The one line for a Ctrl-C at `step`: what survives and what the next `dvc repro` does."""
+    """The one line for a Ctrl-C after `step` finished steps (what the bar shows): what survives and what the
+    next `dvc repro` does."""
     last = ckpt.latest_checkpoint(checkpoint_dir, fp)
     if last is None:
-        return TrainingInterrupted(f"interrupted at step {step}/{total_steps} before the first checkpoint; "
+        return TrainingInterrupted(f"interrupted after step {step}/{total_steps} before the first checkpoint; "
                                    f"`dvc repro` starts this experiment again from step 0")
     saved = int(ckpt.STEP_DIR.match(last.name).group(1))
-    return TrainingInterrupted(f"interrupted at step {step}/{total_steps}; `dvc repro` resumes from step {saved} "
+    return TrainingInterrupted(f"interrupted after step {step}/{total_steps}; `dvc repro` resumes from step {saved} "
                                f"(checkpoint {last})")
 
 
@@ -649,8 +650,7 @@ def one_line_errors(run: Run) -> Iterator[None]:
     except torch.OutOfMemoryError as err:
         raise run.oom_error(err, f"at step {run.state.step + 1}") from err
     except KeyboardInterrupt:
-        raise interrupted(run.checkpoint_dir, run.fingerprint, run.state.step + 1,
-                          run.schedule.total_steps) from None
+        raise interrupted(run.checkpoint_dir, run.fingerprint, run.state.step, run.schedule.total_steps) from None
 
 
 def train_loop(run: Run) -> None:
