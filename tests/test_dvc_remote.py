@@ -73,7 +73,7 @@ def machines(tmp_path_factory) -> dict[str, Path]:
     demo = subprocess.run([str(moechat), "demo", "--workdir", str(work)], env=demo_env(tmp), capture_output=True,
                           text=True)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    sh(tmp, "git", "init", "-q", "--bare", str(origin))
+    sh(tmp, "git", "init", "-q", "--bare", "-b", "main", str(origin))
     sh(work, "dvc", "remote", "add", "-d", "store", str(store))
     sh(work, "git", "commit", "-q", "-am", "DVC remote: a local folder")
     sh(work, "git", "remote", "add", "origin", str(origin))
@@ -125,7 +125,7 @@ def test_export_and_quantize_rerun_give_the_same_hashes(machines):
     assert all(path.startswith("metrics/run/") for path in changed), changed
     assert before["models/export"] == after["models/export"] and before["models/quantized"] == after["models/quantized"]
     assert "metrics/run/quantize_gptq" in changed  # the timings did move: the check can see a change
-    sh(clone, "git", "checkout", "--", ".")  # back to the pulled commit's run facts
+    sh(clone, "git", "reset", "-q", "--hard")  # back to the pulled commit's run facts (autostage staged them)
     assert "Data and pipelines are up to date." in dvc(clone, "status")
 
 
