@@ -153,7 +153,7 @@ def test_a_pull_killed_halfway_completes_when_rerun(machines):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while pull.poll() is None and time.monotonic() < deadline:
-        if cache.exists() and sum(1 for p in cache.rglob("*") if p.is_file()) >= 3:
+        if cache.exists() and any(p.is_file() for p in cache.rglob("*")):  # the first object is in
             break
         time.sleep(0.002)
     assert pull.poll() is None, "the pull finished before it could be killed"
