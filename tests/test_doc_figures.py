@@ -112,3 +112,19 @@ def test_configuration_table_names_every_params_key():
         cells = table_row("docs/configuration.md", f"`{section}`")
         missing = [key for key in keys if f"`{key}`" not in cells[1]]
         assert not missing, f"docs/configuration.md: the {section} row lacks {missing}"
+
+
+def test_tiny_parameter_counts_are_the_planners():
+    """README and experiments.md quote the tiny preset's parameter count with 4 and 8 experts; the planner's
+    count (tested equal to the built model in tests/test_plan.py) gives them, for the preset's 512-token BPE."""
+    import dataclasses
+
+    from moechat.config import load_params
+    from moechat.plan import count_params
+
+    params = load_params(ROOT / "params.yaml", yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()))
+    vocab = params.tokenizer.vocab_size
+    four, eight = (count_params(dataclasses.replace(params.model.architecture, num_experts=e), vocab).total
+                   for e in (4, 8))
+    assert f"total grows ({four:,} → {eight:,} in the tiny" in doc_text("docs/experiments.md")
+    assert f"parameters grow ({round(eight, -3) // 1000}K vs {round(four, -3) // 1000}K)" in doc_text("README.md")
