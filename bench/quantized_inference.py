@@ -61,6 +61,9 @@ def measure(model_dir: Path, device: str, new_tokens: int) -> dict:
     seconds = time.perf_counter() - start
     result = {"model": str(model_dir), "load_seconds": load_s, "tokens": tokens, "seconds": seconds,
               "tokens_per_second": tokens / seconds, "weight_bytes_loaded": weight_bytes,
+              # the files, as the quantize stage counts them (metrics/quantize.json weight_bytes_*); loaded
+              # bytes differ: GPTQModel's CPU kernel repacks the 4-bit weights to int8 in memory
+              "weight_bytes_on_disk": sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")),
               "kernel": sorted({type(m).__name__ for m in model.modules()
                                 if type(m).__module__.startswith("gptqmodel")}) or ["nn.Linear"]}
     if dev.type == "cuda":

@@ -55,12 +55,14 @@ def pipeline(b: dict) -> str:
 
 def quant(b: dict) -> str:
     rows = [[name, f"{b[key]['tokens_per_second']:.1f}", f"{b[key]['weight_bytes_loaded']:,}",
+             f"{b[key]['weight_bytes_on_disk']:,}" if "weight_bytes_on_disk" in b[key] else "n/a",
              f"{b[key]['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in b[key] else "n/a",
              " + ".join(b[key]["kernel"])]
             for name, key in (("full precision export", "fp"), ("GPTQ 4-bit", "quantized"))]
-    return table(["chat model", "decode tokens/s", "weight bytes", "peak RSS MiB", "kernel"], rows) + (
+    return table(["chat model", "decode tokens/s", "weight bytes loaded", "weight bytes on disk", "peak RSS MiB",
+                  "kernel"], rows) + (
         f"\n\n4-bit / full precision: tokens/s x{b['ratio_tokens_per_second']:.2f}, "
-        f"weight bytes x{b['ratio_weight_bytes']:.2f}.")
+        f"weight bytes loaded x{b['ratio_weight_bytes']:.2f}.")
 
 
 def lr_sweep(b: dict) -> str:

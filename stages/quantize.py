@@ -2,7 +2,7 @@
 
 Usage (see dvc.yaml): python stages/quantize.py --model models/export --data data/prepared
     --out models/quantized --metrics metrics/quantize.json --experts metrics/quantize_experts.json
-    [--params params.yaml] [--device auto]
+    [--log-dir metrics/run/quantize_gptq] [--params params.yaml] [--device auto]
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON per expert: calibration tokens (router, GPTQ) and the fallback flag")
     parser.add_argument("--run-facts", type=Path, default=None,
                         help="JSON for the run's facts, not a DVC metric (default: run/<name> beside --metrics)")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="folder for GPTQModel's console log and quant_log.csv, run facts kept out of --out "
+                             "(default: run/quantize_gptq beside --metrics)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--device", default="auto", help="auto (a visible GPU, else the CPU) | cpu | cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=4, help="val batch size for the perplexity runs")
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(notice, flush=True)
     metrics, experts = quantize_stage(args.model, args.data / "conversations_train.jsonl",
                                       load_packed(args.data, "val"), q, params.seed, args.out, args.batch_size,
-                                      args.max_batches, device)
+                                      args.max_batches, device,
+                                      args.log_dir or args.metrics.parent / "run" / "quantize_gptq")
     write_json(args.experts, experts)
     write_stage_report(metrics, METRICS, args.metrics, args.run_facts)
     print(f"quantize: {q.bits}-bit g{q.group_size} on {metrics['device']} -> {args.out} in "

@@ -17,7 +17,8 @@ import os
 import re
 import sys
 import warnings
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from typing import TextIO
 
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "bitsandbytes.backends.cpu")
 # Library progress bars (transformers "Loading weights" / "Writing model shards", datasets' map and save
@@ -141,3 +142,26 @@ def library_output(log: TextIO, where: str = "the captured output") -> Iterator[
         log.flush()
 
 
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """Every tqdm bar created inside the block is disabled, on a terminal too; a no-op with MOECHAT_VERBOSE=1.
+
+    For libraries whose bars ignore TQDM_DISABLE: lm-eval passes `disable=False` explicitly (an argument wins
+    over the environment), and tqdm reads TQDM_* once, when it is imported. Keep only library calls inside.
+    """
+    if os.environ.get("MOECHAT_VERBOSE"):
+        yield
+        return
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original

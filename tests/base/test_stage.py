@@ -80,8 +80,8 @@ def test_third_party_warnings_are_dropped_and_errors_kept(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("raised, line", [
-    (TrainingInterrupted("interrupted at step 6/12; `dvc repro` resumes from step 4 (checkpoint c/s)"),
-     "train: error: interrupted at step 6/12; `dvc repro` resumes from step 4 (checkpoint c/s)"),
+    (TrainingInterrupted("interrupted after step 5/12; `dvc repro` resumes from step 4 (checkpoint c/s)"),
+     "train: error: interrupted after step 5/12; `dvc repro` resumes from step 4 (checkpoint c/s)"),
     (KeyboardInterrupt(),
      "train: interrupted; outputs are written atomically, so `dvc repro` starts this stage again"),
 ])

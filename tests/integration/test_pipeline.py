@@ -79,11 +79,13 @@ def test_killed_repro_resumes_bit_exactly_with_the_8bit_optimizer(repo):
     expected = {p.relative_to(curves).as_posix(): p.read_text() for p in sorted(curves.rglob("*.tsv"))
                 if "tokens_per_s" not in p.name}  # timing is the one curve that is not deterministic
     assert {"metrics/train/loss.tsv", "metrics/val/lm_loss.tsv", "expert_shares/layer1.tsv"} <= set(expected)
-    shutil.rmtree(repo / "models/checkpoints")  # a persistent out: without this the rerun would resume at the end
+    shutil.rmtree(repo / "models/checkpoints")  # DVC never deletes it (no out): without this the rerun resumes at the end
 
     env = demo_env(repo)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    # train's inputs did not change, so DVC would not rerun it: force it (DVC then removes its outs first)
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
     while not list((repo / "models/checkpoints").glob("*/step_00000010/state.json")):

@@ -62,7 +62,7 @@ def run(tmp_path_factory):
         if name == "normal":
             metrics, experts = quantize_stage(folder, prepared / "conversations_train.jsonl",
                                               load_packed(prepared, "val"), CFG, seed=1337,
-                                              out_dir=tmp / name / "quantized")
+                                              out_dir=tmp / name / "quantized", log_dir=tmp / name / "metrics/run/quantize_gptq")
         else:
             params = tiny_params(tmp / "params.yaml", seed=1337, quantize=dataclasses.asdict(CFG))
             files = tmp / name / "metrics"
@@ -79,6 +79,12 @@ def run(tmp_path_factory):
             experts = json.loads((files / "experts.json").read_text())
         out[name] = (model, tok, tmp / name / "quantized", metrics, prepared, experts)
     return out
+
+
+def gptq_logs(run, name: str) -> Path:
+    """GPTQModel's console log and quant_log.csv: run facts, beside the metrics (the stage's default
+    --log-dir for "dead"), never inside the quantized folder."""
+    return run[name][2].parent / "metrics" / "run" / "quantize_gptq"
 
 
 @pytest.mark.slow
@@ -156,7 +162,8 @@ def test_experts_without_tokens_fall_back_to_rtn_and_are_counted(run):
     assert metrics["fallback"] == {"strategy": "rtn", "min_expert_tokens": 4, "experts": 2, "modules": 4}
     assert metrics["calib_tokens_per_expert_min"] == 0
     assert math.isfinite(metrics["perplexity_quantized"])
-    log = (qdir / "quant_log.csv").read_text()
+    log = (gptq_logs(run, "dead") / "quant_log.csv").read_text()
+    assert not (qdir / "quant_log.csv").exists()  # timings stay out of the model folder
     assert "mlp.experts.2.c_fc,fallback(rtn)" in log
 
 
@@ -196,7 +203,7 @@ def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
 @pytest.mark.slow
 def test_stage_console_shows_its_summary_and_gptqmodel_output_goes_to_the_log(run):
     """GPTQModel's banner, warnings, progress and timing tables (~440 lines on this model) land in
-    <out>/gptqmodel.log; the stage prints its one summary line."""
+    metrics/run/quantize_gptq/gptqmodel.log; the stage prints its one summary line."""
     proc = run["stage_output"]
     assert proc.stdout.splitlines() == [line for line in proc.stdout.splitlines() if line.startswith("quantize: ")]
     assert len(proc.stdout.splitlines()) == 1
@@ -204,7 +211,8 @@ def test_stage_console_shows_its_summary_and_gptqmodel_output_goes_to_the_log(ru
                    "HF: overriding trust_remote_code"):
         assert marker not in proc.stdout + proc.stderr, marker
     for name in ("normal", "dead"):
-        log = (run[name][2] / GPTQMODEL_LOG).read_text()
+        assert not (run[name][2] / GPTQMODEL_LOG).exists()
+        log = (gptq_logs(run, name) / GPTQMODEL_LOG).read_text()
         assert "GPT-QModel" in log or name == "normal"  # the banner prints once per process (at import)
         assert "Calibration dataset size should be more than 256" in log
         assert "Kernel" in log and len(log.splitlines()) > 100

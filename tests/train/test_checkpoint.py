@@ -389,7 +389,7 @@ def test_ctrl_c_in_training_says_from_which_step_dvc_repro_resumes(workspace, mo
     with pytest.raises(train_module.TrainingInterrupted) as err:
         run_inprocess(workspace, "ctrl-c", tiny_cfg())
     (saved,) = (workspace / "ctrl-c/checkpoints").glob("*/step_00000004")
-    assert str(err.value) == (f"interrupted at step 6/12; `dvc repro` resumes from step 4 "
+    assert str(err.value) == (f"interrupted after step 5/12; `dvc repro` resumes from step 4 "
                               f"(checkpoint {saved})")
     assert err.value.exit_code == 130
     monkeypatch.undo()

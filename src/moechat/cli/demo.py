@@ -8,6 +8,7 @@ uses the same `make_demo_repo`, so what the README promises is what CI runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -37,7 +38,23 @@ GIT_IDENTITY = {
 
 
 class DemoError(MoechatError):
-    """The demo cannot start: no checkout to copy, or a --workdir that is not empty."""
+    """The demo cannot start (no checkout to copy, a --workdir that is not empty, a missing extra) or a
+    command it runs failed; the message names it and where the full output is."""
+
+
+# Every stage runs in the demo: quantize needs GPTQModel (the `gptq` extra) and the tiny preset's evaluate runs
+# a local lm-eval task (`eval` extra); checked before two minutes are spent on the stages before them.
+DEMO_EXTRAS = (("gptq", "gptqmodel", "the quantize stage"),
+               ("eval", "lm_eval", "the tiny preset's eval.lm_eval_tasks (a local lm-eval task)"))
+
+
+def missing_extra() -> str | None:
+    """One line naming the first extra the demo needs that is not installed, or None."""
+    for extra, module, needed_by in DEMO_EXTRAS:
+        if importlib.util.find_spec(module) is None:
+            return (f"the demo runs every stage and needs the `{extra}` extra for {needed_by}: "
+                    f"pip install -e \".[{extra}]\" (or the README's install line), then run it again")
+    return None
 
 
 def project_root() -> Path:
@@ -91,6 +108,8 @@ def make_demo_repo(workdir: Path, root: Path | None = None, preset: str = "tiny"
     for name in DVC_FILES:
         if (root / name).exists():
             shutil.copy2(root / name, workdir / name)
+    # DVC stages dvc.lock and the .gitignore files it writes itself (no "git add dvc.lock" hint): the demo commits
+    run(["dvc", "config", "core.autostage", "true"], workdir, env)
     ignore = (root / ".gitignore").read_text() if (root / ".gitignore").exists() else "__pycache__/\n"
     (workdir / ".gitignore").write_text(ignore + "/demo.log\n")  # checkpoints and plots pages stay out of git
     run(["git", "add", "-A"], workdir, env)
@@ -102,7 +121,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
     """Run a command, streaming its output; a failure raises with the command named."""
     result = subprocess.run(cmd, cwd=cwd, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"moechat demo: `{' '.join(cmd)}` failed with exit code {result.returncode} in {cwd}")
+        raise DemoError(f"`{' '.join(cmd)}` failed with exit code {result.returncode} in {cwd}")
     return result
 
 
@@ -128,7 +147,7 @@ def repro_quietly(workdir: Path, log_path: Path) -> None:
         code = proc.wait()
     if code != 0:
         print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-        raise RuntimeError(f"moechat demo: `dvc repro` failed with exit code {code}; full output in {log_path}")
+        raise DemoError(f"`dvc repro` failed with exit code {code}; full output in {log_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,25 +161,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = project_root()
         merged_params(root / "params.yaml", args.preset, root / "presets")  # before a temporary folder exists
+        missing = missing_extra()
+        if missing:
+            raise DemoError(missing)
         workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="moechat-demo-"))).resolve()
         make_demo_repo(workdir, root, preset=args.preset)
     except MoechatError as err:
         print(f"moechat demo: error: {err}", file=sys.stderr)
         return 2
-    print(f"moechat demo: running the whole DAG in {workdir} (full log: {workdir / 'demo.log'})", flush=True)
-    start = time.perf_counter()
-    repro_quietly(workdir, workdir / "demo.log")
-    minutes = (time.perf_counter() - start) / 60
-    # Commit the results, so `dvc metrics diff` and `dvc exp show` compare experiments against this run.
-    env = demo_env(workdir)
-    run(["git", "add", "-A"], workdir, env)
-    run(["git", "commit", "-q", "-m", "moechat demo: results of dvc repro"], workdir, env)
+    try:
+        minutes = run_and_commit(workdir)
+    except DemoError as err:  # the failing stage's own line and the log's tail are already on the terminal
+        print(f"moechat demo: error: {err}", file=sys.stderr)
+        return 1
     print(f"\nmoechat demo: whole DAG in {minutes:.1f} min in {workdir}")
     print(f"  metrics:     cd {workdir} && dvc metrics show metrics/eval.json metrics/quantize.json")
     print(f"  plots:       cd {workdir} && dvc plots show   (open dvc_plots/index.html)")
     print(f"  chat:        moechat chat {workdir}/models/quantized --prompt 'Hello!'")
-    print(f"  experiment:  cd {workdir} && dvc exp run -S model.num_experts=8 && dvc metrics diff")
+    print(f"  experiment:  cd {workdir} && dvc exp run -n e8 -S model.num_experts=8 && dvc metrics diff   (README)")
     return 0
+
+
+def run_and_commit(workdir: Path) -> float:
+    """`dvc repro` in the scratch repo, then commit its results, so `dvc metrics diff` and `dvc exp show`
+    compare experiments against this run; returns the minutes the DAG took."""
+    print(f"moechat demo: running the whole DAG in {workdir} (full log: {workdir / 'demo.log'})", flush=True)
+    start = time.perf_counter()
+    repro_quietly(workdir, workdir / "demo.log")
+    minutes = (time.perf_counter() - start) / 60
+    env = demo_env(workdir)
+    run(["git", "add", "-A"], workdir, env)
+    run(["git", "commit", "-q", "-m", "moechat demo: results of dvc repro"], workdir, env)
+    return minutes
 
 
 if __name__ == "__main__":

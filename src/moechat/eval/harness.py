@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.errors import ConfigError
 from moechat.config.params import EvalConfig
+from moechat.quiet import library_bars_off
 
 LM_EVAL_PIN = "lm-eval==0.4.13"  # the version checked against this project's transformers / datasets / torch
 
@@ -77,7 +78,7 @@ def run_lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg:
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(device),
               max_length=model.config.n_positions)
-    with torch.no_grad():
+    with torch.no_grad(), library_bars_off():  # lm-eval's bars: "Tokenizing inputs", one per task's documents
         results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks), limit=cfg.lm_eval_limit,
                                           task_manager=manager, log_samples=False, bootstrap_iters=1000,
                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

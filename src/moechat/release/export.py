@@ -26,6 +26,10 @@ AUTO_MAP = {"AutoConfig": "configuration_moechat.MoeChatConfig", "AutoModel": "m
             "AutoModelForCausalLM": "modeling_moechat.MoeChatForCausalLM"}
 # Only the metrics of the stages export depends on (dvc.yaml deps), so the card never shows stale figures.
 METRIC_STAGES = ("prepare", "train", "eval")
+# Figures of the machine and the moment, not of the model: two runs from the same inputs differ in them, so the
+# card (a file of the models/export out) leaves them out and the folder hashes the same; they stay in
+# metrics/train.json, which the experiment keeps.
+RUN_DEPENDENT_KEYS = ("tokens_per_s", "mfu", "peak_memory_gb")
 
 
 class ExportError(MoechatError, RuntimeError):
@@ -145,6 +149,7 @@ def model_card(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, param
                 ("weight decay", t.weight_decay), ("optimizer", t.optimizer), ("precision", t.precision),
                 ("aux loss coef", c.aux_loss_coef), ("z-loss coef", c.z_loss_coef), ("seed", params.seed)]
                + _metric_rows(metrics.get("train", {}))) + "\n",
+        "Throughput and peak memory depend on the machine: they are in the run's `metrics/train.json`, not here.\n",
         "## Evaluation (validation split, assistant tokens)\n",
         _eval_section(metrics.get("eval")),
         "## Use\n",
@@ -161,8 +166,9 @@ def model_card(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, param
 
 
 def _metric_rows(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Top-level scalar entries of a metrics file."""
-    return [(k.replace("_", " "), v) for k, v in m.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    """Top-level scalar entries of a metrics file, less the run-dependent ones (RUN_DEPENDENT_KEYS)."""
+    return [(k.replace("_", " "), v) for k, v in m.items()
+            if k not in RUN_DEPENDENT_KEYS and isinstance(v, (int, float, str)) and not isinstance(v, bool)]
 
 
 def _eval_section(ev: Optional[dict[str, Any]]) -> str:

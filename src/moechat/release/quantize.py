@@ -54,7 +54,10 @@ from moechat.model.folder import load_model, load_tokenizer
 from moechat.eval.router_tally import RouterTally
 
 CALIB_MIN_TOKENS = 2  # a calibration conversation needs at least one next-token pair
-GPTQMODEL_LOG = "gptqmodel.log"  # GPTQModel's full console output, kept inside the quantized folder
+# GPTQModel's full console output and its per-module table (losses and seconds): run facts, so they go to a
+# log folder outside the model folder, whose hash then depends only on the inputs.
+GPTQMODEL_LOG = "gptqmodel.log"
+QUANT_LOG = "quant_log.csv"  # what GPTQModel's save() writes beside the weights
 
 
 
@@ -128,12 +131,14 @@ def gptq_config(cfg: QuantizeConfig):
 
 
 def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[list[int]], cfg: QuantizeConfig,
-             out_dir: Path, device: torch.device = torch.device("cpu")
+             out_dir: Path, device: torch.device = torch.device("cpu"), log_dir: Optional[Path] = None
              ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Quantize `model_dir` on `device` and save it to `out_dir` atomically; returns GPTQModel's per-module
     log (one dict per quantized Linear: layer, module, samples, loss) and the seconds spent loading the
     model (`load_seconds`) and quantizing it (`quantize_seconds`, the GPTQ / RTN pass alone).
-    GPTQModel's console output (hundreds of lines) goes to `out_dir/gptqmodel.log`, not the terminal.
+    GPTQModel's console output (hundreds of lines) and its quant_log.csv go to `log_dir` (gptqmodel.log,
+    quant_log.csv; dropped when None), never into `out_dir`: they hold timings, and `out_dir` must hash the
+    same for the same inputs.
 
     fp32 on every device: CPUs here run fp16 ~100x slower, and on a GPU fp32 keeps the output identical
     in format and size to a CPU run (a ~0.5B model fits a 16 GB GPU in fp32 with room to spare)."""
@@ -160,14 +165,29 @@ def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[li
         with atomic_dir(out_dir) as tmp:
             qmodel.save(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-            log_file.flush()
-            shutil.copyfile(log_path, tmp / GPTQMODEL_LOG)
-    log_path.unlink()
+            table = tmp / QUANT_LOG
+            table_text = table.read_text() if table.exists() else None
+            table.unlink(missing_ok=True)
+    _keep_logs(log_path, table_text, log_dir)
     rows = log.get("gptq", []) if isinstance(log, dict) else []
     if not rows:
         raise QuantizeError(f"GPTQModel returned no per-module log ({type(log).__name__}); no module was quantized "
                             f"— check that the model at {model_dir} is a moechat model")
     return rows, seconds
+
+
+def _keep_logs(log_path: Path, table: Optional[str], log_dir: Optional[Path]) -> None:
+    """Move GPTQModel's console log and quant_log.csv text into `log_dir` (replacing an older run's), or drop them."""
+    if log_dir is None:
+        log_path.unlink()
+        return
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(log_path), log_dir / GPTQMODEL_LOG)
+    if table is not None:
+        (log_dir / QUANT_LOG).write_text(table)
+    else:
+        (log_dir / QUANT_LOG).unlink(missing_ok=True)
 
 
 def expert_report(rows: list[dict[str, Any]], fp_counts: dict[int, list[int]], num_experts: int
@@ -273,10 +293,11 @@ def weight_bytes(folder: Path) -> int:
 # ------------------------------------------------------------------------------------------- the stage
 def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: QuantizeConfig, seed: int,
                    out_dir: Path, batch_size: int = 4, max_batches: Optional[int] = None,
-                   device: torch.device = torch.device("cpu")) -> tuple[dict[str, Any], dict[str, Any]]:
+                   device: torch.device = torch.device("cpu"), log_dir: Optional[Path] = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Calibrate, quantize, save, and measure, all on `device`: returns the metrics/quantize.json dict
     (totals) and the per-expert detail (`{"layer_L": {"expert_E": {calib_tokens_router,
-    calib_tokens_gptq, fallback}}}`)."""
+    calib_tokens_gptq, fallback}}}`). GPTQModel's logs go to `log_dir` (see run_gptq)."""
     from moechat.eval.evaluate import evaluate_lm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -285,7 +306,7 @@ def quantize_stage(model_dir: Path, conversations_path: Path, val: Any, cfg: Qua
     calib = calibration_set(read_conversations(conversations_path), tokenizer, cfg.calib_samples,
                             cfg.calib_max_tokens, seed, n_positions=fp_model.config.n_positions)
     fp_counts = router_token_counts(fp_model, calib)
-    rows, seconds = run_gptq(model_dir, tokenizer, calib, cfg, out_dir, device)
+    rows, seconds = run_gptq(model_dir, tokenizer, calib, cfg, out_dir, device, log_dir)
     experts = expert_report(rows, fp_counts, fp_model.config.num_experts)
     q_model, n_quant = dequantized_model(fp_model, out_dir)
     fp_eval = evaluate_lm(fp_model, val, batch_size, max_batches, desc="val fp32")

@@ -36,8 +36,9 @@ class TrainingInterrupted(MoechatError):
 
 
 def interrupted(checkpoint_dir: Path, fp: str, step: int, total_steps: int) -> TrainingInterrupted:
-    """The one line for a Ctrl-C at `step`: what survives and what the next `dvc repro` does."""
-    return TrainingInterrupted(f"interrupted at step {step}/{total_steps}{resume_hint(checkpoint_dir, fp)}")
+    """The one line for a Ctrl-C after `step` finished steps (what the bar shows): what survives and what the
+    next `dvc repro` does."""
+    return TrainingInterrupted(f"interrupted after step {step}/{total_steps}{resume_hint(checkpoint_dir, fp)}")
 
 
 def resume_hint(checkpoint_dir: Path, fp: str) -> str:
@@ -99,8 +100,7 @@ def one_line_errors(run: Run) -> Iterator[None]:
     except torch.OutOfMemoryError as err:
         raise run.oom_error(err, f"at step {run.state.step + 1}") from err
     except KeyboardInterrupt:
-        raise interrupted(run.checkpoint_dir, run.fingerprint, run.state.step + 1,
-                          run.schedule.total_steps) from None
+        raise interrupted(run.checkpoint_dir, run.fingerprint, run.state.step, run.schedule.total_steps) from None
 
 
 def train_loop(run: Run) -> None:
