@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from moechat.config import QuantizeConfig
 from moechat.data.chat import load_packed
+from moechat.export import AUTO_MAP
 import moechat.quantize
 from moechat.gptq import QuantizeError
 from moechat.model_folder import load_model, load_tokenizer
@@ -85,7 +86,9 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_standard_gptq_format_on_disk(run):
     model, _, qdir, metrics, _, _ = run["normal"]
-    qcfg = json.loads((qdir / "config.json").read_text())["quantization_config"]
+    config = json.loads((qdir / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP  # every Auto class, as in the export (GPTQModel writes two)
+    qcfg = config["quantization_config"]
     assert qcfg["quant_method"] == "gptq"
     assert (qcfg["bits"], qcfg["group_size"], qcfg["desc_act"], qcfg["sym"]) == (4, 32, False, True)
     tensors = {}
