@@ -78,7 +78,7 @@ def serving(b: dict) -> str:
                   "transformers (moechat chat)"], rows) + (
         f"\n\nvLLM / transformers: 1 request tokens/s x{r['single_tokens_per_s']:.2f}, 16 concurrent tokens/s "
         f"x{r['concurrent_tokens_per_s']:.2f}, time to first token x{r['single_ttft']:.2f}. Model: "
-        f"{json.dumps(b['model'])}.")
+        f"{json.dumps(b['model'])}; transformers with {b.get('torch_threads', '?')} torch thread(s).")
 
 
 def lr_sweep(b: dict) -> str:

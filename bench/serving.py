@@ -8,7 +8,8 @@ both engines do the same work). Measured per engine:
   transformers `generate` of the 16 (left-padded) is shown too, as the best a plain generate call does.
 vLLM runs as its OpenAI server (`python -m vllm.entrypoints.openai.api_server`) from the vLLM environment
 ($MOECHAT_VLLM_PYTHON, default .venv-vllm/bin/python), queried over HTTP with streaming; transformers runs
-in this process in chat's dtype (fp32 on a CPU, bf16 on a GPU). Writes metrics/bench_serving.json.
+in this process in chat's dtype (fp32 on a CPU, bf16 on a GPU), on CPU with as many torch threads as
+vLLM's engine uses on a 2-core machine (`--threads`, 1). Writes metrics/bench_serving.json.
 
     python bench/serving.py                       # a widened random-init model (the serving tiny export's shape)
     python bench/serving.py --model models/export # the pipeline's export (after dvc repro)
@@ -194,6 +195,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--memory-share", type=float, default=0.15, help="vLLM --gpu-memory-utilization (on CPU: of RAM)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for transformers on CPU; vLLM's CPU engine runs 1 on a 2-core machine (it "
+                        "reserves a core), and 2 OpenMP threads on a shared 2-core machine run ~25x slower")
     p.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench_serving.json")
     args = p.parse_args()
     if not VLLM_PYTHON.exists():
@@ -202,6 +206,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or build_folder(Path(scratch))
         dtype = "float32" if args.device == "cpu" else "bfloat16"  # chat's dtype on each device
+        if args.device == "cpu":
+            torch.set_num_threads(args.threads)
         transformers_result = transformers_side(folder, args.device, args.new_tokens)
         port, log = free_port(), Path(scratch) / "vllm.log"
         server = start_vllm(folder, dtype, port, log, args.memory_share)
@@ -212,7 +218,7 @@ def main() -> None:
             server.wait(timeout=60)
     result = {"device": device_name(args.device), "date": datetime.date.today().isoformat(), "dtype": dtype,
               "model": str(args.model) if args.model else {"random_init": BENCH_DIMS}, "new_tokens": args.new_tokens,
-              "concurrent": CONCURRENT, "vllm": vllm_result, "transformers": transformers_result,
+              "concurrent": CONCURRENT, "torch_threads": torch.get_num_threads(), "vllm": vllm_result, "transformers": transformers_result,
               "ratios": {"single_tokens_per_s": vllm_result["single"]["tokens_per_s"]
                          / transformers_result["single"]["tokens_per_s"],
                          "concurrent_tokens_per_s": vllm_result["concurrent"]["tokens_per_s"]
