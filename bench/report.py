@@ -65,6 +65,24 @@ def quant(b: dict) -> str:
         f"weight bytes loaded x{b['ratio_weight_bytes']:.2f}.")
 
 
+def serving(b: dict) -> str:
+    v, t = b["vllm"], b["transformers"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    rows = [["1 request: output tokens/s", fmt(v["single"]["tokens_per_s"]), fmt(t["single"]["tokens_per_s"])],
+            ["1 request: time to first token, s", fmt(v["single"]["ttft_s"]), fmt(t["single"]["ttft_s"])],
+            ["16 concurrent: output tokens/s", fmt(v["concurrent"]["tokens_per_s"]),
+             fmt(t["concurrent"]["tokens_per_s"])],
+            ["16 concurrent: mean time to first token, s", fmt(v["concurrent"]["mean_ttft_s"]),
+             fmt(t["concurrent"]["mean_ttft_s"])],
+            ["16 in one batched `generate`: output tokens/s", "-", fmt(t["batched_generate"]["tokens_per_s"])]]
+    r = b["ratios"]
+    return table(["same export, " + b["dtype"] + f", {b['new_tokens']} new tokens", "vLLM (HTTP, streamed)",
+                  "transformers (moechat chat)"], rows) + (
+        f"\n\nvLLM / transformers: 1 request tokens/s x{r['single_tokens_per_s']:.2f}, 16 concurrent tokens/s "
+        f"x{r['concurrent_tokens_per_s']:.2f}, time to first token x{r['single_ttft']:.2f}. Model: "
+        f"{json.dumps(b['model'])}; transformers with {b.get('torch_threads', '?')} torch thread(s).")
+
+
 def lr_sweep(b: dict) -> str:
     rows = [[f"{r['lr']:g}", f"{r['train_lm_loss']:.3f}", f"{r['val_lm_loss']:.3f}", f"{r['aux_loss']:.3f}"]
             for r in b["rows"]]
@@ -77,6 +95,7 @@ REPORTS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "bench_data.json": ("3. Data", data),
     "bench_pipeline.json": ("4. CPU pipeline", pipeline),
     "bench_quant.json": ("5. Quantized inference", quant),
+    "bench_serving.json": ("6. Serving: vLLM vs transformers", serving),
     "bench_lr_sweep.json": ("Learning-rate sweep", lr_sweep),
 }
 

@@ -27,6 +27,7 @@ from moechat.model.folder import load_model, load_tokenizer
 from moechat.release.quantize import (GPTQMODEL_LOG, calibration_set, dequantize_gptq, qmodel_class, quantize_stage, quantized_tensor_names, read_conversations, router_token_counts, run_gptq)
 from moechat.quiet import library_output
 from tests.support.tiny import save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
+from moechat.release.export import AUTO_MAP
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +91,9 @@ def gptq_logs(run, name: str) -> Path:
 @pytest.mark.slow
 def test_standard_gptq_format_on_disk(run):
     model, _, qdir, metrics, _, _ = run["normal"]
-    qcfg = json.loads((qdir / "config.json").read_text())["quantization_config"]
+    config = json.loads((qdir / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP  # every Auto class, as in the export (GPTQModel writes two)
+    qcfg = config["quantization_config"]
     assert qcfg["quant_method"] == "gptq"
     assert (qcfg["bits"], qcfg["group_size"], qcfg["desc_act"], qcfg["sym"]) == (4, 32, False, True)
     tensors = {}

@@ -62,6 +62,21 @@ class MoeChatBackendError(RuntimeError):
     """The chosen `moe_backend` cannot run here; the message says how to install it or what to pick."""
 
 
+# vLLM's Transformers backend builds the model with this attention implementation, then swaps every
+# `experts` ModuleList for its own FusedMoE (SiLU, gate/up/down weights): a different function from ours.
+VLLM_TRANSFORMERS_BACKEND_ATTENTION = "vllm"
+
+
+def refuse_vllm_transformers_backend(config: MoeChatConfig) -> None:
+    """Raise when vLLM's Transformers backend (`model_impl="transformers"`) is building this model."""
+    if getattr(config, "_attn_implementation", None) == VLLM_TRANSFORMERS_BACKEND_ATTENTION:
+        raise MoeChatBackendError(
+            "MoeChatForCausalLM cannot run under vLLM's Transformers backend (model_impl='transformers'): it would "
+            "replace the GELU experts with its own SiLU FusedMoE and serve a different function. Install the "
+            "moechat-vllm plugin (`pip install -e serving/vllm` from the moechat repository) and serve with "
+            "model_impl='auto' (the default)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -636,6 +651,7 @@ class MoeChatModel(MoeChatPreTrainedModel):
     """Embeddings, blocks and the final LayerNorm (parameter names as in GPT-2: wte, wpe, h.{i}, ln_f)."""
 
     def __init__(self, config: MoeChatConfig):
+        refuse_vllm_transformers_backend(config)
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)

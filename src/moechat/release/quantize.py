@@ -46,6 +46,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moechat.atomic import atomic_dir
+from moechat.release.export import AUTO_MAP
 from moechat.config.params import QuantizeConfig
 from moechat.quiet import library_output
 from moechat.model.gptq import QuantizeError, qmodel_class, require_gptqmodel
@@ -130,6 +131,16 @@ def gptq_config(cfg: QuantizeConfig):
                       act_group_aware=False, offload_to_disk=False)
 
 
+def complete_auto_map(folder: Path) -> None:
+    """Give the saved folder's config.json the export's whole `auto_map`: GPTQModel writes only the saved
+    class's entries (AutoConfig, AutoModelForCausalLM), and loaders that build the base model (vLLM's
+    Transformers backend, `AutoModel`) look for `AutoModel`."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["auto_map"] = {**(config.get("auto_map") or {}), **AUTO_MAP}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[list[int]], cfg: QuantizeConfig,
              out_dir: Path, device: torch.device = torch.device("cpu"), log_dir: Optional[Path] = None
              ) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -165,6 +176,7 @@ def run_gptq(model_dir: Path, tokenizer: PreTrainedTokenizerBase, calib: list[li
         with atomic_dir(out_dir) as tmp:
             qmodel.save(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            complete_auto_map(tmp)
             table = tmp / QUANT_LOG
             table_text = table.read_text() if table.exists() else None
             table.unlink(missing_ok=True)
