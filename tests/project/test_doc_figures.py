@@ -128,3 +128,27 @@ def test_tiny_parameter_counts_are_the_planners():
                    for e in (4, 8))
     assert f"total grows ({four:,} → {eight:,} in the tiny" in doc_text("docs/experiments.md")
     assert f"parameters grow ({round(eight, -3) // 1000}K vs {round(four, -3) // 1000}K)" in doc_text("README.md")
+
+
+def test_the_reference_figures_quoted_in_the_docs_are_the_planners():
+    """The reference model's size, its memory plan and its projected time are the planner's figures (torch-free
+    code in the package, the same that `moechat plan` prints), at GPT-2's vocabulary of 50,257."""
+    from moechat.config.params import load_params
+    from moechat.train import plan
+
+    params = load_params(ROOT / "params.yaml")
+    arch, train = params.model.architecture, params.train
+    counts = plan.count_params(arch, 50257)
+    moe_layers = len(arch.moe_layer_indices())
+    idle = moe_layers * (arch.num_experts - arch.num_experts_per_tok) * (2 * arch.n_embd * arch.n_inner
+                                                                          + arch.n_inner + arch.n_embd)
+    active = counts.total - idle
+    assert f"| reference, vocab 50257 | {counts.total:,} | {active:,} |" in doc_text("docs/pipeline.md")
+    assert f"{counts.total / 1e6:.0f}M parameters of which {active / 1e6:.0f}M are active" in doc_text("README.md")
+    vocab = 50257 + plan.CHAT_TOKENS  # the chat tokens the prepare stage adds
+    planned = f"{plan.estimate(arch, train, vocab, device_type='cuda').total_gb:.2f} GiB"
+    for doc in ("docs/recipe.md", "docs/performance.md", "params.yaml"):
+        assert planned in doc_text(doc), f"{doc} does not quote the reference plan, {planned}"
+    minutes = plan.run_size(arch, train, vocab, plan.data_size(params.data, train.seq_len, None)).seconds / 60
+    for doc in ("README.md", "docs/recipe.md", "params.yaml"):
+        assert f"~{minutes:.0f} min" in doc_text(doc), f"{doc} does not quote the projected ~{minutes:.0f} min"

@@ -255,8 +255,9 @@ def test_quantize_seconds_exclude_model_loading(monkeypatch, tmp_path):
             time.sleep(0.05)
             return {"gptq": [{"layer": 0, "module": "attn.c_attn", "samples": 3, "loss": "0.1"}]}
 
-        def save(self, folder):
+        def save(self, folder):  # as GPTQModel's: weights and the config (whose auto_map run_gptq completes)
             Path(folder, "model.safetensors").write_bytes(b"")
+            Path(folder, "config.json").write_text("{}")
 
     monkeypatch.setattr(moechat.release.quantize, "qmodel_class", lambda: SlowLoad)
     tok = tiny_tokenizer()
