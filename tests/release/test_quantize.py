@@ -22,8 +22,8 @@ from safetensors import safe_open
 from moechat.config.params import QuantizeConfig
 from moechat.data.chat_format import load_packed
 import moechat.release.quantize
-from moechat.model.gptq import QuantizeError
-from moechat.model.folder import load_model, load_tokenizer
+from moechat.model.gptq import QuantizeError, load_quantized
+from moechat.model.folder import load_tokenizer
 from moechat.release.quantize import (GPTQMODEL_LOG, calibration_set, dequantize_gptq, qmodel_class, quantize_stage, quantized_tensor_names, read_conversations, router_token_counts, run_gptq)
 from moechat.quiet import library_output
 from tests.support.tiny import save_model, tiny_model, tiny_params, tiny_tokenizer, write_prepared
@@ -190,7 +190,7 @@ def test_unpacking_matches_gptqmodel_and_reloaded_model_generates_on_cpu(run):
     assert checked == 14
     # The CPU inference path: load (the one loader hands a quantized folder to GPTQModel), then generate
     # through the chat template.
-    qmodel, qtok = load_model(qdir, torch.device("cpu"), torch.float32), load_tokenizer(qdir)
+    qmodel, qtok = load_quantized(qdir, torch.device("cpu"), torch.float32), load_tokenizer(qdir)
     assert type(qmodel.transformer.h[0].attn.c_attn) is not torch.nn.Linear  # a GPTQModel kernel module
     enc = qtok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
