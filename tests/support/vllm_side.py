@@ -62,11 +62,13 @@ def offline(request: dict) -> tuple[list[dict], list[dict]]:
               gpu_memory_utilization=MEMORY_SHARE, enforce_eager=True, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=0)
     cases = request["cases"]
-    outs = llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in cases], params)
+    # no progress bar: with TQDM_DISABLE=1 in the environment (moechat's stages set it) vLLM 0.32's bar reports
+    # 0 s elapsed and `generate` dies dividing by it
+    outs = llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in cases], params, use_tqdm=False)
     from_ids = [{"ids": list(o.outputs[0].token_ids),
                  "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
                 for o in outs]
-    chats = llm.chat([c["messages"] for c in cases], params)
+    chats = llm.chat([c["messages"] for c in cases], params, use_tqdm=False)
     from_chat = [{"prompt_ids": list(o.prompt_token_ids), "ids": list(o.outputs[0].token_ids)} for o in chats]
     llm.llm_engine.engine_core.shutdown()
     return from_ids, from_chat
