@@ -91,3 +91,11 @@ def test_no_test_module_imports_another():
                        for name in imported_modules(path)
                        if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_"))
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_vllm_plugin_imports_nothing_of_moechat():
+    """serving/vllm installs into vLLM's environment, which has no moechat (and pins another transformers)."""
+    plugin = SRC.parent / "serving" / "vllm" / "moechat_vllm"
+    found = sorted(f"{path.name} imports {name}" for path in plugin.rglob("*.py") for name in imported_modules(path)
+                   if name == "moechat" or name.startswith("moechat."))
+    assert list(plugin.rglob("*.py")) and not found, found
