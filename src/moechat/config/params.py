@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import yaml
 
 from moechat.errors import ConfigError
+from moechat.model.size import count_params
 
 if TYPE_CHECKING:  # transformers takes seconds to import; the config module loads it when it builds one
     from moechat.model.configuration_moechat import MoeChatConfig
@@ -460,14 +461,8 @@ VOCAB_SIZE_MAX = 2**20  # the BPE trainer allocates per entry: 1e9 panics in Rus
 
 
 def weight_count(m: MoeChatConfig, vocab_size: int) -> int:
-    """Parameters of MoeChatForCausalLM from its sizes alone (GPT-2 layout, biases on every Linear but the
-    router and lm_head); equal to moechat.cli.plan.count_params, which this floor cannot import."""
-    d, f, e = m.n_embd, m.n_inner, m.num_experts
-    attn, mlp, norms = 4 * d * d + 4 * d, 2 * d * f + f + d, 4 * d
-    n_moe = len(m.moe_layer_indices())
-    blocks = (m.n_layer - n_moe) * (attn + mlp + norms) + n_moe * (attn + norms + d * e + e * mlp)
-    heads = vocab_size * d * (1 if m.tie_word_embeddings else 2)
-    return heads + m.n_positions * d + blocks + 2 * d
+    """Parameters of MoeChatForCausalLM from its sizes alone (the model floor's one count)."""
+    return count_params(m, vocab_size).total
 
 
 def physical_memory_bytes() -> int:

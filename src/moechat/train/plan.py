@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Optional
 
 from moechat.errors import MoechatError
 from moechat.config.params import DataConfig, TrainConfig
+from moechat.model.size import ParamCount, count_params
 from moechat.train.schedule import build_schedule
 
 if TYPE_CHECKING:
@@ -54,11 +55,6 @@ FRAGMENTATION = 0.10
 LOSS_CHUNK_TOKENS = 1024  # modeling_moechat.LOSS_CHUNK_TOKENS (tests/train/test_plan.py holds them equal)
 
 
-@dataclass(frozen=True)
-class ParamCount:
-    total: int
-    embedding: int  # wte + wpe
-    lm_head: int  # 0 when tied to wte
 
 
 @dataclass(frozen=True)
@@ -88,20 +84,6 @@ class MemoryPlan:
         return self.total_gb <= self.budget_gb
 
 
-def count_params(model: MoeChatConfig, vocab_size: int) -> ParamCount:
-    """Parameter count of MoeChatForCausalLM from its config (`vocab_size` given apart: params.yaml's
-    architecture has none until the tokenizer is built), layer by layer (GPT-2 layout, biases on
-    every Linear except the router and lm_head)."""
-    d, f, e = model.n_embd, model.n_inner, model.num_experts
-    embedding = vocab_size * d + model.n_positions * d
-    attn = (d * 3 * d + 3 * d) + (d * d + d)
-    mlp = (d * f + f) + (f * d + d)
-    norms = 2 * (2 * d)
-    n_moe = len(model.moe_layer_indices())
-    n_dense = model.n_layer - n_moe
-    blocks = n_dense * (attn + mlp + norms) + n_moe * (attn + norms + d * e + e * mlp)
-    lm_head = 0 if model.tie_word_embeddings else vocab_size * d
-    return ParamCount(total=embedding + blocks + 2 * d + lm_head, embedding=embedding, lm_head=lm_head)
 
 
 def compute_bytes(precision: str) -> int:
