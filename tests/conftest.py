@@ -10,6 +10,19 @@ import pytest
 
 from tests.support.training import build_workspace
 
+# The modules that take minutes, started first in this order, so that pytest-xdist's two workers (pyproject.toml)
+# finish together instead of one worker starting a long module near the end. test_pipeline builds the session's
+# demo run (tests/integration/conftest.py); test_dvc_remote, which reuses it, starts after the others.
+FIRST = ("tests/integration/test_pipeline.py", "tests/serving/test_vllm.py", "tests/train/test_train.py",
+         "tests/integration/test_dvc_remote.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the FIRST modules to the front (a stable sort: every other test keeps its place)."""
+    rank = {module: i for i, module in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(FIRST)))
+
+
 HOSTILE_CODE = "\nopen({marker!r} + '.' + __name__.rsplit('.', 1)[-1], 'w').close()\n"
 
 

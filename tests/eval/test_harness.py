@@ -66,7 +66,8 @@ def test_stage_writes_lm_eval_scores_that_dvc_metrics_diff_shows(tmp_path):
     prepared = write_prepared(tok, tmp_path / "prepared")
     params = tiny_params(tmp_path / "params.yaml", eval={"max_new_tokens": 4, "prompts": ["Hi?"]})  # tiny: local task
     repo = tmp_path / "repo"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))  # this venv's dvc
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "--model", str(model_dir),
                            "--data", str(prepared), "--metrics", str(repo / "metrics" / "eval.json"),
                            "--samples", str(tmp_path / "samples.json"), "--plots", str(tmp_path / "plots"),

@@ -1,7 +1,7 @@
 """Nothing lost between machines: the DVC remote round trip of docs/remote.md, on the tiny preset.
 
-One `moechat demo` run is pushed to a folder remote (DVC) and a bare git repo (`origin`); a `git clone` elsewhere
-pulls it. The tests run in file order on that shared state: the clone is clean and `dvc repro` reruns nothing,
+The session's `moechat demo` run (tests/integration/conftest.py) is pushed to a folder remote (DVC) and a bare
+git repo (`origin`); a `git clone` elsewhere pulls it. The tests run in file order on that shared state: the clone is clean and `dvc repro` reruns nothing,
 the 4-bit model answers, checkpoints never reach the remote, export and quantize rerun from the same inputs
 give the same hashes, an experiment travels with `dvc exp push` / `dvc exp pull`, a pull killed with SIGKILL
 completes when rerun, and a damaged cache object is reported, not used.
@@ -14,9 +14,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -64,15 +64,12 @@ def cache_object(repo: Path, digest: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def machines(tmp_path_factory) -> dict[str, Path]:
-    """`moechat demo` on the "training machine", pushed to a folder remote and a bare git origin, then cloned
-    and pulled on the "laptop"."""
+def machines(tmp_path_factory, demo_repo) -> dict[str, Path]:
+    """The session's `moechat demo` run (copied) on the "training machine", pushed to a folder remote and a bare
+    git origin, then cloned and pulled on the "laptop"."""
     tmp = tmp_path_factory.mktemp("remote")
     work, origin, store, clone = tmp / "work", tmp / "origin.git", tmp / "store", tmp / "clone"
-    moechat = Path(sys.executable).parent / "moechat"
-    demo = subprocess.run([str(moechat), "demo", "--workdir", str(work)], env=demo_env(tmp), capture_output=True,
-                          text=True)
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    shutil.copytree(demo_repo, work, symlinks=True)
     sh(tmp, "git", "init", "-q", "--bare", "-b", "main", str(origin))
     sh(work, "dvc", "remote", "add", "-d", "store", str(store))
     sh(work, "git", "commit", "-q", "-am", "DVC remote: a local folder")

@@ -1,6 +1,7 @@
 """The whole DAG end to end with the tiny preset, exactly as `moechat demo` and a user run it.
 
-One scratch git + DVC repo per module: `dvc repro` builds everything, a second `dvc repro` does nothing,
+The session's `moechat demo` run (tests/integration/conftest.py), copied for this module: `dvc repro` built
+everything, a second `dvc repro` does nothing,
 `dvc exp run -S model.num_experts=8` reruns init onwards only, a `dvc repro` killed with SIGKILL after the
 first checkpoint resumes bit-exactly (the preset trains with the reference's 8-bit AdamW), after two
 experiments `dvc metrics diff` holds no run facts and the README's `dvc exp show` line fits 160 columns, and
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moechat.cli.demo import demo_env, make_demo_repo
+from moechat.cli.demo import demo_env
 
 pytestmark = pytest.mark.slow  # the whole DAG in a scratch repo: minutes
 
@@ -43,11 +44,15 @@ def ran(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = make_demo_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = dvc(repo, "repro")
-    assert ran(first) == set(STAGES), first
-    return repo
+def repo(tmp_path_factory, demo_repo) -> Path:
+    return shutil.copytree(demo_repo, tmp_path_factory.mktemp("pipeline") / "repo", symlinks=True)
+
+
+def test_the_demo_ran_every_stage_through_dvc_repro(repo):
+    log = (repo / "demo.log").read_text()
+    assert ran(log) == set(STAGES), log[-3000:]
+    assert not subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout  # the demo committed its results
 
 
 def test_repro_builds_every_artifact(repo):
@@ -118,7 +123,8 @@ RUN_FACT_WORDS = ("seconds", "fingerprint", "sha256", "revision", "device", "res
 def test_two_experiments_rerun_init_onwards_and_compare_readably(repo):
     dvc(repo, "commit", "-f")
     subprocess.run(["git", "add", "-A"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
-    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], cwd=repo, env=demo_env(repo),
+                   check=True, capture_output=True)
 
     exp = dvc(repo, "exp", "run", "-n", "e8", "-S", "model.num_experts=8")
     assert ran(exp) == {"init", "train", "evaluate", "export", "quantize"}, exp

@@ -5,7 +5,9 @@
 REQUEST: {"model", "dtype", "max_tokens", "cases": [{"messages", "prompt_ids"}], "transformers_backend": bool,
 "extra_tensor": bool}.
 One engine start-up per entry point: the OpenAI server is started first (in the background) and the offline
-`LLM` runs while it starts. Greedy decoding with `ignore_eos`, so every case yields exactly `max_tokens` ids.
+`LLM` runs while it starts. The server runs as `vllm serve` does (API server, engine core and worker, three
+processes); the offline `LLM` and the start-ups that must fail run their engine in one process (`IN_PROCESS`):
+the same model code, a third of the interpreter start-ups (each imports vLLM and torch, 10-20 s on 2 cores). Greedy decoding with `ignore_eos`, so every case yields exactly `max_tokens` ids.
 RESULT: per case the offline ids (from the given prompt ids, with their logprobs), the offline chat ids (vLLM's
 own chat template), the HTTP ids (plain and streamed, with the prompt ids the server rendered), and the
 output of the start-ups that must fail: `model_impl="transformers"` (`transformers_backend`) and the export
@@ -24,6 +26,9 @@ from pathlib import Path
 MEMORY_SHARE = 0.12  # on CPU the share of RAM vLLM reserves for weights and KV cache
 MAX_MODEL_LEN = 256
 SERVER_START_SECONDS = 600
+# engine core and worker inside the calling process: VLLM_ENABLE_V1_MULTIPROCESSING=0 plus the "uni" executor
+IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+IN_PROCESS = {"distributed_executor_backend": "uni"}
 
 
 def free_port() -> int:
@@ -37,7 +42,8 @@ def start_server(model: str, dtype: str, port: int, log: Path) -> subprocess.Pop
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--trust-remote-code",
            "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
            "--gpu-memory-utilization", str(MEMORY_SHARE), "--served-model-name", "moechat"]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {k: v for k, v in os.environ.items() if k not in IN_PROCESS_ENV}
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def wait_ready(server: subprocess.Popen, port: int, log: Path) -> None:
@@ -56,10 +62,11 @@ def wait_ready(server: subprocess.Popen, port: int, log: Path) -> None:
 
 def offline(request: dict) -> tuple[list[dict], list[dict]]:
     """Greedy ids (and chosen-token logprobs) from the given prompt ids, and from vLLM's chat template."""
+    os.environ.update(IN_PROCESS_ENV)  # read when vLLM builds the engine
     from vllm import LLM, SamplingParams
 
     llm = LLM(request["model"], trust_remote_code=True, dtype=request["dtype"], max_model_len=MAX_MODEL_LEN,
-              gpu_memory_utilization=MEMORY_SHARE, enforce_eager=True, seed=0)
+              gpu_memory_utilization=MEMORY_SHARE, enforce_eager=True, seed=0, **IN_PROCESS)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=0)
     cases = request["cases"]
     # no progress bar: with TQDM_DISABLE=1 in the environment (moechat's stages set it) vLLM 0.32's bar reports
@@ -70,7 +77,7 @@ def offline(request: dict) -> tuple[list[dict], list[dict]]:
                 for o in outs]
     chats = llm.chat([c["messages"] for c in cases], params, use_tqdm=False)
     from_chat = [{"prompt_ids": list(o.prompt_token_ids), "ids": list(o.outputs[0].token_ids)} for o in chats]
-    llm.llm_engine.engine_core.shutdown()
+    llm.llm_engine.engine_core.shutdown()  # frees the KV cache before the HTTP half runs
     return from_ids, from_chat
 
 
@@ -110,9 +117,11 @@ def start_must_fail(model: str, model_impl: str, log: Path) -> subprocess.Popen:
     """Start `LLM(model, model_impl=...)` in a child process that prints SERVED if the engine comes up."""
     code = ("from vllm import LLM\nif __name__ == '__main__':\n"
             f"    LLM({model!r}, trust_remote_code=True, model_impl={model_impl!r}, dtype='float32', "
-            f"max_model_len={MAX_MODEL_LEN}, gpu_memory_utilization={MEMORY_SHARE}, enforce_eager=True)\n"
+            f"max_model_len={MAX_MODEL_LEN}, gpu_memory_utilization={MEMORY_SHARE}, enforce_eager=True, "
+            f"**{IN_PROCESS!r})\n"
             "    print('SERVED')\n")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **IN_PROCESS_ENV})
 
 
 def with_extra_tensor(model: str, out: Path) -> str:
