@@ -3,12 +3,21 @@ are built once per session; a test that changes a folder copies it first."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist, each worker and every process it starts gets its share of the cores as torch's thread count
+# (OMP_NUM_THREADS, read when torch is imported: before the imports below). Two workers with torch's default of a
+# thread per core would run twice as many threads as cores, each spin-waiting on the others: on 2 cores the
+# quick loop took 54 s with the default and 44 s with one thread per worker.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-from tests.support.training import build_workspace
+import pytest  # noqa: E402
+
+from tests.support.training import build_workspace  # noqa: E402
 
 # The modules that take minutes, started first in this order, so that pytest-xdist's two workers (pyproject.toml)
 # finish together instead of one worker starting a long module near the end. test_pipeline builds the session's

@@ -2,10 +2,10 @@
 
 The session's `moechat demo` run (tests/integration/conftest.py), copied for this module: `dvc repro` built
 everything, a second `dvc repro` does nothing,
-`dvc exp run -S model.num_experts=8` reruns init onwards only, a `dvc repro` killed with SIGKILL after the
-first checkpoint resumes bit-exactly (the preset trains with the reference's 8-bit AdamW), after two
-experiments `dvc metrics diff` holds no run facts and the README's `dvc exp show` line fits 160 columns, and
-`dvc plots show` writes the HTML.
+`dvc exp run -S model.num_experts=8` reruns init onwards only and an evaluation setting reruns evaluate only,
+a `dvc repro` killed with SIGKILL after the first checkpoint resumes bit-exactly (the preset trains with the
+reference's 8-bit AdamW), after two experiments `dvc metrics diff` holds no run facts and the README's
+`dvc exp show` line fits 160 columns, and `dvc plots show` writes the HTML.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def readme_command(prefix: str) -> list[str]:
 RUN_FACT_WORDS = ("seconds", "fingerprint", "sha256", "revision", "device", "resumed")
 
 
-def test_two_experiments_rerun_init_onwards_and_compare_readably(repo):
+def test_two_experiments_rerun_only_what_changed_and_compare_readably(repo):
     dvc(repo, "commit", "-f")
     subprocess.run(["git", "add", "-A"], cwd=repo, env=demo_env(repo), check=True, capture_output=True)
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], cwd=repo, env=demo_env(repo),
@@ -130,7 +130,8 @@ def test_two_experiments_rerun_init_onwards_and_compare_readably(repo):
     assert ran(exp) == {"init", "train", "evaluate", "export", "quantize"}, exp
     facts = json.loads((repo / "metrics/run/train.json").read_text())
     assert len(facts["fingerprint"]) == 12 and facts["train_seconds"] > 0  # run facts still recorded
-    dvc(repo, "exp", "run", "-n", "k1", "-S", "model.num_experts_per_tok=1")
+    short = dvc(repo, "exp", "run", "-n", "short", "-S", "eval.max_new_tokens=8")  # on top of e8's results
+    assert ran(short) == {"evaluate"}, short
 
     diff = dvc(repo, "metrics", "diff", "--all")
     for key in ("perplexity", "accuracy", "val_lm_loss", "router.mean_cv", "perplexity_ratio", "params.total"):
@@ -143,7 +144,7 @@ def test_two_experiments_rerun_init_onwards_and_compare_readably(repo):
     for column in ("model.num_experts", "val_lm_loss", "loss", "perplexity", "router.mean_cv"):
         assert column in header, table
     assert max(map(len, table.splitlines())) <= 160 and "…" not in table, table
-    assert table.count("[e8]") == 1 and table.count("[k1]") == 1, table
+    assert table.count("[e8]") == 1 and table.count("[short]") == 1, table
 
 
 def test_plots_show_writes_html(repo):

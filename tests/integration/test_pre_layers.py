@@ -64,7 +64,9 @@ def test_a_checkpoint_from_before_the_move_resumes_to_the_same_final_weights(tmp
         [sys.executable, str(ROOT / "stages/train.py"), "--params", "params.yaml", "--data", "prepared",
          "--init", "init", "--checkpoints", "checkpoints", "--out", "final", "--live", "live",
          "--metrics", "train.json", "--run-facts", "run/train.json"],
-        cwd=work, env=stage_env(), capture_output=True, text=True, timeout=600, check=False)
+        # the recording's torch thread count: float sums are split by thread, so the final bits depend on it
+        cwd=work, env={**stage_env(), "OMP_NUM_THREADS": str(expected["torch_threads"])}, capture_output=True,
+        text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     step_2 = next((work / "checkpoints").glob("*/step_00000002")).relative_to(work)
     assert f"from {step_2} (step 2/4)" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

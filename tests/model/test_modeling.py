@@ -374,7 +374,8 @@ def test_save_and_load_both_ways(tmp_path):
             torch.testing.assert_close(base(ref["input_ids"]).last_hidden_state, ref["hidden"], rtol=0, atol=0)
         print("REMOTE_OK")
     """)
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # float sums split by thread: the same split as here
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=remote, env=env,
                           capture_output=True, text=True, timeout=120)
     assert "REMOTE_OK" in proc.stdout, proc.stderr[-3000:]
