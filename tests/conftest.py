@@ -7,21 +7,24 @@ import os
 import shutil
 from pathlib import Path
 
-# Under pytest-xdist, each worker and every process it starts gets its share of the cores as torch's thread count
-# (OMP_NUM_THREADS, read when torch is imported: before the imports below). Two workers with torch's default of a
-# thread per core would run twice as many threads as cores, each spin-waiting on the others: on 2 cores the
-# quick loop took 54 s with the default and 44 s with one thread per worker.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+import pytest
 
-import pytest  # noqa: E402
+# Under pytest-xdist, each worker and every process it starts gets its share of the cores as torch's thread count
+# (OMP_NUM_THREADS, read when torch is imported: before tests.support.training below). Two workers with torch's
+# default of a thread per core would run twice as many threads as cores, each spin-waiting on the others: on 2
+# cores the quick loop took 54 s with the default and 44 s with one thread per worker. (`-n 0` keeps torch's
+# default, so the in-process tests then run on every core.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 from tests.support.training import build_workspace  # noqa: E402
 
 # The modules that take minutes, started first in this order, so that pytest-xdist's two workers (pyproject.toml)
-# finish together instead of one worker starting a long module near the end. test_pipeline builds the session's
-# demo run (tests/integration/conftest.py); test_dvc_remote, which reuses it, starts after the others.
+# finish close together (about a minute apart here) instead of one worker starting a long module near the end.
+# test_pipeline builds the session's demo run (tests/integration/conftest.py); test_dvc_remote, which reuses it,
+# starts after the others.
 FIRST = ("tests/integration/test_pipeline.py", "tests/serving/test_vllm.py", "tests/train/test_train.py",
          "tests/integration/test_dvc_remote.py")
 

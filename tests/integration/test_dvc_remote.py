@@ -1,10 +1,10 @@
 """Nothing lost between machines: the DVC remote round trip of docs/remote.md, on the tiny preset.
 
-The session's `moechat demo` run (tests/integration/conftest.py) is pushed to a folder remote (DVC) and a bare
-git repo (`origin`); a `git clone` elsewhere pulls it. The tests run in file order on that shared state: the clone is clean and `dvc repro` reruns nothing,
-the 4-bit model answers, checkpoints never reach the remote, export and quantize rerun from the same inputs
-give the same hashes, an experiment travels with `dvc exp push` / `dvc exp pull`, a pull killed with SIGKILL
-completes when rerun, and a damaged cache object is reported, not used.
+The session's `moechat demo` run (tests/integration/conftest.py), copied, is pushed to a folder remote (DVC) and
+a bare git repo (`origin`); a `git clone` elsewhere pulls it. The tests run in file order on that shared state:
+the clone is clean and `dvc repro` reruns nothing, the 4-bit model answers, checkpoints never reach the remote,
+export and quantize rerun from the same inputs give the same hashes, an experiment travels with `dvc exp push` /
+`dvc exp pull`, a pull killed with SIGKILL completes when rerun, and a damaged cache object is reported, not used.
 """
 
 from __future__ import annotations

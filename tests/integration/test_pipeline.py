@@ -1,11 +1,11 @@
 """The whole DAG end to end with the tiny preset, exactly as `moechat demo` and a user run it.
 
 The session's `moechat demo` run (tests/integration/conftest.py), copied for this module: `dvc repro` built
-everything, a second `dvc repro` does nothing,
-`dvc exp run -S model.num_experts=8` reruns init onwards only and an evaluation setting reruns evaluate only,
-a `dvc repro` killed with SIGKILL after the first checkpoint resumes bit-exactly (the preset trains with the
-reference's 8-bit AdamW), after two experiments `dvc metrics diff` holds no run facts and the README's
-`dvc exp show` line fits 160 columns, and `dvc plots show` writes the HTML.
+everything, a second `dvc repro` does nothing, `dvc exp run -S model.num_experts=8` reruns init onwards only
+and an evaluation setting reruns evaluate only, a `dvc repro` killed with SIGKILL after the first checkpoint
+resumes bit-exactly (the preset trains with the reference's 8-bit AdamW), after two experiments `dvc metrics
+diff` holds no run facts and the README's `dvc exp show` line fits 160 columns, and `dvc plots show` writes
+the HTML. (Top-1 routing, the README's second experiment, is quantized in tests/release/test_quantize.py.)
 """
 
 from __future__ import annotations

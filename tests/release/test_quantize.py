@@ -53,14 +53,16 @@ def _dead_experts_model(tok):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """"normal" through the library function, "dead" through the stage script (metrics and experts files)."""
+    """"normal" and "top1" (top-1 routing) through the library function, "dead" through the stage script (metrics
+    and experts files)."""
     tmp = tmp_path_factory.mktemp("quantize")
     tok = tiny_tokenizer()
     out = {}
-    for name, model in (("normal", tiny_model(tok, seed=2)), ("dead", _dead_experts_model(tok))):
+    for name, model in (("normal", tiny_model(tok, seed=2)), ("top1", tiny_model(tok, seed=2, num_experts_per_tok=1)),
+                        ("dead", _dead_experts_model(tok))):
         folder = save_model(model, tok, tmp / name / "export")
         prepared = write_prepared(tok, tmp / name / "prepared")
-        if name == "normal":
+        if name != "dead":
             metrics, experts = quantize_stage(folder, prepared / "conversations_train.jsonl",
                                               load_packed(prepared, "val"), CFG, seed=1337,
                                               out_dir=tmp / name / "quantized", log_dir=tmp / name / "metrics/run/quantize_gptq")
@@ -120,16 +122,18 @@ def test_standard_gptq_format_on_disk(run):
 
 
 @pytest.mark.slow
-def test_perplexity_ratio_is_finite_and_close_to_one(run):
-    metrics = run["normal"][3]
+@pytest.mark.parametrize("name", ["normal", "top1"])
+def test_perplexity_ratio_is_finite_and_close_to_one(run, name):
+    metrics = run[name][3]
     assert math.isfinite(metrics["perplexity_quantized"])
     assert 0.9 < metrics["perplexity_ratio"] < 1.1
     assert metrics["loss_quantized"] != metrics["loss_fp32"]  # the weights did change
 
 
 @pytest.mark.slow
-def test_calibration_counts_sum_to_tokens_times_top_k(run):
-    model, tok, _, metrics, prepared, all_experts = run["normal"]
+@pytest.mark.parametrize("name", ["normal", "top1"])
+def test_calibration_counts_sum_to_tokens_times_top_k(run, name):
+    model, tok, _, metrics, prepared, all_experts = run[name]
     calib = calibration_set(read_conversations(prepared / "conversations_train.jsonl"), tok, CFG.calib_samples,
                             CFG.calib_max_tokens, 1337)
     assert metrics["calib_tokens"] == sum(len(x) for x in calib)

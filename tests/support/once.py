@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,19 +23,23 @@ def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """`<shared root>/<name>`, made by `build(folder)` in the first worker that asks; read-only for callers."""
+    """`<shared root>/<name>`, made by `build(folder)` in the first worker that asks; read-only for callers.
+
+    The build writes into a folder of its own, renamed to `<name>` when it succeeds: a worker killed mid-build
+    (its lock released, its children perhaps still writing) leaves only that folder behind, and the next worker
+    starts afresh in another."""
     root = shared_root(tmp_path_factory)
-    folder, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+    folder, failed = root / name, root / f"{name}.failed"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this worker dies
-        if not done.exists() and not failed.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # what a worker killed mid-build left
+        if not folder.exists() and not failed.exists():
+            partial = root / f"{name}.building-{os.getpid()}"
             try:
-                build(folder)
+                build(partial)
             except BaseException as err:
                 failed.write_text(f"{type(err).__name__}: {err}")
                 raise
-            done.touch()
+            partial.rename(folder)
     if failed.exists():
         pytest.fail(f"building {name} failed in another worker:\n{failed.read_text()[-6000:]}")
     return folder

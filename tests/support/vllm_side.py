@@ -6,8 +6,9 @@ REQUEST: {"model", "dtype", "max_tokens", "cases": [{"messages", "prompt_ids"}],
 "extra_tensor": bool}.
 One engine start-up per entry point: the OpenAI server is started first (in the background) and the offline
 `LLM` runs while it starts. The server runs as `vllm serve` does (API server, engine core and worker, three
-processes); the offline `LLM` and the start-ups that must fail run their engine in one process (`IN_PROCESS`):
-the same model code, a third of the interpreter start-ups (each imports vLLM and torch, 10-20 s on 2 cores). Greedy decoding with `ignore_eos`, so every case yields exactly `max_tokens` ids.
+processes); the offline `LLM` and the start-ups that must fail run engine core and worker inside their own
+process (`IN_PROCESS_ENV`): the same model code, a third of the interpreter start-ups (each imports vLLM and
+torch, 10-20 s on 2 cores). Greedy decoding with `ignore_eos`, so every case yields exactly `max_tokens` ids.
 RESULT: per case the offline ids (from the given prompt ids, with their logprobs), the offline chat ids (vLLM's
 own chat template), the HTTP ids (plain and streamed, with the prompt ids the server rendered), and the
 output of the start-ups that must fail: `model_impl="transformers"` (`transformers_backend`) and the export
@@ -26,9 +27,9 @@ from pathlib import Path
 MEMORY_SHARE = 0.12  # on CPU the share of RAM vLLM reserves for weights and KV cache
 MAX_MODEL_LEN = 256
 SERVER_START_SECONDS = 600
-# engine core and worker inside the calling process: VLLM_ENABLE_V1_MULTIPROCESSING=0 plus the "uni" executor
+# engine core and worker inside the calling process; without it vLLM's CPU platform spawns both (it turns the "uni"
+# executor, the default for one device, into "mp" while multiprocessing is on)
 IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-IN_PROCESS = {"distributed_executor_backend": "uni"}
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ def offline(request: dict) -> tuple[list[dict], list[dict]]:
     from vllm import LLM, SamplingParams
 
     llm = LLM(request["model"], trust_remote_code=True, dtype=request["dtype"], max_model_len=MAX_MODEL_LEN,
-              gpu_memory_utilization=MEMORY_SHARE, enforce_eager=True, seed=0, **IN_PROCESS)
+              gpu_memory_utilization=MEMORY_SHARE, enforce_eager=True, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=0)
     cases = request["cases"]
     # no progress bar: with TQDM_DISABLE=1 in the environment (moechat's stages set it) vLLM 0.32's bar reports
@@ -117,8 +118,7 @@ def start_must_fail(model: str, model_impl: str, log: Path) -> subprocess.Popen:
     """Start `LLM(model, model_impl=...)` in a child process that prints SERVED if the engine comes up."""
     code = ("from vllm import LLM\nif __name__ == '__main__':\n"
             f"    LLM({model!r}, trust_remote_code=True, model_impl={model_impl!r}, dtype='float32', "
-            f"max_model_len={MAX_MODEL_LEN}, gpu_memory_utilization={MEMORY_SHARE}, enforce_eager=True, "
-            f"**{IN_PROCESS!r})\n"
+            f"max_model_len={MAX_MODEL_LEN}, gpu_memory_utilization={MEMORY_SHARE}, enforce_eager=True)\n"
             "    print('SERVED')\n")
     return subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, **IN_PROCESS_ENV})
