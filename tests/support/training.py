@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,14 +106,15 @@ def stage_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
-def build_workspace(root: Path) -> Path:
-    """models/init (a tiny MoE + a tokenizer file) and data/prepared (packed train/val)."""
+def build_workspace(root: Path, blocks: Callable[[int, int], Dataset] = make_blocks) -> Path:
+    """models/init (a tiny MoE + a tokenizer file) and data/prepared (packed train/val rows from `blocks(n_rows,
+    seed)`)."""
     torch.manual_seed(0)
     model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
                                              n_inner=64, num_experts=4, num_experts_per_tok=2, moe_every=2,
                                              pad_token_id=PAD, eos_token_id=PAD - 1))
     model.save_pretrained(root / "models/init")
     (root / "models/init/tokenizer_config.json").write_text(json.dumps({"model_max_length": SEQ}))
-    make_blocks(64, seed=1).save_to_disk(str(root / "data/prepared/train"))
-    make_blocks(16, seed=2).save_to_disk(str(root / "data/prepared/val"))
+    blocks(64, 1).save_to_disk(str(root / "data/prepared/train"))
+    blocks(16, 2).save_to_disk(str(root / "data/prepared/val"))
     return root

@@ -29,13 +29,12 @@ from moechat.train import checkpoint as ckpt
 from moechat.train import integrity
 from moechat.config.params import load_params
 from moechat.train.folder_lock import FolderLockedError
-from moechat.model.auto import MoeChatConfig, MoeChatForCausalLM
 from moechat.train.loop import train
 from moechat.train.step import NonFiniteStateError
 from moechat.train.engine import single_process_env
+from tests.support.training import PAD, SEQ, build_workspace
 
 ROOT = Path(__file__).resolve().parents[2]
-VOCAB, PAD, SEQ = 48, 47, 32
 TINY_TRAIN = dict(seq_len=SEQ, micro_batch_size=4, grad_accum=1, epochs=1, max_steps=12, lr=3e-3, min_lr=3e-4,
                   warmup_steps=2, warmup_ratio=None, optimizer="adamw", precision="fp32", gradient_checkpointing=False,
                   eval_every=4, eval_batches=2, save_every=4, keep_checkpoints=3, max_consecutive_skips=20,
@@ -100,15 +99,7 @@ def make_blocks(n_rows: int, seed: int) -> Dataset:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """models/init (a tiny MoE) and data/prepared (packed train/val), as the init and prepare stages leave them."""
-    root = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    model = MoeChatForCausalLM(MoeChatConfig(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                                             n_inner=64, num_experts=4, num_experts_per_tok=2, moe_every=2,
-                                             pad_token_id=PAD, eos_token_id=PAD - 1))
-    model.save_pretrained(root / "models/init")
-    (root / "models/init/tokenizer_config.json").write_text(json.dumps({"model_max_length": SEQ}))
-    make_blocks(64, seed=1).save_to_disk(str(root / "data/prepared/train"))
-    make_blocks(16, seed=2).save_to_disk(str(root / "data/prepared/val"))
+    root = build_workspace(tmp_path_factory.mktemp("faults"), blocks=make_blocks)
     (root / "inject_nan.py").write_text(INJECT_NAN)
     (root / "parent.py").write_text(PARENT)
     return root
